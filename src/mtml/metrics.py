@@ -1,0 +1,139 @@
+"""Metrics computed from model outputs (logits or predictions) and targets.
+
+Every function takes ``pred`` and ``y`` tensors of one split and returns a Python float. Shapes follow
+:class:`mtml.tasks.Task`: regression ``pred, y: [n, outputs]``; binary ``pred: [n, 1]`` logits, ``y: [n]`` in
+{0, 1}; multiclass ``pred: [n, classes]`` logits, ``y: [n]`` integer labels; multilabel ``pred, y: [n, labels]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Metric", "auroc", "macro_f1"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric and its direction (``higher_is_better``)."""
+
+    fn: Callable[[Tensor, Tensor], float]
+    higher_is_better: bool
+
+    def __call__(self, pred: Tensor, y: Tensor) -> float:
+        return self.fn(pred, y)
+
+
+def mse(pred: Tensor, y: Tensor) -> float:
+    return float(F.mse_loss(pred, y))
+
+
+def mae(pred: Tensor, y: Tensor) -> float:
+    return float(F.l1_loss(pred, y))
+
+
+def r2(pred: Tensor, y: Tensor) -> float:
+    """Coefficient of determination, averaged over output columns."""
+    ss_res = ((y - pred) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+    return float((1 - ss_res / ss_tot).mean())
+
+
+def macro_f1(labels_pred: Tensor, labels_true: Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over classes present in prediction or truth."""
+    scores = []
+    for c in range(num_classes):
+        tp = ((labels_pred == c) & (labels_true == c)).sum().item()
+        fp = ((labels_pred == c) & (labels_true != c)).sum().item()
+        fn = ((labels_pred != c) & (labels_true == c)).sum().item()
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(sum(scores) / len(scores)) if scores else 0.0
+
+
+def auroc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve by the rank-sum (Mann–Whitney U) formula, ties counted half.
+
+    Returns NaN when only one class is present.
+    """
+    scores = scores.reshape(-1).double()
+    labels = labels.reshape(-1).bool()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg_rank = ends - (counts.double() - 1) / 2  # 1-based mean rank of each tie block
+    ranks = torch.empty_like(scores)
+    ranks[order] = avg_rank[inverse]
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _binary_metrics() -> dict[str, Metric]:
+    def acc(p: Tensor, y: Tensor) -> float:
+        return float(((p.reshape(-1) > 0).float() == y).float().mean())
+
+    def f1(p: Tensor, y: Tensor) -> float:
+        return macro_f1((p.reshape(-1) > 0).long(), y.long(), 2)
+
+    def logloss(p: Tensor, y: Tensor) -> float:
+        return float(F.binary_cross_entropy_with_logits(p.reshape(-1), y))
+
+    def auc(p: Tensor, y: Tensor) -> float:
+        return auroc(p, y)
+
+    return {
+        "accuracy": Metric(acc, True),
+        "macro_f1": Metric(f1, True),
+        "log_loss": Metric(logloss, False),
+        "auroc": Metric(auc, True),
+    }
+
+
+def _multiclass_metrics() -> dict[str, Metric]:
+    def acc(p: Tensor, y: Tensor) -> float:
+        return float((p.argmax(-1) == y).float().mean())
+
+    def f1(p: Tensor, y: Tensor) -> float:
+        return macro_f1(p.argmax(-1), y, p.shape[-1])
+
+    def logloss(p: Tensor, y: Tensor) -> float:
+        return float(F.cross_entropy(p, y))
+
+    return {"accuracy": Metric(acc, True), "macro_f1": Metric(f1, True), "log_loss": Metric(logloss, False)}
+
+
+def _multilabel_metrics() -> dict[str, Metric]:
+    def acc(p: Tensor, y: Tensor) -> float:  # label-wise (Hamming) accuracy
+        return float(((p > 0).float() == y).float().mean())
+
+    def f1(p: Tensor, y: Tensor) -> float:
+        per_label = [macro_f1((p[:, j] > 0).long(), y[:, j].long(), 2) for j in range(y.shape[1])]
+        return float(sum(per_label) / len(per_label))
+
+    def logloss(p: Tensor, y: Tensor) -> float:
+        return float(F.binary_cross_entropy_with_logits(p, y))
+
+    return {"accuracy": Metric(acc, True), "macro_f1": Metric(f1, True), "log_loss": Metric(logloss, False)}
+
+
+def default_metrics(kind: str) -> dict[str, Metric]:
+    """The default metrics of a task kind (``regression``, ``binary``, ``multiclass``, ``multilabel``)."""
+    if kind == "regression":
+        return {"mse": Metric(mse, False), "mae": Metric(mae, False), "r2": Metric(r2, True)}
+    if kind == "binary":
+        return _binary_metrics()
+    if kind == "multiclass":
+        return _multiclass_metrics()
+    if kind == "multilabel":
+        return _multilabel_metrics()
+    raise ValueError(f"unknown task kind {kind!r}")

@@ -1,0 +1,96 @@
+"""Builders for trunks, heads, stems and whole multi-task models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from mtml.errors import ConfigError
+from mtml.nn.model import MultiTaskModel
+from mtml.tasks import Task
+
+__all__ = ["build_multitask_model", "mlp"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def mlp(
+    in_dim: int,
+    hidden: Sequence[int] = (),
+    out_dim: int | None = None,
+    *,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    final_activation: bool = False,
+) -> nn.Sequential:
+    """``Linear → act → (dropout)`` per hidden width, then an optional ``Linear(out_dim)``.
+
+    With ``out_dim=None`` the network ends on its last hidden layer's activation (a feature extractor).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(f"activation '{activation}' is not known; use one of {', '.join(_ACTIVATIONS)}.")
+    if in_dim <= 0 or any(h <= 0 for h in hidden) or (out_dim is not None and out_dim <= 0):
+        raise ConfigError(f"layer widths must be > 0. Got in={in_dim}, hidden={list(hidden)}, out={out_dim}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1). Got {dropout}.")
+    layers: list[nn.Module] = []
+    width = in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    if out_dim is not None:
+        layers.append(nn.Linear(width, out_dim))
+        if final_activation:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def _flat_width(task: Task) -> int:
+    if len(task.input_shape) != 1:
+        raise ConfigError(
+            f"task '{task.name}' has inputs of shape {task.input_shape}; MLP models take flat features. "
+            "Flatten the inputs or use a convolutional trunk."
+        )
+    return task.input_shape[0]
+
+
+def build_multitask_model(
+    tasks: Sequence[Task],
+    *,
+    trunk_hidden: Sequence[int] = (64, 64),
+    head_hidden: Sequence[int] = (),
+    stem_width: int | None = None,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    share_trunk: bool = True,
+) -> MultiTaskModel:
+    """An MLP multi-task model for tasks with flat inputs.
+
+    Tasks whose input width differs from the first task's (or every task, when ``stem_width`` is set) get a
+    ``Linear(width → stem_width) → act`` stem in front of the shared trunk. With ``share_trunk=False`` every
+    task gets its own copy of the trunk instead (as its stem, in front of an identity trunk): the single-task
+    baseline with the same architecture, trainable in the same loop.
+    """
+    if not tasks:
+        raise ConfigError("build_multitask_model needs at least one task.")
+    widths = {t.name: _flat_width(t) for t in tasks}
+    first = widths[tasks[0].name]
+    needs_stem = stem_width is not None or len(set(widths.values())) > 1
+    d_in = (stem_width or first) if needs_stem else first
+    d_feat = trunk_hidden[-1] if trunk_hidden else d_in
+
+    def trunk() -> nn.Module:
+        return mlp(d_in, trunk_hidden, activation=activation, dropout=dropout)
+
+    stems: dict[str, nn.Module] = {}
+    for t in tasks:
+        if needs_stem:
+            stems[t.name] = mlp(widths[t.name], (), d_in, activation=activation, final_activation=True)
+        if not share_trunk:
+            stems[t.name] = nn.Sequential(stems[t.name], trunk()) if needs_stem else trunk()
+    heads = {t.name: mlp(d_feat, head_hidden, t.num_outputs, activation=activation) for t in tasks}
+    shared: nn.Module = trunk() if share_trunk else nn.Identity()
+    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})

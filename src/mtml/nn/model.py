@@ -1,0 +1,120 @@
+"""The multi-task model: per-task stems → shared trunk → per-task heads, by plain composition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mtml.errors import ShapeError, UnknownNameError
+
+__all__ = ["MultiTaskModel"]
+
+
+class MultiTaskModel(nn.Module):
+    """``head[task](trunk(stem[task](x)))``.
+
+    Args:
+        trunk: the meta-learner shared by every task, ``[batch, d_in] → [batch, d_feat]``.
+        heads: one task learner per task name, ``[batch, d_feat] → [batch, outputs]``.
+        stems: optional per-task input adapters for tasks whose inputs differ from the trunk's
+            (``[batch, *task_input] → [batch, d_in]``); tasks without a stem feed the trunk directly.
+        input_shapes: optional expected input shape (one example) per task; when given, ``forward`` checks it
+            and raises :class:`~mtml.errors.ShapeError` naming the task and both shapes.
+
+    Parameter names are ``trunk.*``, ``heads.<task>.*`` and ``stems.<task>.*``, which is what
+    :meth:`shared_parameters` and :meth:`task_parameters` split on (and what ``torch.func.functional_call``
+    and checkpoints see).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        heads: Mapping[str, nn.Module],
+        stems: Mapping[str, nn.Module] | None = None,
+        *,
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("MultiTaskModel needs at least one head (one per task).")
+        stems = dict(stems or {})
+        extra = set(stems) - set(heads)
+        if extra:
+            raise UnknownNameError(f"stems given for tasks without a head: {sorted(extra)}; every stem needs a head.")
+        self.trunk = trunk
+        self.heads = nn.ModuleDict(dict(heads))
+        self.stems = nn.ModuleDict(stems)
+        self.input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def _check(self, x: Tensor, task: str) -> None:
+        if task not in self.heads:
+            raise UnknownNameError(f"unknown task '{task}'; the model has heads for: {', '.join(self.task_names)}.")
+        want = self.input_shapes.get(task)
+        if want is not None and tuple(x.shape[1:]) != want:
+            raise ShapeError(
+                f"task '{task}': input has per-example shape {tuple(x.shape[1:])} but the model was built for "
+                f"{want}; give x as [batch, {', '.join(map(str, want))}] or rebuild the model for this width."
+            )
+
+    def features(self, x: Tensor, task: str | None = None) -> Tensor:
+        """Trunk features ``[batch, d_feat]`` of ``x`` (passed through ``task``'s stem if it has one)."""
+        if task is not None:
+            self._check(x, task)
+            if task in self.stems:
+                x = self.stems[task](x)
+        return self.trunk(x)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        """Output of ``task``'s head for ``x: [batch, *input]`` → ``[batch, outputs]``."""
+        return self.heads[task](self.features(x, task))
+
+    def forward_many(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Outputs for several tasks at once: ``{task: x}`` → ``{task: output}``.
+
+        Tasks without a stem whose inputs share a shape go through the trunk in one concatenated call, so a
+        step over many tasks costs one trunk pass rather than one per task. Trunks must therefore treat
+        examples independently (no batch statistics), which holds for every trunk mtml builds.
+        """
+        feats: dict[str, Tensor] = {}
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for task, x in inputs.items():
+            self._check(x, task)
+            if task in self.stems:
+                feats[task] = self.trunk(self.stems[task](x))
+            else:
+                groups.setdefault(tuple(x.shape[1:]), []).append(task)
+        for names in groups.values():
+            sizes = [inputs[n].shape[0] for n in names]
+            out = self.trunk(torch.cat([inputs[n] for n in names]))
+            feats.update(zip(names, torch.split(out, sizes), strict=True))
+        return {task: self.heads[task](feats[task]) for task in inputs}
+
+    # -- parameter groups --------------------------------------------------------------------------------
+    def named_shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.trunk.named_parameters():
+            yield f"trunk.{name}", p
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the meta-learner (trunk), shared by every task."""
+        for _, p in self.named_shared_parameters():
+            yield p
+
+    def named_task_parameters(self, task: str) -> Iterator[tuple[str, nn.Parameter]]:
+        if task not in self.heads:
+            raise UnknownNameError(f"unknown task '{task}'; the model has heads for: {', '.join(self.task_names)}.")
+        if task in self.stems:
+            for name, p in self.stems[task].named_parameters():
+                yield f"stems.{task}.{name}", p
+        for name, p in self.heads[task].named_parameters():
+            yield f"heads.{task}.{name}", p
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters of ``task``'s task learner (its head, and its stem if any)."""
+        for _, p in self.named_task_parameters(task):
+            yield p

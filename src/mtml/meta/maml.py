@@ -1,0 +1,189 @@
+"""MAML and first-order MAML, vectorised over the tasks of an episode.
+
+Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mtml.errors import ConfigError
+from mtml.meta.base import MetaAlgorithm, Scores, check_int, check_positive
+from mtml.meta.episode import Episode, task_losses
+from mtml.meta.functional import Layer, ParameterFilter, batched_forward, linear_chain, parameter_filter
+from mtml.tasks import Split
+
+__all__ = ["FOMAML", "MAML"]
+
+Params = dict[str, Tensor]
+
+
+class MAML(MetaAlgorithm):
+    """Model-Agnostic Meta-Learning (Finn et al., ICML 2017): an initialisation that adapts in a few steps.
+
+    Each task ``t`` of an episode adapts its own copy of the selected parameters by gradient descent on its
+    support loss, ``φₜ ← φₜ − α ∇L(φₜ; supportₜ)`` for ``inner_steps`` steps starting at ``θ``; the outer loss
+    is the mean query loss at ``φₜ``, differentiated back to ``θ`` through the inner loop (second order) or,
+    with ``first_order=True``, treating the inner gradients as constants. All tasks adapt at once: their
+    parameters are stacked ``[tasks, *shape]`` and run through :func:`~mtml.meta.functional.batched_forward`
+    (batched matrix products for MLPs, ``torch.func.vmap`` otherwise); one ``autograd.grad`` of the summed
+    support losses gives every task its own gradient because tasks do not share adapted parameters.
+
+    Args:
+        model: the meta-learner; used here to check that ``adapt`` selects at least one parameter.
+        inner_lr: inner-loop step size α during meta-training.
+        inner_steps: inner-loop steps during meta-training.
+        test_inner_lr: step size at meta-test time (default: ``inner_lr``).
+        test_inner_steps: steps at meta-test time (default: ``inner_steps``).
+        first_order: drop second-order terms (FOMAML): cheaper, no Hessian-vector products.
+        adapt: which parameters the inner loop adapts: ``"all"``, ``"heads"`` (ANIL), ``"trunk"`` (BOIL) or a
+            predicate on parameter names; the others are shared by all tasks and only meta-learned.
+        checkpoint_inner: bound memory for long inner loops: keep only each step's adapted parameters and
+            recompute the step's activations during the backward pass (activation memory stops growing with
+            ``inner_steps`` at the cost of about one extra forward and backward per step).
+    """
+
+    uses_inner_steps = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        /,
+        *,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        test_inner_lr: float | None = None,
+        test_inner_steps: int | None = None,
+        first_order: bool = False,
+        adapt: str | ParameterFilter = "all",
+        checkpoint_inner: bool = False,
+    ) -> None:
+        super().__init__()
+        self.inner_lr = check_positive("inner_lr", inner_lr, "Use a small step size such as 0.01.")
+        self.inner_steps = check_int("inner_steps", inner_steps, 1, "Use at least one inner step.")
+        self.test_inner_lr = self.inner_lr if test_inner_lr is None else check_positive(
+            "test_inner_lr", test_inner_lr, "Use a step size such as 0.01, or omit it to reuse inner_lr.")
+        self.test_inner_steps = self.inner_steps if test_inner_steps is None else check_int(
+            "test_inner_steps", test_inner_steps, 0, "Use 0 or more steps, or omit it to reuse inner_steps.")
+        if not isinstance(first_order, bool) or not isinstance(checkpoint_inner, bool):
+            raise ConfigError(f"`first_order` and `checkpoint_inner` must be true or false. "
+                              f"Got {first_order!r} and {checkpoint_inner!r}.")
+        self.first_order = first_order
+        self.checkpoint_inner = checkpoint_inner
+        self.adapt_spec = adapt
+        self.fast_names(model)  # validates the filter now rather than at the first step
+
+    def fast_names(self, model: nn.Module) -> list[str]:
+        """Names of the parameters the inner loop adapts (per task)."""
+        keep = parameter_filter(model, self.adapt_spec)
+        names = [n for n, p in model.named_parameters() if p.requires_grad and keep(n)]
+        if not names:
+            raise ConfigError(f"`adapt={self.adapt_spec!r}` selects none of the model's trainable parameters "
+                              f"({', '.join(n for n, _ in model.named_parameters())}); choose a filter that "
+                              "matches at least one.")
+        return names
+
+    def rate(self, name: str, train: bool) -> float | Tensor:
+        """Inner step size for parameter ``name`` (a scalar here; Meta-SGD learns one per element)."""
+        return self.inner_lr if train else self.test_inner_lr
+
+    # -- inner loop ------------------------------------------------------------------------------------------
+    def _start(self, model: nn.Module, tasks: int, differentiable: bool) -> tuple[Params, Params]:
+        params: Params = dict(model.named_parameters())
+        names = self.fast_names(model)
+        if not differentiable:
+            params = {n: p.detach() for n, p in params.items()}
+        fast = {n: _stack(params.pop(n), tasks) for n in names}
+        if not differentiable:
+            fast = {n: w.clone().requires_grad_() for n, w in fast.items()}
+        return params, fast
+
+    def _step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params, support: Split,
+              train: bool, create_graph: bool) -> Params:
+        pred = batched_forward(model, shared, fast, support.x, chain=chain)
+        loss = task_losses(pred, support.y).sum()
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+        return {n: w - self.rate(n, train) * g for (n, w), g in zip(fast.items(), grads, strict=True)}
+
+    def _checkpointed_step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params,
+                           support: Split) -> Params:
+        names = list(fast)
+
+        def step(*values: Tensor) -> tuple[Tensor, ...]:
+            out = self._step(model, chain, shared, dict(zip(names, values, strict=True)), support, True, True)
+            return tuple(out.values())
+
+        values = checkpoint(step, *fast.values(), use_reentrant=False)
+        return dict(zip(names, values, strict=True))
+
+    def inner_loop(self, model: nn.Module, support: Split, *, steps: int, train: bool,
+                   differentiable: bool) -> tuple[Params, Params]:
+        """Adapt every task of ``support`` for ``steps`` steps → ``(shared, fast)`` parameter dicts.
+
+        ``fast`` holds ``[tasks, *shape]`` adapted parameters. With ``differentiable`` they keep the graph
+        back to the model's parameters (second order unless ``first_order``); otherwise they are detached.
+        """
+        chain = linear_chain(model)
+        shared, fast = self._start(model, support.x.shape[0], differentiable)
+        create_graph = differentiable and not self.first_order
+        use_checkpoint = self.checkpoint_inner and create_graph
+        with torch.enable_grad():
+            for _ in range(steps):
+                if use_checkpoint:
+                    fast = self._checkpointed_step(model, chain, shared, fast, support)
+                else:
+                    fast = self._step(model, chain, shared, fast, support, train, create_graph)
+                if not differentiable:
+                    fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+        return shared, fast
+
+    # -- MetaAlgorithm ---------------------------------------------------------------------------------------
+    def adapt(self, model: nn.Module, support: Split, *, ways: int = 0, train: bool = True) -> Params:
+        """Per-task adapted parameters ``{name: [tasks, *shape]}`` after the training (or test) inner loop."""
+        steps = self.inner_steps if train else self.test_inner_steps
+        return self.inner_loop(model, support, steps=steps, train=train, differentiable=train)[1]
+
+    def predict(self, model: nn.Module, adapted: Params, x: Tensor) -> Tensor:
+        shared = {n: p for n, p in model.named_parameters() if n not in adapted}
+        return batched_forward(model, shared, adapted, x, chain=linear_chain(model))
+
+    def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
+        """Query metrics after each of ``steps`` test-time inner steps, in one loop of ``max(steps)``."""
+        wanted = sorted({check_int("steps", s, 0, "Use step counts >= 0.") for s in steps})
+        chain = linear_chain(model)
+        shared, fast = self._start(model, episode.num_tasks, differentiable=False)
+        out: dict[int, Scores] = {}
+        for done in range(wanted[-1] + 1):
+            if done in wanted:
+                with torch.no_grad():
+                    pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+                    out[done] = self.score(pred, episode)
+            if done < wanted[-1]:
+                with torch.enable_grad():
+                    fast = self._step(model, chain, shared, fast, episode.support, False, False)
+                fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+        return out
+
+
+def _stack(p: Tensor, tasks: int) -> Tensor:
+    """``p`` seen as ``[tasks, *p.shape]`` without copying."""
+    return p.unsqueeze(0).expand(tasks, *p.shape)
+
+
+def FOMAML(
+    model: nn.Module,
+    /,
+    *,
+    inner_lr: float = 0.01,
+    inner_steps: int = 1,
+    test_inner_lr: float | None = None,
+    test_inner_steps: int | None = None,
+    adapt: str | ParameterFilter = "all",
+) -> MAML:
+    """First-order MAML (Finn et al., ICML 2017, section 5.2): MAML without the second-order terms."""
+    return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_lr=test_inner_lr,
+                test_inner_steps=test_inner_steps, first_order=True, adapt=adapt)

@@ -1,0 +1,99 @@
+"""Step functions any training loop can call: one outer update, and the meta-test protocol."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtml.errors import ConfigError
+from mtml.meta.base import MetaAlgorithm, check_int
+from mtml.meta.episode import Episode, EpisodeSampler
+
+__all__ = ["mean_ci", "meta_evaluate", "meta_parameters", "meta_step"]
+
+
+def meta_parameters(algorithm: MetaAlgorithm, model: nn.Module) -> list[nn.Parameter]:
+    """Everything the outer optimiser updates: the model's parameters and the algorithm's own (Meta-SGD rates,
+    ridge regulariser), trainable ones only."""
+    return [p for p in (*model.parameters(), *algorithm.parameters()) if p.requires_grad]
+
+
+def meta_step(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode,
+              optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One outer update on ``episode``: zero the gradients, back-propagate the meta-objective, step.
+
+    Returns ``{"loss": mean query loss after adaptation}`` plus ``"accuracy"`` for classification episodes.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = algorithm.meta_objective(model, episode)
+    out.objective.backward()
+    optimizer.step()
+    metrics = {"loss": float(out.losses.mean())}
+    if out.accuracy is not None:
+        metrics["accuracy"] = float(out.accuracy.mean())
+    return metrics
+
+
+def mean_ci(values: Tensor, z: float = 1.959964) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation 95% confidence interval of ``values: [n]``."""
+    n = values.numel()
+    mean = float(values.mean())
+    half = z * float(values.std()) / math.sqrt(n) if n > 1 else float("nan")
+    return mean, half
+
+
+def _episodes(tasks: EpisodeSampler | Iterable[Episode], generator: torch.Generator) -> Iterable[Episode]:
+    if isinstance(tasks, EpisodeSampler):
+        while True:
+            yield tasks.sample(generator)
+    else:
+        yield from tasks
+
+
+def meta_evaluate(
+    algorithm: MetaAlgorithm,
+    model: nn.Module,
+    tasks: EpisodeSampler | Iterable[Episode],
+    *,
+    steps: Sequence[int] | None = None,
+    num_tasks: int = 600,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """The meta-test protocol: adapt on each task's support, score its query, over ``num_tasks`` tasks.
+
+    Args:
+        tasks: an episode sampler (drawn from with ``generator``) or an iterable of episodes (held-out tasks).
+        steps: inner-step counts to score after; default ``(0, 1, algorithm.test_inner_steps)``. Closed-form
+            algorithms (ProtoNet, R2D2) adapt exactly, so their scores are the same at every step count.
+        num_tasks: tasks to score (the last episode is truncated to hit it exactly).
+        generator: randomness for a sampler; default a generator seeded with 0.
+
+    Returns:
+        ``{"loss@S": mean, "loss@S_ci95": half-width, ...}`` for each step count ``S`` (and ``accuracy@S`` for
+        classification), plus ``"num_tasks"``. Means are over tasks; the CI is 1.96 standard errors.
+    """
+    check_int("num_tasks", num_tasks, 1, "Evaluate on at least one task (600 is the usual protocol).")
+    if steps is None:
+        steps = sorted({0, 1, algorithm.test_inner_steps}) if algorithm.uses_inner_steps else [0]
+    steps = [check_int("steps", s, 0, "Use step counts >= 0.") for s in steps]
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    parts: dict[tuple[int, str], list[Tensor]] = {}
+    seen = 0
+    for episode in _episodes(tasks, generator):
+        keep = min(episode.num_tasks, num_tasks - seen)
+        for step, scores in algorithm.evaluate(model, episode, steps).items():
+            for name, values in scores.items():
+                parts.setdefault((step, name), []).append(values[:keep].detach().double().cpu())
+        seen += keep
+        if seen >= num_tasks:
+            break
+    if seen < num_tasks:
+        raise ConfigError(f"`num_tasks` is {num_tasks} but the episodes given hold only {seen} tasks; pass "
+                          "more episodes or a sampler, or lower num_tasks.")
+    out: dict[str, float] = {"num_tasks": float(seen)}
+    for (step, name), chunks in sorted(parts.items()):
+        out[f"{name}@{step}"], out[f"{name}@{step}_ci95"] = mean_ci(torch.cat(chunks))
+    return out

@@ -24,7 +24,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install --quiet)
 "${PIP[@]}" --upgrade pip setuptools wheel
 "${PIP[@]}" "torch==$TORCH_VERSION" numpy "cython>=3" gym requests tqdm scipy
-"${PIP[@]}" --no-deps -e "$ROOT"
+"${PIP[@]}" -e "$ROOT"  # with its own dependencies; torch is already pinned above
 
 # higher: pure Python; its requirements would downgrade torch.
 "${PIP[@]}" --no-deps "higher==0.2.1"

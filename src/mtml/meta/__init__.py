@@ -13,9 +13,10 @@ from mtml.meta.anil import ANIL
 from mtml.meta.base import MetaAlgorithm, MetaOutput
 from mtml.meta.boil import BOIL
 from mtml.meta.episode import Episode, EpisodeSampler, task_accuracy, task_losses
-from mtml.meta.functional import batched_forward, embed, linear_chain, parameter_filter
+from mtml.meta.functional import batched_forward, embed, parameter_filter, task_gradients
 from mtml.meta.maml import FOMAML, MAML
 from mtml.meta.metasgd import MetaSGD
+from mtml.meta.mlp import linear_chain
 from mtml.meta.protonet import ProtoNet
 from mtml.meta.r2d2 import R2D2, ridge_solve
 from mtml.meta.reptile import Reptile
@@ -56,5 +57,6 @@ __all__ = [
     "parameter_filter",
     "ridge_solve",
     "task_accuracy",
+    "task_gradients",
     "task_losses",
 ]

@@ -1,125 +1,61 @@
 """Running one module with per-task parameters, vectorised over the tasks of an episode.
 
-Parameters come in two dicts: ``shared`` (the module's own shapes, used by every task) and ``fast``
-(``[tasks, *shape]``, one copy per task). :func:`batched_forward` maps ``x: [tasks, n, *input]`` to
-``[tasks, n, *output]``. Two engines compute it:
+Parameters come in two dicts: ``shared`` (used by every task) and ``fast`` (adapted per task). A fast
+parameter is either still tied across tasks (its own shape, as at the start of an inner loop) or stacked
+``[tasks, *shape]``. :func:`batched_forward` maps ``x: [tasks, n, *input]`` to ``[tasks, n, *output]`` and
+:func:`task_gradients` gives each task's gradient of its own loss. Two engines compute them:
 
-- the **speed path**: a module that is a chain of ``nn.Linear`` layers and element-wise activations (nested
-  ``nn.Sequential`` or a single-head :class:`~mtml.nn.MultiTaskModel` of those) runs as batched matrix
-  products (``baddbmm``) on the stacked per-task weights: one kernel per layer for all tasks, no ``vmap``;
-- the **general path**: any other module runs through ``torch.func.vmap`` over ``torch.func.functional_call``.
+- the **speed path** (:mod:`mtml.meta.mlp`): MLP chains run as batched matrix products on the stacked
+  weights and are differentiated by hand — no ``vmap``, no ``autograd.grad``;
+- the **general path**: any other module runs through ``torch.func.vmap`` over
+  ``torch.func.functional_call``, and one ``autograd.grad`` of the summed task losses gives every task its own
+  gradient (tasks share no adapted parameter, so the sum separates).
 
-Both are differentiable to any order, so an inner loop can take gradients through them.
+Both are differentiable to any order, so an outer loop can back-propagate through an inner loop built on them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
+from mtml.meta.episode import task_losses
+from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.nn.model import MultiTaskModel
+from mtml.tasks import Split
 
-__all__ = ["ParameterFilter", "batched_forward", "embed", "linear_chain", "parameter_filter"]
+__all__ = [
+    "ParameterFilter",
+    "batched_forward",
+    "embed",
+    "linear_chain",
+    "parameter_filter",
+    "task_gradients",
+]
 
 ParameterFilter = Callable[[str], bool]
-Activation = Callable[[Tensor], Tensor]
-
-def _gelu(m: nn.Module) -> Activation:
-    approximate = str(getattr(m, "approximate", "none"))
-    return lambda x: F.gelu(x, approximate=approximate)
-
-
-def _leaky_relu(m: nn.Module) -> Activation:
-    slope = float(getattr(m, "negative_slope", 0.01))
-    return lambda x: F.leaky_relu(x, slope)
-
-
-_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
-    nn.ReLU: lambda m: torch.relu,
-    nn.Tanh: lambda m: torch.tanh,
-    nn.Sigmoid: lambda m: torch.sigmoid,
-    nn.SiLU: lambda m: F.silu,
-    nn.GELU: _gelu,
-    nn.LeakyReLU: _leaky_relu,
-}
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One ``nn.Linear`` of a chain, by parameter name."""
-
-    weight: str
-    bias: str | None
-
-
-Layer = Linear | Activation
-
-
-def _single_head(model: MultiTaskModel) -> str:
-    if len(model.task_names) != 1:
-        raise ConfigError(
-            f"meta-learning runs one task family through one head, but the model has {len(model.task_names)} "
-            f"heads ({', '.join(model.task_names)}); build the MultiTaskModel with a single head."
-        )
-    return model.task_names[0]
-
-
-def _chain(module: nn.Module, prefix: str, out: list[Layer]) -> bool:
-    kind = type(module)
-    if kind is nn.Sequential:
-        return all(_chain(child, f"{prefix}{name}.", out) for name, child in module.named_children())
-    if isinstance(module, nn.Linear) and kind is nn.Linear:
-        out.append(Linear(prefix + "weight", prefix + "bias" if module.bias is not None else None))
-        return True
-    if kind is nn.Identity or (isinstance(module, nn.Dropout) and kind is nn.Dropout and module.p == 0.0):
-        return True
-    if kind in _ACTIVATIONS:
-        out.append(_ACTIVATIONS[kind](module))
-        return True
-    if isinstance(module, MultiTaskModel) and kind is MultiTaskModel:
-        task = _single_head(module)
-        parts = [(f"stems.{task}.", module.stems[task])] if task in module.stems else []
-        parts += [("trunk.", module.trunk), (f"heads.{task}.", module.heads[task])]
-        return all(_chain(m, prefix + p, out) for p, m in parts)
-    return False
-
-
-def linear_chain(model: nn.Module) -> list[Layer] | None:
-    """The model as a list of :class:`Linear` layers and activations; ``None`` if it is not such a chain."""
-    out: list[Layer] = []
-    return out if _chain(model, "", out) else None
-
-
-def _linear(x: Tensor, layer: Linear, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor]) -> Tensor:
-    bias = None if layer.bias is None else fast.get(layer.bias)
-    shared_bias = None if layer.bias is None or bias is not None else shared[layer.bias]
-    w = fast.get(layer.weight)
-    if w is None:
-        y = F.linear(x, shared[layer.weight], shared_bias)
-        return y if bias is None else y + bias.unsqueeze(1)
-    if bias is not None:
-        return torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
-    y = torch.bmm(x, w.transpose(1, 2))
-    return y if shared_bias is None else y + shared_bias
-
-
-def _run_chain(chain: list[Layer], shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
-               x: Tensor) -> Tensor:
-    for layer in chain:
-        x = _linear(x, layer, shared, fast) if isinstance(layer, Linear) else layer(x)
-    return x
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     if isinstance(model, MultiTaskModel):
-        return functional_call(model, dict(params), (x, _single_head(model)))
+        return functional_call(model, dict(params), (x, single_head(model)))
     return functional_call(model, dict(params), (x,))
+
+
+def _vmap_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
+                  x: Tensor) -> Tensor:
+    ndim = {n: p.ndim for n, p in model.named_parameters()}
+    stacked = {n: w for n, w in fast.items() if w.ndim > ndim[n]}
+    common = {**shared, **{n: w for n, w in fast.items() if n not in stacked}}
+
+    def one_task(stacked_t: dict[str, Tensor], x_t: Tensor) -> Tensor:
+        return _call(model, {**common, **stacked_t}, x_t)
+
+    return vmap(one_task)(stacked, x)
 
 
 def batched_forward(
@@ -130,19 +66,42 @@ def batched_forward(
     *,
     chain: list[Layer] | None = None,
 ) -> Tensor:
-    """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters ``{name: [tasks, *shape]}``.
+    """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters → ``[tasks, n, *output]``.
 
-    ``shared`` holds the remaining parameters (unbatched). ``chain`` (from :func:`linear_chain`) selects the
-    speed path; without it, or for inputs that are not ``[tasks, n, features]``, the call goes through
-    ``vmap(functional_call)``. Returns ``[tasks, n, *output]``.
+    ``chain`` (from :func:`linear_chain`) selects the speed path; without it, or for inputs that are not
+    ``[tasks, n, features]``, the call goes through ``vmap(functional_call)``.
     """
     if chain is not None and x.ndim == 3:
-        return _run_chain(chain, shared, fast, x)
+        return chain_forward(chain, {**shared, **fast}, x)
+    return _vmap_forward(model, shared, fast, x)
 
-    def one_task(fast_t: dict[str, Tensor], x_t: Tensor) -> Tensor:
-        return _call(model, {**shared, **fast_t}, x_t)
 
-    return vmap(one_task)(dict(fast), x)
+def task_gradients(
+    model: nn.Module,
+    shared: Mapping[str, Tensor],
+    fast: Mapping[str, Tensor],
+    support: Split,
+    *,
+    chain: list[Layer] | None = None,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    """``{name: [tasks, *shape]}``: each task's gradient of its mean support loss w.r.t. each fast parameter.
+
+    With ``create_graph`` the gradients are differentiable (second-order meta-gradients); otherwise they are
+    detached. The speed path is used when ``chain`` is given and can be differentiated by hand.
+    """
+    if chain is not None and support.x.ndim == 3 and supports_gradients(chain):
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            return chain_gradients(chain, {**shared, **fast}, list(fast), support.x, support.y)
+    tasks = support.x.shape[0]
+    ndim = {n: p.ndim for n, p in model.named_parameters()}
+    stacked = {n: w if w.ndim > ndim[n] else w.unsqueeze(0).expand(tasks, *w.shape) for n, w in fast.items()}
+    with torch.enable_grad():
+        if not create_graph:
+            stacked = {n: w.detach().requires_grad_() for n, w in stacked.items()}
+        loss = task_losses(batched_forward(model, shared, stacked, support.x, chain=chain), support.y).sum()
+        grads = torch.autograd.grad(loss, list(stacked.values()), create_graph=create_graph)
+    return dict(zip(stacked, grads, strict=True))
 
 
 def parameter_filter(model: nn.Module, spec: str | ParameterFilter) -> ParameterFilter:
@@ -179,5 +138,5 @@ def embed(model: nn.Module, x: Tensor) -> Tensor:
     ``model.features`` for a :class:`~mtml.nn.MultiTaskModel` (stem and trunk), ``model`` itself otherwise.
     """
     flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-    out = model.features(flat, _single_head(model)) if isinstance(model, MultiTaskModel) else model(flat)
+    out = model.features(flat, single_head(model)) if isinstance(model, MultiTaskModel) else model(flat)
     return out.reshape(x.shape[0], x.shape[1], -1)

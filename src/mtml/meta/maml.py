@@ -13,8 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, Scores, check_int, check_positive
-from mtml.meta.episode import Episode, task_losses
-from mtml.meta.functional import Layer, ParameterFilter, batched_forward, linear_chain, parameter_filter
+from mtml.meta.episode import Episode
+from mtml.meta.functional import ParameterFilter, batched_forward, parameter_filter, task_gradients
+from mtml.meta.mlp import Layer, linear_chain
 from mtml.tasks import Split
 
 __all__ = ["FOMAML", "MAML"]
@@ -92,22 +93,24 @@ class MAML(MetaAlgorithm):
         return self.inner_lr if train else self.test_inner_lr
 
     # -- inner loop ------------------------------------------------------------------------------------------
-    def _start(self, model: nn.Module, tasks: int, differentiable: bool) -> tuple[Params, Params]:
+    def _start(self, model: nn.Module, differentiable: bool) -> tuple[Params, Params]:
+        """``(shared, fast)``: fast parameters start tied across tasks (their own shape) at ``θ``."""
         params: Params = dict(model.named_parameters())
-        names = self.fast_names(model)
         if not differentiable:
             params = {n: p.detach() for n, p in params.items()}
-        fast = {n: _stack(params.pop(n), tasks) for n in names}
-        if not differentiable:
-            fast = {n: w.clone().requires_grad_() for n, w in fast.items()}
+        fast = {n: params.pop(n) for n in self.fast_names(model)}
         return params, fast
+
+    def _update(self, name: str, w: Tensor, grad: Tensor, train: bool) -> Tensor:
+        rate = self.rate(name, train)
+        if isinstance(rate, Tensor):
+            return torch.addcmul(w, rate, grad, value=-1.0)
+        return torch.add(w, grad, alpha=-rate)
 
     def _step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params, support: Split,
               train: bool, create_graph: bool) -> Params:
-        pred = batched_forward(model, shared, fast, support.x, chain=chain)
-        loss = task_losses(pred, support.y).sum()
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-        return {n: w - self.rate(n, train) * g for (n, w), g in zip(fast.items(), grads, strict=True)}
+        grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph)
+        return {n: self._update(n, w, grads[n], train) for n, w in fast.items()}
 
     def _checkpointed_step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params,
                            support: Split) -> Params:
@@ -124,21 +127,20 @@ class MAML(MetaAlgorithm):
                    differentiable: bool) -> tuple[Params, Params]:
         """Adapt every task of ``support`` for ``steps`` steps → ``(shared, fast)`` parameter dicts.
 
-        ``fast`` holds ``[tasks, *shape]`` adapted parameters. With ``differentiable`` they keep the graph
-        back to the model's parameters (second order unless ``first_order``); otherwise they are detached.
+        ``fast`` holds ``[tasks, *shape]`` adapted parameters (still tied, of the model's shapes, after zero
+        steps). With ``differentiable`` they keep the graph back to the model's parameters (second order
+        unless ``first_order``); otherwise they are detached. ``train`` picks the training step size.
         """
         chain = linear_chain(model)
-        shared, fast = self._start(model, support.x.shape[0], differentiable)
+        shared, fast = self._start(model, differentiable)
         create_graph = differentiable and not self.first_order
-        use_checkpoint = self.checkpoint_inner and create_graph
-        with torch.enable_grad():
-            for _ in range(steps):
-                if use_checkpoint:
-                    fast = self._checkpointed_step(model, chain, shared, fast, support)
-                else:
-                    fast = self._step(model, chain, shared, fast, support, train, create_graph)
-                if not differentiable:
-                    fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+        for _ in range(steps):
+            if self.checkpoint_inner and create_graph:
+                fast = self._checkpointed_step(model, chain, shared, fast, support)
+            else:
+                fast = self._step(model, chain, shared, fast, support, train, create_graph)
+            if not differentiable:
+                fast = {n: w.detach() for n, w in fast.items()}
         return shared, fast
 
     # -- MetaAlgorithm ---------------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class MAML(MetaAlgorithm):
         """Query metrics after each of ``steps`` test-time inner steps, in one loop of ``max(steps)``."""
         wanted = sorted({check_int("steps", s, 0, "Use step counts >= 0.") for s in steps})
         chain = linear_chain(model)
-        shared, fast = self._start(model, episode.num_tasks, differentiable=False)
+        shared, fast = self._start(model, differentiable=False)
         out: dict[int, Scores] = {}
         for done in range(wanted[-1] + 1):
             if done in wanted:
@@ -163,15 +165,9 @@ class MAML(MetaAlgorithm):
                     pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
                     out[done] = self.score(pred, episode)
             if done < wanted[-1]:
-                with torch.enable_grad():
-                    fast = self._step(model, chain, shared, fast, episode.support, False, False)
-                fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+                fast = self._step(model, chain, shared, fast, episode.support, False, False)
+                fast = {n: w.detach() for n, w in fast.items()}
         return out
-
-
-def _stack(p: Tensor, tasks: int) -> Tensor:
-    """``p`` seen as ``[tasks, *p.shape]`` without copying."""
-    return p.unsqueeze(0).expand(tasks, *p.shape)
 
 
 def FOMAML(

@@ -10,8 +10,9 @@ from torch import nn
 
 from mtml.meta.base import MetaOutput
 from mtml.meta.episode import Episode, task_losses
-from mtml.meta.functional import ParameterFilter, batched_forward, linear_chain
+from mtml.meta.functional import ParameterFilter, batched_forward
 from mtml.meta.maml import MAML
+from mtml.meta.mlp import linear_chain
 
 __all__ = ["Reptile"]
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mtml.errors import ConfigError
-from mtml.meta.base import MetaAlgorithm, Scores, check_int, check_positive
-from mtml.meta.episode import Episode
+from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
+from mtml.meta.episode import Episode, task_losses
 from mtml.meta.functional import ParameterFilter, batched_forward, parameter_filter, task_gradients
 from mtml.meta.mlp import Layer, linear_chain
 from mtml.tasks import Split
@@ -76,29 +76,41 @@ class MAML(MetaAlgorithm):
         self.first_order = first_order
         self.checkpoint_inner = checkpoint_inner
         self.adapt_spec = adapt
+        self._plan_key: tuple[object, ...] = ()
+        self._plan: tuple[list[Layer] | None, list[str]] = (None, [])
         self.fast_names(model)  # validates the filter now rather than at the first step
+
+    def _prepare(self, model: nn.Module) -> tuple[Params, list[Layer] | None, list[str]]:
+        """The model's parameters, its MLP chain (or ``None``) and the adapted names, cached per model.
+
+        The cache key holds every parameter's name, identity and ``requires_grad``, so replacing or freezing
+        parameters rebuilds it.
+        """
+        params: Params = dict(model.named_parameters())
+        key = (id(model), *((n, id(p), p.requires_grad) for n, p in params.items()))
+        if key != self._plan_key:
+            keep = parameter_filter(model, self.adapt_spec)
+            names = [n for n, p in params.items() if p.requires_grad and keep(n)]
+            if not names:
+                raise ConfigError(f"`adapt={self.adapt_spec!r}` selects none of the model's trainable "
+                                  f"parameters ({', '.join(params)}); choose a filter matching one or more.")
+            self._plan_key, self._plan = key, (linear_chain(model), names)
+        return params, *self._plan
 
     def fast_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters the inner loop adapts (per task)."""
-        keep = parameter_filter(model, self.adapt_spec)
-        names = [n for n, p in model.named_parameters() if p.requires_grad and keep(n)]
-        if not names:
-            raise ConfigError(f"`adapt={self.adapt_spec!r}` selects none of the model's trainable parameters "
-                              f"({', '.join(n for n, _ in model.named_parameters())}); choose a filter that "
-                              "matches at least one.")
-        return names
+        return list(self._prepare(model)[2])
 
     def rate(self, name: str, train: bool) -> float | Tensor:
         """Inner step size for parameter ``name`` (a scalar here; Meta-SGD learns one per element)."""
         return self.inner_lr if train else self.test_inner_lr
 
     # -- inner loop ------------------------------------------------------------------------------------------
-    def _start(self, model: nn.Module, differentiable: bool) -> tuple[Params, Params]:
+    @staticmethod
+    def _start(params: Params, names: list[str], differentiable: bool) -> tuple[Params, Params]:
         """``(shared, fast)``: fast parameters start tied across tasks (their own shape) at ``θ``."""
-        params: Params = dict(model.named_parameters())
-        if not differentiable:
-            params = {n: p.detach() for n, p in params.items()}
-        fast = {n: params.pop(n) for n in self.fast_names(model)}
+        params = dict(params) if differentiable else {n: p.detach() for n, p in params.items()}
+        fast = {n: params.pop(n) for n in names}
         return params, fast
 
     def _update(self, name: str, w: Tensor, grad: Tensor, train: bool) -> Tensor:
@@ -131,8 +143,13 @@ class MAML(MetaAlgorithm):
         steps). With ``differentiable`` they keep the graph back to the model's parameters (second order
         unless ``first_order``); otherwise they are detached. ``train`` picks the training step size.
         """
-        chain = linear_chain(model)
-        shared, fast = self._start(model, differentiable)
+        shared, fast, _ = self._inner(model, support, steps, train, differentiable)
+        return shared, fast
+
+    def _inner(self, model: nn.Module, support: Split, steps: int, train: bool,
+               differentiable: bool) -> tuple[Params, Params, list[Layer] | None]:
+        params, chain, names = self._prepare(model)
+        shared, fast = self._start(params, names, differentiable)
         create_graph = differentiable and not self.first_order
         for _ in range(steps):
             if self.checkpoint_inner and create_graph:
@@ -141,23 +158,31 @@ class MAML(MetaAlgorithm):
                 fast = self._step(model, chain, shared, fast, support, train, create_graph)
             if not differentiable:
                 fast = {n: w.detach() for n, w in fast.items()}
-        return shared, fast
+        return shared, fast, chain
 
     # -- MetaAlgorithm ---------------------------------------------------------------------------------------
     def adapt(self, model: nn.Module, support: Split, *, ways: int = 0, train: bool = True) -> Params:
         """Per-task adapted parameters ``{name: [tasks, *shape]}`` after the training (or test) inner loop."""
         steps = self.inner_steps if train else self.test_inner_steps
-        return self.inner_loop(model, support, steps=steps, train=train, differentiable=train)[1]
+        return self._inner(model, support, steps, train, differentiable=train)[1]
 
     def predict(self, model: nn.Module, adapted: Params, x: Tensor) -> Tensor:
-        shared = {n: p for n, p in model.named_parameters() if n not in adapted}
-        return batched_forward(model, shared, adapted, x, chain=linear_chain(model))
+        params, chain, _ = self._prepare(model)
+        shared = {n: p for n, p in params.items() if n not in adapted}
+        return batched_forward(model, shared, adapted, x, chain=chain)
+
+    def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
+        """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
+        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
+        pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+        losses = task_losses(pred, episode.query.y)
+        return MetaOutput(losses.mean(), losses.detach(), self._accuracy(pred, episode))
 
     def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
         """Query metrics after each of ``steps`` test-time inner steps, in one loop of ``max(steps)``."""
         wanted = sorted({check_int("steps", s, 0, "Use step counts >= 0.") for s in steps})
-        chain = linear_chain(model)
-        shared, fast = self._start(model, differentiable=False)
+        params, chain, names = self._prepare(model)
+        shared, fast = self._start(params, names, differentiable=False)
         out: dict[int, Scores] = {}
         for done in range(wanted[-1] + 1):
             if done in wanted:

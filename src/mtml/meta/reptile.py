@@ -12,7 +12,6 @@ from mtml.meta.base import MetaOutput
 from mtml.meta.episode import Episode, task_losses
 from mtml.meta.functional import ParameterFilter, batched_forward
 from mtml.meta.maml import MAML
-from mtml.meta.mlp import linear_chain
 
 __all__ = ["Reptile"]
 
@@ -47,10 +46,9 @@ class Reptile(MAML):
 
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         self.check_episode(episode)
-        shared, fast = self.inner_loop(model, episode.support, steps=self.inner_steps, train=True,
-                                       differentiable=False)
+        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, False)
         with torch.no_grad():
-            pred = batched_forward(model, shared, fast, episode.query.x, chain=linear_chain(model))
+            pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
             losses = task_losses(pred, episode.query.y)
         params = dict(model.named_parameters())
         objective = sum((0.5 * (params[n] - w.mean(0).detach()).square().sum() for n, w in fast.items()),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtml.meta import MAML, Episode, meta_evaluate, meta_step
+from mtml.meta import ALGORITHMS, MAML, Episode, meta_evaluate, meta_parameters, meta_step
 from mtml.sampling import SinusoidTasks
 
 Step = Callable[[Episode], None]
@@ -41,7 +41,7 @@ def make_model(seed: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
-# -- implementations: each returns (step function, model to evaluate) -------------------------------------------
+# -- implementations: each returns (step function, model to evaluate) ----------------------------------------
 def build_mtml(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
     algorithm = MAML(model, inner_lr=args.inner_lr, inner_steps=steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
@@ -56,7 +56,7 @@ def _bmm_forward(params: list[Tensor], x: Tensor) -> Tensor:
 
 
 def build_bmm_reference(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
-    """A hand-written, fully batched MAML for this one MLP: per-task weights ``[tasks, out, in]`` and ``bmm``."""
+    """Hand-written, fully batched MAML for this one MLP: per-task weights ``[tasks, out, in]``, ``bmm``."""
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=args.outer_lr)
 
@@ -162,7 +162,7 @@ def run(steps: int, args: argparse.Namespace, names: list[str]) -> list[dict[str
     init = make_model(args.seed).to(device)
     impls = {name: BUILDERS[name](copy.deepcopy(init), steps, args) for name in names}
     seconds = dict.fromkeys(names, 0.0)
-    for name, (step, _) in impls.items():
+    for step, _ in impls.values():
         for episode in episodes[: args.warmup]:
             step(episode)
     timed = episodes[args.warmup :]
@@ -194,16 +194,57 @@ def report(steps: int, rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     ours = next(r["tasks/s"] for r in rows if r["name"] == "mtml")
     print(f"\ninner steps = {steps}  ({args.iterations} timed meta-iterations of {args.meta_batch} tasks, "
           f"K = {args.shots}, {torch.get_num_threads()} thread(s), {args.device})")
-    print(f"{'implementation':<16}{'tasks/s':>10}{'mtml / it':>11}{'peak MB':>10}   test MSE after {steps} step(s)")
+    print(f"{'implementation':<16}{'tasks/s':>10}{'mtml / it':>11}{'peak MB':>10}   "
+          f"test MSE after {steps} step(s)")
     for r in rows:
         print(f"{r['name']:<16}{r['tasks/s']:>10.0f}{ours / r['tasks/s']:>10.2f}x{r['memory']:>10.2f}   "
               f"{r['mse']:.3f} ± {r['ci']:.3f}")
 
 
+# -- the MAML paper protocol: long meta-training, then the meta-test table ----------------------------------
+def protocol(args: argparse.Namespace) -> None:
+    """K = 5, meta-batch 25, one inner step in training; meta-validation every ``--validate-every``
+    iterations keeps the best weights; meta-test on ``--eval-tasks`` new tasks after 0, 1 and 10 steps."""
+    header = "".join(f"{f'MSE@{s}':>18}" for s in (0, 1, 10))
+    print(f"{'algorithm':<10}{'train s':>9}{'best it':>9}   {header}")
+    for name in args.protocol:
+        seed = args.seed
+        model = make_model(seed)
+        if name == "ridge":  # the closed-form head replaces the last layer
+            model = model[:-1]
+            algorithm = ALGORITHMS.create(name, model)
+        else:
+            algorithm = ALGORITHMS.create(name, model, inner_lr=args.inner_lr, inner_steps=1,
+                                          test_inner_steps=10)
+        optimizer = torch.optim.Adam(meta_parameters(algorithm, model), lr=args.outer_lr)
+        train = SinusoidTasks(shots=5, meta_batch=25)
+        val = SinusoidTasks(shots=5, query_shots=100, meta_batch=100)
+        gen = torch.Generator().manual_seed(seed)
+        val_steps = {"ridge": 0, "metasgd": 1}.get(name, 10)  # Meta-SGD's rates are learned for one step
+        best, best_it = float("inf"), 0
+        best_state = copy.deepcopy((model.state_dict(), algorithm.state_dict()))
+        begin = time.perf_counter()
+        for it in range(1, args.protocol_iterations + 1):
+            meta_step(algorithm, model, train.sample(gen), optimizer)
+            if it % args.validate_every == 0:
+                score = meta_evaluate(algorithm, model, val, steps=[val_steps], num_tasks=200,
+                                      generator=torch.Generator().manual_seed(seed + 2))[f"loss@{val_steps}"]
+                if score < best:
+                    best, best_it = score, it
+                    best_state = copy.deepcopy((model.state_dict(), algorithm.state_dict()))
+        seconds = time.perf_counter() - begin
+        model.load_state_dict(best_state[0])
+        algorithm.load_state_dict(best_state[1])
+        test = meta_evaluate(algorithm, model, val, steps=[0, 1, 10], num_tasks=args.eval_tasks,
+                             generator=torch.Generator().manual_seed(seed + 1))
+        cells = "".join(f"{test[f'loss@{s}']:>10.3f} ± {test[f'loss@{s}_ci95']:.3f}" for s in (0, 1, 10))
+        print(f"{name:<10}{seconds:>9.0f}{best_it:>9}   {cells}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5], help="inner steps (one table each)")
-    parser.add_argument("--iterations", type=int, default=300, help="timed meta-iterations per implementation")
+    parser.add_argument("--iterations", type=int, default=300, help="timed meta-iterations, each")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--shots", type=int, default=10)
@@ -211,12 +252,19 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=0.01)
     parser.add_argument("--outer-lr", type=float, default=1e-3)
     parser.add_argument("--eval-tasks", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny ops: 1 is fastest)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny ops: 1 is fastest)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(BUILDERS), help="run only these implementations")
+    parser.add_argument("--protocol", nargs="+", choices=["maml", "metasgd", "ridge"],
+                        help="instead of the speed table: the MAML paper protocol (K = 5) for these")
+    parser.add_argument("--protocol-iterations", type=int, default=70_000)
+    parser.add_argument("--validate-every", type=int, default=5_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.protocol:
+        protocol(args)
+        return
     names = []
     for name in args.only or list(BUILDERS):
         if name in PEERS and importlib.util.find_spec(PEERS[name]) is None:

@@ -91,8 +91,8 @@ class MetaAlgorithm(nn.Module):
         Closed-form algorithms adapt exactly, so their scores do not depend on ``steps``.
         """
         self.check_episode(episode)
-        adapted = self.adapt(model, episode.support, ways=episode.ways, train=False)
         with torch.no_grad():
+            adapted = self.adapt(model, episode.support, ways=episode.ways, train=False)
             scores = self.score(self.predict(model, adapted, episode.query.x), episode)
         return {s: scores for s in steps}
 

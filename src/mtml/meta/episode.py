@@ -17,7 +17,7 @@ from torch import Tensor
 from mtml.errors import ShapeError
 from mtml.tasks import Split
 
-__all__ = ["Episode", "EpisodeSampler", "task_accuracy", "task_losses"]
+__all__ = ["Episode", "EpisodeSampler", "mean_task_loss", "task_accuracy", "task_losses"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,13 @@ def task_losses(pred: Tensor, y: Tensor) -> Tensor:
     tasks, shots = y.shape
     losses = F.cross_entropy(pred.reshape(tasks * shots, -1), y.reshape(-1), reduction="none")
     return losses.view(tasks, shots).mean(1)
+
+
+def mean_task_loss(pred: Tensor, y: Tensor) -> Tensor:
+    """``task_losses(pred, y).mean()`` as one fused loss call (every task has the same number of shots)."""
+    if y.is_floating_point():
+        return F.mse_loss(pred, y)
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1))
 
 
 def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
-from mtml.meta.episode import Episode, task_losses
+from mtml.meta.episode import Episode, mean_task_loss, task_losses
 from mtml.meta.functional import ParameterFilter, batched_forward, parameter_filter, task_gradients
 from mtml.meta.mlp import Layer, linear_chain
 from mtml.tasks import Split
@@ -175,8 +175,9 @@ class MAML(MetaAlgorithm):
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
         shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
         pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
-        losses = task_losses(pred, episode.query.y)
-        return MetaOutput(losses.mean(), losses.detach(), self._accuracy(pred, episode))
+        with torch.no_grad():
+            losses = task_losses(pred, episode.query.y)
+        return MetaOutput(mean_task_loss(pred, episode.query.y), losses, self._accuracy(pred, episode))
 
     def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
         """Query metrics after each of ``steps`` test-time inner steps, in one loop of ``max(steps)``."""

@@ -23,7 +23,7 @@ import copy
 import importlib
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,6 +36,11 @@ from mtml.sampling import SinusoidTasks
 Step = Callable[[Episode], None]
 
 
+def adam(params: Iterable[Tensor], args: argparse.Namespace) -> torch.optim.Adam:
+    """The outer optimiser, the same for every implementation (``--adam fused`` is PyTorch's fused kernel)."""
+    return torch.optim.Adam(params, lr=args.outer_lr, fused=args.adam == "fused" or None)
+
+
 def make_model(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
@@ -44,7 +49,7 @@ def make_model(seed: int) -> nn.Sequential:
 # -- implementations: each returns (step function, model to evaluate) ----------------------------------------
 def build_mtml(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
     algorithm = MAML(model, inner_lr=args.inner_lr, inner_steps=steps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    optimizer = adam(model.parameters(), args)
     return (lambda episode: meta_step(algorithm, model, episode, optimizer) and None), model
 
 
@@ -58,7 +63,7 @@ def _bmm_forward(params: list[Tensor], x: Tensor) -> Tensor:
 def build_bmm_reference(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
     """Hand-written, fully batched MAML for this one MLP: per-task weights ``[tasks, out, in]``, ``bmm``."""
     params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.outer_lr)
+    optimizer = adam(params, args)
 
     def step(episode: Episode) -> None:
         xs, ys, xq, yq = episode.support.x, episode.support.y, episode.query.x, episode.query.y
@@ -77,7 +82,7 @@ def build_bmm_reference(model: nn.Module, steps: int, args: argparse.Namespace) 
 def build_learn2learn(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
     l2l = importlib.import_module("learn2learn")
     maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=False)
-    optimizer = torch.optim.Adam(maml.parameters(), lr=args.outer_lr)
+    optimizer = adam(maml.parameters(), args)
 
     def step(episode: Episode) -> None:
         optimizer.zero_grad()
@@ -95,7 +100,7 @@ def build_learn2learn(model: nn.Module, steps: int, args: argparse.Namespace) ->
 
 def build_higher(model: nn.Module, steps: int, args: argparse.Namespace) -> tuple[Step, nn.Module]:
     higher = importlib.import_module("higher")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    optimizer = adam(model.parameters(), args)
     inner = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
 
     def step(episode: Episode) -> None:
@@ -193,7 +198,7 @@ def run(steps: int, args: argparse.Namespace, names: list[str]) -> list[dict[str
 def report(steps: int, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ours = next(r["tasks/s"] for r in rows if r["name"] == "mtml")
     print(f"\ninner steps = {steps}  ({args.iterations} timed meta-iterations of {args.meta_batch} tasks, "
-          f"K = {args.shots}, {torch.get_num_threads()} thread(s), {args.device})")
+          f"K = {args.shots}, {torch.get_num_threads()} thread(s), {args.adam} Adam, {args.device})")
     print(f"{'implementation':<16}{'tasks/s':>10}{'mtml / it':>11}{'peak MB':>10}   "
           f"test MSE after {steps} step(s)")
     for r in rows:
@@ -216,7 +221,7 @@ def protocol(args: argparse.Namespace) -> None:
         else:
             algorithm = ALGORITHMS.create(name, model, inner_lr=args.inner_lr, inner_steps=1,
                                           test_inner_steps=10)
-        optimizer = torch.optim.Adam(meta_parameters(algorithm, model), lr=args.outer_lr)
+        optimizer = adam(meta_parameters(algorithm, model), args)
         train = SinusoidTasks(shots=5, meta_batch=25)
         val = SinusoidTasks(shots=5, query_shots=100, meta_batch=100)
         gen = torch.Generator().manual_seed(seed)
@@ -253,6 +258,8 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=1e-3)
     parser.add_argument("--eval-tasks", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny ops: 1 is fastest)")
+    parser.add_argument("--adam", choices=["fused", "default"], default="fused",
+                        help="outer Adam implementation, shared by all (fused: one kernel per step)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(BUILDERS), help="run only these implementations")

@@ -89,11 +89,37 @@ class MultiTaskModel(nn.Module):
                 feats[task] = self.trunk(self.stems[task](x))
             else:
                 groups.setdefault(tuple(x.shape[1:]), []).append(task)
+        outputs: dict[str, Tensor] = {}
         for names in groups.values():
             sizes = [inputs[n].shape[0] for n in names]
             out = self.trunk(torch.cat([inputs[n] for n in names]))
-            feats.update(zip(names, torch.split(out, sizes), strict=True))
-        return {task: self.heads[task](feats[task]) for task in inputs}
+            if self._stackable(names) and out.shape[0] * out.shape[1] * self.heads[names[0]].out_features <= 1 << 22:
+                outputs.update(zip(names, torch.split(self._stacked_linear(names, out, sizes), sizes), strict=True))
+            else:
+                feats.update(zip(names, torch.split(out, sizes), strict=True))
+        outputs.update({task: self.heads[task](feats[task]) for task in feats})
+        return {task: outputs[task] for task in inputs}
+
+    def _stackable(self, names: list[str]) -> bool:
+        heads = [self.heads[n] for n in names]
+        return len(heads) >= 4 and all(
+            type(h) is nn.Linear and h.bias is not None and h.weight.shape == heads[0].weight.shape for h in heads
+        )
+
+    def _stacked_linear(self, names: list[str], feats: Tensor, sizes: list[int]) -> Tensor:
+        """All linear heads of a group in one batched op: row r uses the weights of its own task.
+
+        Gradients flow through ``torch.stack`` back to each head's own parameters, so the result equals
+        calling each head on its slice (an oracle test checks this).
+        """
+        weight = torch.stack([self.heads[n].weight for n in names])  # [m, out, d]
+        bias = torch.stack([self.heads[n].bias for n in names])  # [m, out]
+        if len(set(sizes)) == 1:
+            x = feats.reshape(len(names), sizes[0], -1)
+            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)).reshape(feats.shape[0], -1)
+        owner = torch.repeat_interleave(torch.arange(len(names), device=feats.device),
+                                        torch.tensor(sizes, device=feats.device))
+        return torch.einsum("nd,nod->no", feats, weight[owner]) + bias[owner]
 
     # -- parameter groups --------------------------------------------------------------------------------
     def named_shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

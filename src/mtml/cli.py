@@ -1,0 +1,116 @@
+"""The ``mtml`` command line. Every command is a thin call of a public library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mtml.errors import MtmlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="mtml: multi-task learning, meta-learning and knowledge transfer on PyTorch.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file (see examples/configs/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set training.lr=0.01")] = None,
+    out: Annotated[Path | None, typer.Option(help="new run directory (default: runs/<name>-<time>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a config into a run directory, or --resume an interrupted run."""
+    from mtml.config import load_config
+    from mtml.experiment import resume_run
+    from mtml.experiment import train as train_config
+    from mtml.report import RichProgress, metrics_table
+
+    progress = None if quiet else RichProgress("train", console=console)
+    if resume is not None:
+        if config is not None or set_:
+            raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
+        run, result = resume_run(resume, progress=progress)
+    else:
+        if config is None:
+            raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
+        cfg = load_config(config, set_ or [])
+        run, result = train_config(cfg, out, progress=progress)
+    console.print(metrics_table(result.test or result.val, title=f"test metrics (best step {result.fit.best_step})"))
+    console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="run directory written by `mtml train`")],
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+) -> None:
+    """Evaluate a run's best checkpoint on one split."""
+    from mtml.experiment import evaluate_run
+    from mtml.report import metrics_table
+
+    if split not in ("train", "val", "test"):
+        raise MtmlError(f"--split must be train, val or test. Got {split!r}.")
+    console.print(metrics_table(evaluate_run(run, split), title=f"{run} — {split}"))
+
+
+@app.command("list")
+def list_() -> None:
+    """List registered datasets, models and weightings."""
+    from rich.table import Table
+
+    from mtml.datasets import DATASETS
+    from mtml.weighting import WEIGHTINGS
+
+    models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
+              "mlp-separate": "model.share_trunk: false — one trunk per task (single-task baseline)"}
+    for title, items in (("datasets", DATASETS.describe()), ("models", models), ("weightings", WEIGHTINGS.describe())):
+        table = Table(title=title, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for name, desc in items.items():
+            table.add_row(name, desc)
+        console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="directory for the demo runs (default runs/demo-<time>)")] = None,
+    quick: Annotated[bool, typer.Option(help="fewer steps (a smoke test)")] = False,
+) -> None:
+    """A short tour: multi-task vs single-task models on penguins and schools."""
+    from mtml.demo import run_demo
+
+    run_demo(out, quick=quick, console=console)
+
+
+def main() -> None:
+    """Entry point: runs the app, turning mtml's errors into one-line messages without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except MtmlError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

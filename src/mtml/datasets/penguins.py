@@ -1,0 +1,40 @@
+"""Palmer penguins: species (multiclass) and body mass (regression) from the same measurements.
+
+Data: Horst, Hill & Gorman (2020), palmerpenguins, via the ``palmerpenguins`` package (offline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mtml.datasets._util import require, split_indices, standardize
+from mtml.tasks import Split, Task
+
+
+def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> list[Task]:
+    """Two tasks on the 333 complete rows: ``species`` (Adelie/Chinstrap/Gentoo) and ``body_mass``.
+
+    Features (standardised with train statistics): bill length, bill depth, flipper length, sex, island
+    (one-hot) and year. Body mass is standardised too (metrics are in units of its train standard deviation).
+    Both tasks share the same rows and the same train/val/test split.
+    """
+    pp = require("palmerpenguins", "penguins")
+    df = pp.load_penguins().dropna().reset_index(drop=True)
+    numeric = df[["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "year"]].to_numpy(np.float32)
+    sex = (df["sex"] == "male").to_numpy(np.float32)[:, None]
+    islands = sorted(df["island"].unique())
+    island = np.stack([(df["island"] == i).to_numpy(np.float32) for i in islands], 1)
+    x = torch.from_numpy(np.concatenate([numeric, sex, island], 1))
+    species_names = sorted(df["species"].unique())
+    species = torch.tensor([species_names.index(s) for s in df["species"]])
+    mass = torch.from_numpy(df["body_mass_g"].to_numpy(np.float32))[:, None]
+    gen = torch.Generator().manual_seed(seed)
+    tr, va, te = split_indices(len(df), (1 - val_fraction - test_fraction, val_fraction, test_fraction), gen)
+    xs = standardize(x[tr], x[va], x[te])
+    ms = standardize(mass[tr], mass[va], mass[te])
+    return [
+        Task("species", "multiclass", *(Split(xi, species[i]) for xi, i in zip(xs, (tr, va, te), strict=True)),
+             num_outputs=len(species_names)),
+        Task("body_mass", "regression", *(Split(xi, mi) for xi, mi in zip(xs, ms, strict=True))),
+    ]

@@ -1,0 +1,13 @@
+"""The engine: step functions, the fit loop, checkpoints and run directories."""
+
+from mtml.engine.checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
+from mtml.engine.joint import TaskBatcher, evaluate, joint_step, objective, predict
+from mtml.engine.run import Run
+from mtml.engine.trainer import TrainResult, make_optimizer, train_multitask
+
+__all__ = [
+    "Checkpoint", "FitResult", "ProgressHook", "Run", "StopRule", "TaskBatcher", "TrainResult", "evaluate", "fit",
+    "joint_step", "load_checkpoint", "make_optimizer", "objective", "predict", "restore", "save_checkpoint",
+    "train_multitask",
+]

@@ -1,0 +1,136 @@
+"""Checkpoints as safetensors files: tensors plus JSON metadata in the header, never pickle.
+
+A checkpoint holds the state of named modules (model, weighting, meta-algorithm), an optimiser, random
+generators and a small JSON-able ``meta`` dict (step, early-stopping state). Loading one can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from mtml.engine.atomic import atomic_write_bytes
+from mtml.errors import CheckpointError
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "mtml-checkpoint-1"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns: every tensor by key plus the JSON metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        start = f"{prefix}."
+        return {k[len(start):]: v for k, v in self.tensors.items() if k.startswith(start)}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slot in state["state"].items():
+        for key, value in slot.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    info = ckpt.meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in ckpt.module_state("optim").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, extra in info["scalars"].items():
+        state.setdefault(int(idx), {}).update(extra)
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one checkpoint atomically to ``path``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    header: dict[str, Any] = {"format": FORMAT, "modules": sorted(modules), **(meta or {})}
+    if optimizer is not None:
+        opt_tensors, header["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
+    for name, gen in (generators or {}).items():
+        tensors[f"rng.{name}"] = gen.get_state()
+    data = st_save(tensors, metadata={"mtml": json.dumps(header)})
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a missing, truncated or foreign file raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    raw = path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        header = _read_header(raw)
+    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({exc}). Delete it to fall back to an earlier "
+            "checkpoint, or start a new run."
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mtml checkpoint (format {header.get('format')!r}).")
+    return Checkpoint(tensors, header)
+
+
+def _read_header(raw: bytes) -> dict[str, Any]:
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    return dict(json.loads(header["__metadata__"]["mtml"]))
+
+
+def restore(
+    ckpt: Checkpoint,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> None:
+    """Load a checkpoint's state into live objects; a mismatch names the module and the keys."""
+    for name, module in modules.items():
+        state = ckpt.module_state(name)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(
+                f"checkpoint does not fit module '{name}': {first}. Was it written by a run with another "
+                "model or task set?"
+            ) from None
+    if optimizer is not None and "optimizer" in ckpt.meta:
+        _restore_optimizer(optimizer, ckpt)
+    for name, gen in (generators or {}).items():
+        key = f"rng.{name}"
+        if key in ckpt.tensors:
+            gen.set_state(ckpt.tensors[key])

@@ -1,0 +1,147 @@
+"""A run directory: resolved config, metrics log, checkpoints, summary and plots.
+
+Layout::
+
+    RUN/
+      config.yaml        resolved configuration (written once)
+      run.json           status: running | completed, mtml version, times
+      metrics.jsonl      append-only log, one JSON record a line
+      checkpoints/       step-00000100.safetensors …, best.safetensors
+      summary.json       per-task test metrics of the restored best model
+      plots/             learning curves (PNG)
+
+Every file except ``metrics.jsonl`` is written atomically; the log is appended and fsynced line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtml.engine.atomic import append_jsonl, atomic_write_text
+from mtml.errors import CheckpointError, RunExistsError
+
+__all__ = ["Run"]
+
+_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+class Run:
+    """Owns one run directory. Use :meth:`create` for a new run and :meth:`open` for an existing one."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- creation ---------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, config: dict[str, Any]) -> Run:
+        """Make a new run directory; an existing non-empty directory raises :class:`RunExistsError`."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunExistsError(
+                f"run directory {path} already exists and is not empty; refusing to overwrite it. Choose "
+                f"another --out, or continue it with --resume {path}."
+            )
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (path / "plots").mkdir(exist_ok=True)
+        run = cls(path)
+        atomic_write_text(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        run.set_status("running", started=time.time())
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing run; raises :class:`CheckpointError` if ``path`` is not a run directory."""
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise CheckpointError(f"{path} is not an mtml run directory (no config.yaml). Give the folder that "
+                                  "`mtml train` created.")
+        return cls(path)
+
+    # -- files ------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plot_dir(self) -> Path:
+        d = self.path / "plots"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def config(self) -> dict[str, Any]:
+        try:
+            data = yaml.safe_load((self.path / "config.yaml").read_text())
+        except yaml.YAMLError as exc:
+            raise CheckpointError(f"{self.path / 'config.yaml'} is not valid YAML: {exc}") from None
+        return dict(data or {})
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.path / "run.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        from mtml import __version__
+
+        info = {**self.status(), "status": status, "mtml_version": __version__, **extra}
+        atomic_write_text(self.path / "run.json", json.dumps(info, indent=2))
+
+    def log(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path / "metrics.jsonl", record)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Records of ``metrics.jsonl``; a torn last line (from a crash) is skipped."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
+    def summary(self) -> dict[str, Any]:
+        path = self.path / "summary.json"
+        if not path.exists():
+            raise CheckpointError(f"{self.path} has no summary.json: the run has not finished. Resume it with "
+                                  f"`mtml train --resume {self.path}`.")
+        return dict(json.loads(path.read_text()))
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step-{step:08d}.safetensors"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "best.safetensors"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every step checkpoint, oldest first."""
+        found = []
+        if self.checkpoint_dir.is_dir():
+            for p in self.checkpoint_dir.iterdir():
+                m = _STEP_FILE.match(p.name)
+                if m:
+                    found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` step checkpoints (``best`` is never deleted)."""
+        for _, path in self.checkpoints()[:-keep] if keep > 0 else []:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,72 @@
+"""Learning curves from a run's ``metrics.jsonl``, saved as PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+__all__ = ["plot_learning_curves"]
+
+
+def _curves(records: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """Per-task train-loss and validation-loss curves; later records for a step win (resumed runs)."""
+    train: dict[str, dict[int, float]] = {}
+    val: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get("kind") == "train":
+            for task, loss in (r.get("task_losses") or {}).items():
+                train.setdefault(task, {})[r["step"]] = loss
+        elif r.get("kind") == "val":
+            for task, m in (r.get("tasks") or {}).items():
+                if "loss" in m:
+                    val.setdefault(task, {})[r["step"]] = m["loss"]
+    return train, val
+
+
+def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path, *, max_panels: int = 12) -> list[Path]:
+    """Write ``learning_curves.png`` (one panel per task, or an overlay with the mean when there are more than
+    ``max_panels`` tasks). Returns the written paths."""
+    train, val = _curves(records)
+    tasks = list(dict.fromkeys([*train, *val]))
+    if not tasks:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "learning_curves.png"
+    if len(tasks) <= max_panels:
+        cols = min(3, len(tasks))
+        rows = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks, strict=False):
+            _panel(ax, task, train.get(task, {}), val.get(task, {}))
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.axis("off")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for task in tasks:
+            c = val.get(task, {})
+            ax.plot(list(c), list(c.values()), color="tab:blue", alpha=0.12, lw=0.8)
+        steps = sorted({s for c in val.values() for s in c})
+        mean = [sum(val[t][s] for t in val if s in val[t]) / sum(1 for t in val if s in val[t]) for s in steps]
+        ax.plot(steps, mean, color="black", lw=2, label=f"mean of {len(val)} tasks")
+        ax.set(title="validation loss per task", xlabel="step", ylabel="loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _panel(ax: Any, task: str, train: dict[int, float], val: dict[int, float]) -> None:
+    if train:
+        ax.plot(list(train), list(train.values()), label="train", color="tab:blue", alpha=0.7)
+    if val:
+        ax.plot(list(val), list(val.values()), label="val", color="tab:orange", marker="o", ms=3)
+    ax.set(title=task, xlabel="step", ylabel="loss")
+    ax.legend(fontsize=8)

@@ -29,7 +29,7 @@ def train(
     from mtml.config import load_config
     from mtml.experiment import resume_run
     from mtml.experiment import train as train_config
-    from mtml.report import RichProgress, metrics_table
+    from mtml.report import RichProgress
 
     progress = None if quiet else RichProgress("train", console=console)
     if resume is not None:
@@ -41,22 +41,42 @@ def train(
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
         cfg = load_config(config, set_ or [])
         run, result = train_config(cfg, out, progress=progress)
-    console.print(metrics_table(result.test or result.val, title=f"test metrics (best step {result.fit.best_step})"))
+    _print_scores(result.test or result.val, f"test metrics (best step {result.fit.best_step})")
     console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
+
+
+def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
+    from mtml.report import meta_table, metrics_table
+
+    meta = {k: v for k, v in scores.items() if any("@" in m for m in v)}
+    for name, values in meta.items():
+        console.print(meta_table(values, title=f"{name}: meta-test over {int(values.get('num_tasks', 0))} held-out "
+                                 "tasks (mean ± 95% CI)"))
+    rest = {k: v for k, v in scores.items() if k not in meta}
+    if rest:
+        console.print(metrics_table(rest, title=title))
 
 
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="run directory written by `mtml train`")],
-    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    split: Annotated[str, typer.Option(help="train, val or test (joint runs)")] = "test",
+    tasks: Annotated[int | None, typer.Option(help="meta-test tasks (meta-learning runs; default 600)")] = None,
+    shots: Annotated[int | None, typer.Option(help="support examples per task/class (meta-learning runs)")] = None,
+    steps: Annotated[int | None, typer.Option(help="inner steps at test time (meta-learning runs)")] = None,
 ) -> None:
-    """Evaluate a run's best checkpoint on one split."""
+    """Evaluate a run's best checkpoint: per-task metrics, or the meta-test protocol with 95% CIs."""
     from mtml.experiment import evaluate_run
-    from mtml.report import metrics_table
 
     if split not in ("train", "val", "test"):
         raise MtmlError(f"--split must be train, val or test. Got {split!r}.")
-    console.print(metrics_table(evaluate_run(run, split), title=f"{run} — {split}"))
+    for name, value in (("--tasks", tasks), ("--shots", shots)):
+        if value is not None and value < 1:
+            raise MtmlError(f"{name} must be >= 1. Got {value}.")
+    if steps is not None and steps < 0:
+        raise MtmlError(f"--steps must be >= 0. Got {steps}.")
+    scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
+    _print_scores(scores, f"{run} — {split}")
 
 
 @app.command("list")
@@ -64,12 +84,16 @@ def list_() -> None:
     """List registered datasets, models and weightings."""
     from rich.table import Table
 
-    from mtml.datasets import DATASETS
+    from mtml.datasets import DATASETS, FAMILIES
+    from mtml.meta import ALGORITHMS
     from mtml.weighting import WEIGHTINGS
 
     models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
               "mlp-separate": "model.share_trunk: false — one trunk per task (single-task baseline)"}
-    for title, items in (("datasets", DATASETS.describe()), ("models", models), ("weightings", WEIGHTINGS.describe())):
+    algorithms = {"joint": "joint multi-task training, Σ w_i·L_i (weighting below)", **ALGORITHMS.describe()}
+    sections = (("datasets (multi-task)", DATASETS.describe()), ("task families (meta-learning)", FAMILIES.describe()),
+                ("models", models), ("algorithms", algorithms), ("weightings", WEIGHTINGS.describe()))
+    for title, items in sections:
         table = Table(title=title, title_justify="left")
         table.add_column("name", style="bold")
         table.add_column("description")

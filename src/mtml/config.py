@@ -51,8 +51,11 @@ class WeightingConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    algorithm: Literal["joint"] = "joint"
-    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    algorithm: str = Field("joint", description="joint (multi-task) or a meta-learning algorithm from `mtml list`")
+    algorithm_options: dict[str, Any] = Field(default_factory=dict, description="options of a meta algorithm")
+    meta_val_tasks: int = Field(200, gt=0, description="held-out tasks per meta-validation")
+    meta_test_tasks: int = Field(600, gt=0, description="held-out tasks of the final meta-test")
+    weighting: WeightingConfig = Field(default_factory=lambda: WeightingConfig())
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -74,9 +77,10 @@ class Config(_Strict):
     name: str = "run"
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
@@ -91,21 +95,45 @@ class Config(_Strict):
         cfg.check_names()
         return cfg
 
+    @property
+    def is_meta(self) -> bool:
+        """True when ``training.algorithm`` is a meta-learning algorithm (not joint training)."""
+        return self.training.algorithm != "joint"
+
     def check_names(self) -> None:
-        """Check registry names (dataset, weighting) and their options against what is registered."""
-        from mtml.datasets import DATASETS
-        from mtml.registry import check_options
+        """Check registry names (dataset, algorithm, weighting) and their options against what is registered."""
+        from mtml.datasets import DATASETS, FAMILIES
+        from mtml.meta import ALGORITHMS
+        from mtml.registry import Registry, check_options
         from mtml.weighting import WEIGHTINGS
 
-        for path, registry, name, options in (
-            ("data.dataset", DATASETS, self.data.dataset, self.data.options),
-            ("training.weighting.name", WEIGHTINGS, self.training.weighting.name, self.training.weighting.options),
-        ):
+        t = self.training
+        if t.algorithm != "joint" and t.algorithm not in ALGORITHMS:
+            near = difflib.get_close_matches(t.algorithm, ["joint", *ALGORITHMS.names()], n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"training.algorithm: unknown algorithm '{t.algorithm}'.{hint} Valid: joint, "
+                              f"{', '.join(ALGORITHMS.names())}.")
+        data_registry: Registry[Any] = FAMILIES if self.is_meta else DATASETS
+        other: Registry[Any] = DATASETS if self.is_meta else FAMILIES
+        if self.data.dataset in other and self.data.dataset not in data_registry:
+            use = "a meta-learning algorithm" if not self.is_meta else "training.algorithm: joint"
+            raise ConfigError(f"data.dataset: '{self.data.dataset}' is a {other.kind}, which needs {use}; with "
+                              f"training.algorithm '{t.algorithm}' use one of {', '.join(data_registry.names())}.")
+        checks: list[tuple[str, Registry[Any], str, dict[str, Any]]] = [
+            ("data.dataset", data_registry, self.data.dataset, self.data.options),
+            ("training.weighting.name", WEIGHTINGS, t.weighting.name, t.weighting.options),
+        ]
+        if self.is_meta:
+            checks.append(("training.algorithm", ALGORITHMS, t.algorithm, t.algorithm_options))
+        for path, registry, name, options in checks:
             try:
                 factory = registry.get(name)
             except ConfigError as exc:
                 raise type(exc)(f"{path}: {exc}") from None
-            check_options(factory, options, where=path.rsplit(".", 1)[0] + ".options")
+            where = path.rsplit(".", 1)[0] + ".options"
+            if path == "training.algorithm":
+                where = "training.algorithm_options"
+            check_options(factory, options, where=where)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

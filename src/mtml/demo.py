@@ -38,7 +38,7 @@ def compare(config: Config, out: Path, console: Console | None = None) -> tuple[
 
 
 def _rows(mt: TrainResult, st: TrainResult, tasks: dict[str, Any]) -> list[tuple[str, str, float, float, bool]]:
-    rows = []
+    rows: list[tuple[str, str, float, float, bool]] = []
     for task in mt.test:
         for metric in ("accuracy", "macro_f1", "mse", "r2"):
             if metric in mt.test[task]:

@@ -26,6 +26,7 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.errors import ConfigError
+from mtml.experiment_meta import build_meta, evaluate_meta, fit_meta
 from mtml.nn import MultiTaskModel, build_multitask_model
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
@@ -84,42 +85,82 @@ def _fit(exp: Experiment, run: Run, *, resume: bool, progress: ProgressHook | No
     weighting = WEIGHTINGS.create(t.weighting.name, [task.name for task in exp.tasks],
                                   where="training.weighting.options", **t.weighting.options)
     stop = StopRule(max_steps=t.max_steps, eval_every=t.eval_every, patience=t.patience, min_delta=t.min_delta)
-    result = train_multitask(
+    return train_multitask(
         exp.model, exp.tasks, weighting=weighting, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, stop=stop, seed=exp.config.seed, device=resolve_device(exp.config.device),
-        run=run, resume=resume, progress=progress,
+        run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
     )
-    summary = {"name": exp.config.name, "dataset": exp.config.data.dataset, **result.summary(),
-               "parameters": sum(p.numel() for p in exp.model.parameters()),
-               "tasks": {task.name: {"kind": task.kind.value, "primary_metric": task.primary_metric}
-                         for task in exp.tasks}}
+
+
+def _run(config: Config, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+    """Build, train (or resume), then write summary.json and plots and mark the run completed."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.is_meta:
+        mexp = build_meta(config)
+        fitted, val, test = fit_meta(mexp, run, resume=resume, device=resolve_device(config.device),
+                                     progress=progress)
+        result = TrainResult(fitted, {"meta_val": val}, {config.data.dataset: test})
+        model: torch.nn.Module = mexp.model
+        tasks = {config.data.dataset: {"kind": mexp.source.kind, "algorithm": config.training.algorithm}}
+    else:
+        exp = build(config)
+        result = _fit(exp, run, resume=resume, progress=progress)
+        model = exp.model
+        tasks = {task.name: {"kind": task.kind.value, "primary_metric": task.primary_metric} for task in exp.tasks}
+    summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
+               **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}
     run.write_summary(summary)
     plot_learning_curves(run.records(), run.plot_dir)
     run.set_status("completed", finished=time.time())
     return result
 
 
-def train(config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None) -> tuple[Run, TrainResult]:
+def train(
+    config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None
+) -> tuple[Run, TrainResult]:
     """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`)."""
-    exp = build(config)
+    if not config.is_meta:
+        build(config)  # fail on bad data or model settings before a run directory is made
     run = Run.create(out or default_run_dir(config), config.to_dict())
-    return run, _fit(exp, run, resume=False, progress=progress)
+    return run, _run(config, run, resume=False, progress=progress)
+
+
+def _load_config(run: Run) -> Config:
+    return Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
 
 
 def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tuple[Run, TrainResult]:
     """Continue the run at ``path`` from its latest checkpoint (its own ``config.yaml`` is used)."""
     run = Run.open(path)
-    config = Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
-    exp = build(config)
+    config = _load_config(run)
     run.set_status("running")
-    return run, _fit(exp, run, resume=True, progress=progress)
+    return run, _run(config, run, resume=True, progress=progress)
 
 
-def evaluate_run(path: str | Path, split: str = "test") -> dict[str, dict[str, float]]:
-    """Per-task metrics on ``split`` of the best checkpoint of the run at ``path``."""
+def evaluate_run(
+    path: str | Path, split: str = "test", *, num_tasks: int | None = None, shots: int | None = None,
+    steps: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the best checkpoint of the run at ``path``.
+
+    Joint runs: per-task metrics on ``split``. Meta-learning runs: the meta-test protocol over ``num_tasks``
+    held-out tasks with ``shots`` support examples, after 0, 1 and ``steps`` inner steps (mean and 95% CI).
+    """
     run = Run.open(path)
-    config = Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
-    exp = build(config)
+    config = _load_config(run)
     ckpt = load_checkpoint(run.best_checkpoint)
+    if config.is_meta:
+        mexp = build_meta(config, **({"shots": shots} if shots else {}))
+        restore(ckpt, modules={"model": mexp.model, "algorithm": mexp.algorithm})
+        k = steps if steps is not None else (mexp.algorithm.test_inner_steps if mexp.algorithm.uses_inner_steps else 0)
+        scores = evaluate_meta(mexp, num_tasks=num_tasks or config.training.meta_test_tasks,
+                               steps=sorted({0, 1, k}) if mexp.algorithm.uses_inner_steps else [0],
+                               seed=config.seed + 2, device=resolve_device(config.device))
+        return {config.data.dataset: scores}
+    if shots is not None or steps is not None or num_tasks is not None:
+        raise ConfigError("--tasks, --shots and --steps apply to meta-learning runs; this is a joint run.")
+    exp = build(config)
     restore(ckpt, modules={"model": exp.model})
     return evaluate(exp.model, [t for t in exp.tasks if getattr(t, split) is not None], split)

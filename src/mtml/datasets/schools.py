@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import require, split_indices
+from mtml.datasets._util import make_task, require, split_indices
 from mtml.errors import ConfigError
-from mtml.tasks import Split, Task
+from mtml.tasks import Task
 
 
 def schools(
@@ -31,8 +31,8 @@ def schools(
         if max_schools < 1:
             raise ConfigError(f"`max_schools` must be >= 1. Got {max_schools}.")
         ids = ids[:max_schools]
-    x_all = np.stack([(df["Minority"] == "Yes"), (df["Sex"] == "Female"), df["SES"], df["MEANSES"]], 1)
-    x_all = torch.from_numpy(x_all.astype(np.float32))
+    cols = np.stack([(df["Minority"] == "Yes"), (df["Sex"] == "Female"), df["SES"], df["MEANSES"]], 1)
+    x_all = torch.from_numpy(cols.astype(np.float32))
     y_all = torch.from_numpy(df["MathAch"].to_numpy(np.float32))[:, None]
     school = df["School"].to_numpy()
     gen = torch.Generator().manual_seed(seed)
@@ -44,8 +44,6 @@ def schools(
     train_rows = torch.cat([s[0] for s in splits.values()])
     mx, sx = x_all[train_rows].mean(0), x_all[train_rows].std(0)
     my, sy = y_all[train_rows].mean(0), y_all[train_rows].std(0)
-    x_all, y_all = (x_all - mx) / sx, (y_all - my) / sy
-    return [
-        Task(f"school_{sid}", "regression", *(Split(x_all[r], y_all[r]) for r in splits[sid]))
-        for sid in ids
-    ]
+    x, y = (x_all - mx) / sx, (y_all - my) / sy
+    return [make_task(f"school_{sid}", "regression", [x[r] for r in splits[sid]], [y[r] for r in splits[sid]])
+            for sid in ids]

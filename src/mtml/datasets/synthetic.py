@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mtml.errors import ConfigError
-from mtml.tasks import Split, Task
+from mtml.tasks import Split, Task, TaskKind
 
 
 def synthetic_linear(
@@ -35,5 +35,5 @@ def synthetic_linear(
             y = (x @ shared.T) @ w + noise * torch.randn(n, generator=gen)
             return Split(x, y)
 
-        tasks.append(Task(f"task_{i}", "regression", draw(n_train), draw(n_val), draw(n_test)))
+        tasks.append(Task(f"task_{i}", TaskKind.REGRESSION, draw(n_train), draw(n_val), draw(n_test)))
     return tasks

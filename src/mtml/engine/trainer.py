@@ -36,7 +36,8 @@ def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float = 0
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
     # The fused kernel updates every tensor in one call: ~2x faster steps for models with many small heads.
     fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
-    return _OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 @dataclass
@@ -69,6 +70,8 @@ def train_multitask(
     run: Run | None = None,
     resume: bool = False,
     progress: ProgressHook | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
 ) -> TrainResult:
     """Train ``model`` on every task jointly, minimising ``Σᵢ wᵢ·Lᵢ``; stop early on the mean validation loss.
 
@@ -100,7 +103,7 @@ def train_multitask(
 
     result = fit(modules={"model": model, "weighting": weighting}, optimizer=opt, train_step=step,
                  validate=validate, stop=stop, generators={"sampler": gen}, run=run, resume=resume,
-                 progress=progress)
+                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, progress=progress)
     val = evaluate(model, tasks, "val")
     test = evaluate(model, [t for t in tasks if t.test is not None], "test")
     return TrainResult(result, val, test)

@@ -112,8 +112,9 @@ class MultiTaskModel(nn.Module):
         Gradients flow through ``torch.stack`` back to each head's own parameters, so the result equals
         calling each head on its slice (an oracle test checks this).
         """
-        weight = torch.stack([self.heads[n].weight for n in names])  # [m, out, d]
-        bias = torch.stack([self.heads[n].bias for n in names])  # [m, out]
+        heads = [self.heads[n] for n in names]
+        weight = torch.stack([h.weight for h in heads if isinstance(h, nn.Linear)])  # [m, out, d]
+        bias = torch.stack([h.bias for h in heads if isinstance(h, nn.Linear)])  # [m, out]
         if len(set(sizes)) == 1:
             x = feats.reshape(len(names), sizes[0], -1)
             return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)).reshape(feats.shape[0], -1)

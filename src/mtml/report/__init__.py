@@ -2,6 +2,6 @@
 
 from mtml.report.plots import plot_learning_curves
 from mtml.report.progress import RichProgress
-from mtml.report.tables import comparison_table, metrics_table
+from mtml.report.tables import comparison_table, meta_table, metrics_table
 
-__all__ = ["RichProgress", "comparison_table", "metrics_table", "plot_learning_curves"]
+__all__ = ["RichProgress", "comparison_table", "meta_table", "metrics_table", "plot_learning_curves"]

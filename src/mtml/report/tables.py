@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 
-__all__ = ["comparison_table", "metrics_table"]
+__all__ = ["comparison_table", "meta_table", "metrics_table"]
 
 Metrics = Mapping[str, Mapping[str, float]]
 
@@ -34,10 +34,7 @@ def comparison_table(
     for col in ("task", "metric", labels[0], labels[1], "better"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for task, metric, a, b, higher in rows:
-        if a == b:
-            better = "tie"
-        else:
-            better = labels[0] if (a > b) == higher else labels[1]
+        better = "tie" if a == b else labels[0] if (a > b) == higher else labels[1]
         table.add_row(task, metric, _fmt(a), _fmt(b), better)
     return table
 
@@ -49,3 +46,18 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
+
+
+def meta_table(scores: Mapping[str, float], *, title: str = "") -> Table:
+    """Meta-test scores ``{"loss@S": mean, "loss@S_ci95": half-width, ...}`` as one row per inner-step count."""
+    steps = sorted({int(k.split("@")[1]) for k in scores if "@" in k and not k.endswith("_ci95")})
+    metrics = sorted({k.split("@")[0] for k in scores if "@" in k})
+    table = Table(title=title or f"meta-test over {int(scores.get('num_tasks', 0))} held-out tasks (mean ± 95% CI)")
+    table.add_column("inner steps", justify="right")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for s in steps:
+        cells = [f"{scores[f'{m}@{s}']:.4f} ± {scores.get(f'{m}@{s}_ci95', float('nan')):.4f}"
+                 if f"{m}@{s}" in scores else "—" for m in metrics]
+        table.add_row(str(s), *cells)
+    return table

@@ -25,6 +25,11 @@ class DWA(Weighting):
         period: steps per averaging period.
     """
 
+    running: Tensor
+    count: Tensor
+    history: Tensor
+    current: Tensor
+
     def __init__(self, task_names: Sequence[str], *, temperature: float = 2.0, period: int = 50) -> None:
         super().__init__(task_names)
         if not temperature > 0:

@@ -20,6 +20,8 @@ class Fixed(Weighting):
         default: weight of tasks missing from a mapping.
     """
 
+    fixed: Tensor
+
     def __init__(
         self,
         task_names: Sequence[str],

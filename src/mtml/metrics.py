@@ -39,8 +39,11 @@ def mae(pred: Tensor, y: Tensor) -> float:
 def r2(pred: Tensor, y: Tensor) -> float:
     """Coefficient of determination, averaged over output columns."""
     ss_res = ((y - pred) ** 2).sum(0)
-    ss_tot = ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
-    return float((1 - ss_res / ss_tot).mean())
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    # a constant target column scores 1 if predicted exactly, else 0 (as scikit-learn), not -1e12·ss_res
+    constant = ss_tot == 0
+    score = torch.where(constant, (ss_res == 0).to(ss_res.dtype), 1 - ss_res / ss_tot.masked_fill(constant, 1.0))
+    return float(score.mean())
 
 
 def macro_f1(labels_pred: Tensor, labels_true: Tensor, num_classes: int) -> float:

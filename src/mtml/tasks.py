@@ -133,6 +133,8 @@ class Task:
         if x.ndim < 2:
             raise DataError(f"{where}: x must be [examples, features...], got shape {tuple(x.shape)}; "
                             "reshape a single feature with x.unsqueeze(-1).")
+        if y.ndim == 0:
+            raise DataError(f"{where}: y is a scalar; give one target per row of x (shape [{x.shape[0]}, ...]).")
         if y.shape[0] != x.shape[0]:
             raise DataError(f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}; give one target per row.")
         x = x.float() if not x.is_floating_point() else x

@@ -72,7 +72,8 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         """Output of ``task``'s head for ``x: [batch, *input]`` → ``[batch, outputs]``."""
-        return self.heads[task](self.features(x, task))
+        feats = self.features(x, task)  # checks the task name first (a bare KeyError otherwise)
+        return self.heads[task](feats)
 
     def forward_many(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Outputs for several tasks at once: ``{task: x}`` → ``{task: output}``.

@@ -1,0 +1,103 @@
+"""Registries: unknown names suggest the nearest and list every name; bad options name the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtml.datasets import DATASETS
+from mtml.errors import ConfigError, UnknownNameError
+from mtml.registry import Registry, check_options
+from mtml.weighting import WEIGHTINGS
+
+
+def _square(x: int, *, power: int = 2, offset: int = 0) -> int:
+    """Raise to a power."""
+    return x**power + offset
+
+
+def _anything(**kwargs: int) -> int:
+    return len(kwargs)
+
+
+@pytest.fixture
+def reg() -> Registry[int]:
+    r: Registry[int] = Registry("widget")
+    r.register("square", _square)
+    r.register("anything", _anything, help="takes any option")
+    r.register("squirrel", _square, help="same thing")
+    return r
+
+
+def test_create_and_listing(reg: Registry[int]) -> None:
+    assert reg.create("square", 3) == 9
+    assert reg.create("square", 3, power=3, offset=1) == 28
+    assert reg.names() == ["anything", "square", "squirrel"]
+    assert list(reg) == reg.names() and len(reg) == 3
+    assert "square" in reg and "cube" not in reg
+    assert reg.describe() == {"anything": "takes any option", "square": "Raise to a power.", "squirrel": "same thing"}
+
+
+def test_unknown_name_suggests_nearest_and_lists_names(reg: Registry[int]) -> None:
+    with pytest.raises(UnknownNameError) as info:
+        reg.create("sqaure", 2)
+    msg = str(info.value)
+    assert "unknown widget 'sqaure'" in msg
+    assert "Did you mean 'square'?" in msg
+    assert "anything, square, squirrel" in msg
+    assert not msg.startswith(("'", '"'))  # not quoted like a KeyError
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, KeyError)
+
+
+def test_unknown_name_without_a_near_match(reg: Registry[int]) -> None:
+    with pytest.raises(UnknownNameError) as info:
+        reg.get("zzzzzzzz")
+    assert "Did you mean" not in str(info.value)
+    assert "anything, square, squirrel" in str(info.value)
+
+
+def test_duplicate_registration_is_refused(reg: Registry[int]) -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("square", _square)
+
+
+def test_bad_option_is_config_error_naming_the_option(reg: Registry[int]) -> None:
+    with pytest.raises(ConfigError) as info:
+        reg.create("square", 2, powr=3)
+    msg = str(info.value)
+    assert "unknown option 'powr'" in msg and "Did you mean 'power'?" in msg
+    assert "widget 'square'" in msg and "power" in msg and "offset" in msg
+
+
+def test_where_names_the_config_path(reg: Registry[int]) -> None:
+    with pytest.raises(ConfigError, match=r"^training\.weighting\.options: unknown option 'bogus'"):
+        reg.create("square", 2, where="training.weighting.options", bogus=1)
+
+
+def test_var_keyword_factories_accept_anything(reg: Registry[int]) -> None:
+    assert reg.create("anything", a=1, b=2) == 2
+
+
+def test_check_options_with_no_parameters() -> None:
+    def nothing() -> None:
+        return None
+
+    with pytest.raises(ConfigError, match=r"Allowed options: \(none\)"):
+        check_options(nothing, {"x": 1}, where="here")
+
+
+@pytest.mark.parametrize(("registry", "typo", "expected"), [
+    (WEIGHTINGS, "uncertainity", "uncertainty"), (WEIGHTINGS, "equall", "equal"),
+    (DATASETS, "pengiuns", "penguins"), (DATASETS, "school", "schools"),
+])
+def test_builtin_registries_suggest(registry: Registry[object], typo: str, expected: str) -> None:
+    with pytest.raises(UnknownNameError) as info:
+        registry.get(typo)
+    assert f"Did you mean '{expected}'?" in str(info.value)
+    assert ", ".join(registry.names()) in str(info.value)
+
+
+def test_builtin_option_error() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option 'temprature'.*Did you mean 'temperature'"):
+        WEIGHTINGS.create("dwa", ["a", "b"], temprature=1.0)
+    with pytest.raises(ConfigError, match=r"unknown option 'num_task'.*Did you mean 'num_tasks'"):
+        DATASETS.create("synthetic", num_task=2)

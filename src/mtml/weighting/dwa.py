@@ -45,9 +45,10 @@ class DWA(Weighting):
         self.register_buffer("current", torch.ones(m))
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
+        weights = self.current.to(losses).clone()  # from finished periods only: this step's loss counts next
         if self.training:
             self._observe(losses.detach())
-        return self.current.to(losses).clone()
+        return weights
 
     def _observe(self, losses: Tensor) -> None:
         self.running += losses.to(self.running)

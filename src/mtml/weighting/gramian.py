@@ -17,8 +17,14 @@ def task_gramian(losses: Tensor, params: Sequence[torch.Tensor]) -> Tensor:
     weighted backward that follows. Parameters a loss does not reach contribute zero.
     """
     m = losses.shape[0]
+    params = list(params)
+    if not params:  # e.g. no shared parameters (one trunk per task): no gradient to share
+        return torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(losses, list(params), grad_outputs=eye, is_grads_batched=True,
+    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True,
                                 retain_graph=True, allow_unused=True)
-    jac = torch.cat([g.reshape(m, -1) for g in grads if g is not None], dim=1)
+    reached = [g.reshape(m, -1) for g in grads if g is not None]
+    if not reached:
+        return torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
+    jac = torch.cat(reached, dim=1)
     return jac @ jac.T

@@ -33,7 +33,7 @@ class ModelConfig(_Strict):
     trunk_hidden: list[int] = Field(default_factory=lambda: [64, 64], description="shared MLP widths")
     head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
     stem_width: int | None = Field(None, gt=0, description="per-task input stem width (auto when widths differ)")
-    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    activation: Literal["relu", "gelu", "tanh", "silu", "linear"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     share_trunk: bool = Field(True, description="false trains one trunk per task: the single-task baseline")
 

@@ -7,6 +7,17 @@ import torch
 from mtml.errors import ConfigError
 from mtml.tasks import Split, Task, TaskKind
 
+__all__ = ["shared_projection", "synthetic_linear"]
+
+
+def _projection(gen: torch.Generator, latent_dim: int, in_dim: int) -> torch.Tensor:
+    return torch.randn(latent_dim, in_dim, generator=gen) / in_dim**0.5
+
+
+def shared_projection(*, in_dim: int = 100, latent_dim: int = 10, seed: int = 0) -> torch.Tensor:
+    """The true shared map ``A: [latent_dim, in_dim]`` behind :func:`synthetic_linear` with the same arguments."""
+    return _projection(torch.Generator().manual_seed(seed), latent_dim, in_dim)
+
 
 def synthetic_linear(
     *, num_tasks: int = 8, in_dim: int = 100, latent_dim: int = 10, n_train: int = 40, n_val: int = 100,
@@ -25,7 +36,7 @@ def synthetic_linear(
     if not noise >= 0:
         raise ConfigError(f"`noise` must be >= 0. Got {noise}.")
     gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(latent_dim, in_dim, generator=gen) / in_dim**0.5
+    shared = _projection(gen, latent_dim, in_dim)
     tasks = []
     for i in range(num_tasks):
         w = torch.randn(latent_dim, generator=gen)

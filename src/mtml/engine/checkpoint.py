@@ -107,7 +107,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def _read_header(raw: bytes) -> dict[str, Any]:
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
-    return dict(json.loads(header["__metadata__"]["mtml"]))
+    meta = json.loads(header["__metadata__"]["mtml"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"its mtml metadata is a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def restore(

@@ -12,7 +12,9 @@ from mtml.tasks import Task
 
 __all__ = ["build_multitask_model", "mlp"]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "linear": nn.Identity,
+}
 
 
 def mlp(

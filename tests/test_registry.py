@@ -101,3 +101,21 @@ def test_builtin_option_error() -> None:
         WEIGHTINGS.create("dwa", ["a", "b"], temprature=1.0)
     with pytest.raises(ConfigError, match=r"unknown option 'num_task'.*Did you mean 'num_tasks'"):
         DATASETS.create("synthetic", num_task=2)
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_task_names_are_not_an_option(name: str) -> None:
+    """The task list is passed by mtml, positionally; as an option it would be a TypeError at build time."""
+    with pytest.raises(ConfigError) as info:
+        WEIGHTINGS.create(name, ["a", "b"], task_names=["c"])
+    assert "unknown option 'task_names'" in str(info.value)
+    assert "task_names," not in str(info.value).split("Allowed options:")[1]
+
+
+def test_positional_only_parameters_are_not_options() -> None:
+    def f(a: int, /, b: int = 0) -> int:
+        return a + b
+
+    with pytest.raises(ConfigError, match=r"unknown option 'a'\. Allowed options: b\."):
+        check_options(f, {"a": 1}, where="w")
+    check_options(f, {"b": 1}, where="w")

@@ -28,7 +28,9 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    allowed = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    # positional-only parameters are filled by the caller (a weighting's task names), never by options
+    skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY)
+    allowed = [n for n, p in params.items() if p.kind not in skip]
     for key in options:
         if key not in allowed:
             near = difflib.get_close_matches(key, allowed, n=1)
@@ -44,7 +46,7 @@ class Registry(Generic[T]):
 
         WEIGHTINGS = Registry("weighting")
         WEIGHTINGS.register("equal", Equal, help="Σ L_i")
-        WEIGHTINGS.create("equal", task_names=["a", "b"])
+        WEIGHTINGS.create("equal", ["a", "b"])
     """
 
     def __init__(self, kind: str) -> None:

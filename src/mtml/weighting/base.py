@@ -28,7 +28,7 @@ class Weighting(nn.Module):
 
     needs_gramian: ClassVar[bool] = False
 
-    def __init__(self, task_names: Sequence[str]) -> None:
+    def __init__(self, task_names: Sequence[str], /) -> None:
         super().__init__()
         if len(task_names) == 0:
             raise ConfigError("a weighting needs at least one task.")

@@ -30,7 +30,7 @@ class DWA(Weighting):
     history: Tensor
     current: Tensor
 
-    def __init__(self, task_names: Sequence[str], *, temperature: float = 2.0, period: int = 50) -> None:
+    def __init__(self, task_names: Sequence[str], /, *, temperature: float = 2.0, period: int = 50) -> None:
         super().__init__(task_names)
         if not temperature > 0:
             raise ConfigError(f"dwa: temperature must be > 0. Got {temperature}.")

@@ -25,6 +25,7 @@ class Fixed(Weighting):
     def __init__(
         self,
         task_names: Sequence[str],
+        /,
         *,
         weights: Mapping[str, float] | Sequence[float] | None = None,
         default: float = 1.0,

@@ -24,7 +24,7 @@ class Uncertainty(Weighting):
         init_log_var: initial ``sᵢ`` for every task.
     """
 
-    def __init__(self, task_names: Sequence[str], *, init_log_var: float = 0.0) -> None:
+    def __init__(self, task_names: Sequence[str], /, *, init_log_var: float = 0.0) -> None:
         super().__init__(task_names)
         self.log_var = nn.Parameter(torch.full((self.num_tasks,), float(init_log_var)))
 

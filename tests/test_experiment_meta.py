@@ -57,9 +57,9 @@ def test_meta_run_resumes_and_evaluates(tmp_path: Path) -> None:
 def test_family_and_algorithm_mismatch_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="task family, which needs a meta-learning algorithm"):
         Config.from_dict({"data": {"dataset": "sinusoid"}})
-    with pytest.raises(ConfigError, match="training.algorithm: unknown algorithm 'mamll'. Did you mean 'maml'"):
+    with pytest.raises(ConfigError, match=r"training\.algorithm: unknown algorithm .mamll.\. Did you mean .maml."):
         Config.from_dict({"data": {"dataset": "sinusoid"}, "training": {"algorithm": "mamll"}})
-    with pytest.raises(ConfigError, match="training.algorithm_options: unknown option 'inner_rate'"):
+    with pytest.raises(ConfigError, match=r"training\.algorithm_options: unknown option .inner_rate."):
         Config.from_dict({"data": {"dataset": "sinusoid"}, "training": {"algorithm": "maml",
                                                                           "algorithm_options": {"inner_rate": 1}}})
 

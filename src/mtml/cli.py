@@ -50,8 +50,9 @@ def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
 
     meta = {k: v for k, v in scores.items() if any("@" in m for m in v)}
     for name, values in meta.items():
-        console.print(meta_table(values, title=f"{name}: meta-test over {int(values.get('num_tasks', 0))} held-out "
-                                 "tasks (mean ± 95% CI)"))
+        console.print(f"[bold]{name}[/]: meta-test over {int(values.get('num_tasks', 0))} held-out tasks "
+                      "(mean ± 95% CI)")
+        console.print(meta_table(values))
     rest = {k: v for k, v in scores.items() if k not in meta}
     if rest:
         console.print(metrics_table(rest, title=title))

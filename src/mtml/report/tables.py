@@ -48,11 +48,11 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-def meta_table(scores: Mapping[str, float], *, title: str = "") -> Table:
+def meta_table(scores: Mapping[str, float], *, title: str | None = None) -> Table:
     """Meta-test scores ``{"loss@S": mean, "loss@S_ci95": half-width, ...}`` as one row per inner-step count."""
     steps = sorted({int(k.split("@")[1]) for k in scores if "@" in k and not k.endswith("_ci95")})
     metrics = sorted({k.split("@")[0] for k in scores if "@" in k})
-    table = Table(title=title or f"meta-test over {int(scores.get('num_tasks', 0))} held-out tasks (mean ± 95% CI)")
+    table = Table(title=title)
     table.add_column("inner steps", justify="right")
     for m in metrics:
         table.add_column(m, justify="right")

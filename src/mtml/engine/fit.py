@@ -7,7 +7,6 @@ users with their own loop can call the step functions directly instead.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -159,8 +158,7 @@ def _validate(
 
 
 def _snapshot(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: copy.deepcopy({k: v.detach().clone() for k, v in m.state_dict().items()})
-            for n, m in modules.items()}
+    return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
 
 
 def _load_snapshot(modules: Mapping[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:

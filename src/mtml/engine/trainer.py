@@ -80,7 +80,6 @@ def train_multitask(
     """
     stop = stop or StopRule()
     _check_tasks(model, tasks)
-    torch.manual_seed(seed)  # only for modules built lazily below; sampling uses its own generator
     tasks = [t.to(device) for t in tasks]
     model.to(device)
     names = [t.name for t in tasks]

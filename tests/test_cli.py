@@ -1,0 +1,202 @@
+"""End-to-end runs of the ``mtml`` command line in a subprocess, into temporary directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtml.datasets import DATASETS
+from mtml.weighting import WEIGHTINGS
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+SMALL = {
+    "name": "cli-test",
+    "seed": 0,
+    "data": {"dataset": "synthetic", "options": {"num_tasks": 3, "in_dim": 8, "latent_dim": 2, "n_train": 20,
+                                                 "n_val": 20, "n_test": 20}},
+    "model": {"trunk_hidden": [6]},
+    "training": {"weighting": "uncertainty", "lr": 0.01, "batch_size": 10, "max_steps": 30, "eval_every": 10,
+                 "patience": 0},
+}
+
+
+def mtml(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mtml", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def start(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "mtml", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str] | tuple[int, str, str], *needles: str) -> str:
+    code, out, err = (proc.returncode, proc.stdout, proc.stderr) if not isinstance(proc, tuple) else proc
+    assert code != 0, (out, err)
+    assert "Traceback" not in out + err, err
+    assert err.strip(), "the reason goes to stderr"
+    assert len(err.strip().splitlines()) <= 8, err
+    flat = " ".join(err.split())  # the terminal may wrap long messages at spaces
+    for needle in needles:
+        assert " ".join(needle.split()) in flat, (needle, err)
+    return err
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished run of the small synthetic config (shared by the tests that read a run)."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = write_config(root / "small.yaml", SMALL)
+    out = root / "run"
+    proc = mtml("train", cfg, "--out", out, "--quiet", "--set", "training.max_steps=40", "--set", "seed=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "test metrics" in proc.stdout and str(out) in proc.stdout.replace("\n", "")
+    return out
+
+
+def test_list_shows_every_registered_name() -> None:
+    proc = mtml("list")
+    assert proc.returncode == 0, proc.stderr
+    for name in [*DATASETS.names(), *WEIGHTINGS.names()]:
+        assert name in proc.stdout
+
+
+def test_train_writes_a_complete_run_directory(trained: Path) -> None:
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "plots/learning_curves.png",
+                 "checkpoints/best.safetensors"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "checkpoints").glob("step-*.safetensors"))
+    assert (trained / "plots/learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["training"]["max_steps"] == 40 and config["seed"] == 1  # --set applied and recorded
+    assert config["training"]["weighting"]["name"] == "uncertainty"
+    assert json.loads((trained / "run.json").read_text())["status"] == "completed"
+    summary = json.loads((trained / "summary.json").read_text())
+    assert set(summary["test"]) == {"task_0", "task_1", "task_2"} and summary["steps"] == 40
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val", "done"} <= {r["kind"] for r in records}
+    assert not [p for p in trained.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_eval_reproduces_the_summary(trained: Path) -> None:
+    proc = mtml("eval", trained)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((trained / "summary.json").read_text())
+    for task, metrics in summary["test"].items():
+        assert task in proc.stdout
+        assert f"{metrics['mse']:.4f}" in proc.stdout
+
+
+def test_training_into_an_existing_run_fails_and_changes_nothing(trained: Path, tmp_path: Path) -> None:
+    before = snapshot(trained)
+    cfg = write_config(tmp_path / "c.yaml", SMALL)
+    assert_clean_failure(mtml("train", cfg, "--out", trained, "--quiet"), "already exists", str(trained))
+    assert snapshot(trained) == before
+
+
+def test_bad_input_fails_cleanly(trained: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", SMALL)
+    typo = write_config(tmp_path / "typo.yaml", {**SMALL, "training": {**SMALL["training"], "lrr": 0.1}})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [1,\n")
+    resumable = tmp_path / "resumable"
+    shutil.copytree(trained, resumable)
+    latest = sorted((resumable / "checkpoints").glob("step-*.safetensors"))[-1]
+    latest.write_bytes(latest.read_bytes()[:100])
+    q = "--quiet"
+    cases = {
+        "typo": (["train", typo, "--out", tmp_path / "o1", q], ["training.lrr", "Did you mean 'lr'?"]),
+        "type": (["train", cfg, "--out", tmp_path / "o2", q, "--set", "training.lr=fast"], ["training.lr", "fast"]),
+        "range": (["train", cfg, "--out", tmp_path / "o3", q, "--set", "model.dropout=1.5"], ["model.dropout"]),
+        "dataset": (["train", cfg, "--out", tmp_path / "o4", q, "--set", "data.dataset=pengiuns"],
+                    ["data.dataset", "Did you mean 'penguins'?"]),
+        "weighting": (["train", cfg, "--out", tmp_path / "o5", q, "--set", "training.weighting=uncertainity"],
+                      ["training.weighting.name", "Did you mean 'uncertainty'?"]),
+        # infinite noise makes the generated targets non-finite: the Task check must catch it
+        "nan": (["train", cfg, "--out", tmp_path / "o6", q, "--set", "data.options.noise=.inf"],
+                ["task_0", "NaN/inf", "row"]),
+        "yaml": (["train", broken, "--out", tmp_path / "o7", q], [str(broken), "not valid YAML"]),
+        "missing": (["train", tmp_path / "nope.yaml", q], ["does not exist"]),
+        "set": (["train", cfg, "--out", tmp_path / "o8", q, "--set", "training.lr"], ["KEY=VALUE"]),
+        "truncated": (["train", "--resume", resumable, q], [latest.name, "corrupt or truncated"]),
+        "not a run": (["eval", tmp_path], ["not an mtml run directory"]),
+        "no config": (["train", q], ["CONFIG"]),
+        "resume with config": (["train", cfg, "--resume", trained, q], ["--resume"]),
+        "bad split": (["eval", trained, "--split", "bogus"], ["--split"]),
+    }
+    procs = {}
+    pending = list(cases)
+    while pending or procs:  # two at a time: one per core
+        while pending and len(procs) < 2:
+            name = pending.pop(0)
+            procs[name] = start(*cases[name][0])
+        name = next(iter(procs))
+        proc = procs.pop(name)
+        out, err = proc.communicate(timeout=120)
+        assert_clean_failure((proc.returncode, out, err), *cases[name][1])
+    for i in range(1, 9):  # a failed start leaves no run directory behind
+        assert not (tmp_path / f"o{i}").exists(), i
+
+
+def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
+    data = {**SMALL, "data": {**SMALL["data"], "options": {**SMALL["data"]["options"], "num_tasks": 8}},
+            "training": {**SMALL["training"], "max_steps": 1000, "eval_every": 50, "checkpoint_every": 10,
+                         "keep_checkpoints": 2}}
+    cfg = write_config(tmp_path / "long.yaml", data)
+    out = tmp_path / "run"
+    proc = start("train", cfg, "--out", out, "--quiet")
+    deadline = time.monotonic() + 60
+    try:
+        while not list((out / "checkpoints").glob("step-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+
+    resumed = mtml("train", "--resume", out, "--quiet", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1000 or summary["stopped_early"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 10
+    assert records[-1]["kind"] == "done"
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert len(list((out / "checkpoints").glob("step-*.safetensors"))) <= 2
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = mtml("demo", "--quick", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    for dataset in ("penguins", "schools"):
+        for label in ("multitask", "singletask"):
+            run = out / dataset / label
+            assert (run / "summary.json").is_file() and (run / "plots/learning_curves.png").is_file(), run
+        assert dataset in proc.stdout
+    assert "multi-task" in proc.stdout and "single-task" in proc.stdout

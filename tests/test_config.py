@@ -194,3 +194,7 @@ def test_shipped_configs_validate(name: str) -> None:
     text = resources.files("mtml").joinpath("configs", f"{name}.yaml").read_text()
     cfg = Config.from_dict(yaml.safe_load(text))
     assert cfg.data.dataset == name
+
+
+def test_missing_required_dataset_options() -> None:
+    assert _error({"data": {"dataset": "table"}}).startswith("data.options: missing required options 'path'")

@@ -119,3 +119,16 @@ def test_positional_only_parameters_are_not_options() -> None:
     with pytest.raises(ConfigError, match=r"unknown option 'a'\. Allowed options: b\."):
         check_options(f, {"a": 1}, where="w")
     check_options(f, {"b": 1}, where="w")
+
+
+def test_missing_required_keyword_only_options() -> None:
+    def needs(x: int, *, path: str, mode: str, level: int = 0) -> str:
+        return f"{x}{path}{mode}{level}"
+
+    r: Registry[str] = Registry("thing")
+    r.register("needs", needs)
+    with pytest.raises(ConfigError, match=r"^here: missing required options 'path', 'mode'\.$"):
+        r.create("needs", 1, where="here")
+    with pytest.raises(ConfigError, match=r"missing required option 'mode'\.$"):
+        r.create("needs", 1, path="p")
+    assert r.create("needs", 1, path="p", mode="m") == "1pm0"

@@ -20,7 +20,8 @@ __all__ = ["Registry", "check_options"]
 
 
 def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where: str) -> None:
-    """Raise :class:`ConfigError` if ``options`` holds a keyword ``factory`` does not accept.
+    """Raise :class:`ConfigError` if ``options`` holds a keyword ``factory`` does not accept, or lacks a required
+    keyword-only one.
 
     ``where`` names the config path for the message (for example ``training.weighting``).
     """
@@ -37,6 +38,11 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where
             hint = f" Did you mean '{near[0]}'?" if near else ""
             shown = ", ".join(allowed) if allowed else "(none)"
             raise ConfigError(f"{where}: unknown option '{key}'. Allowed options: {shown}.{hint}")
+    required = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                and p.default is inspect.Parameter.empty and n not in options]
+    if required:  # otherwise a TypeError (and a traceback) when the factory is called
+        raise ConfigError(f"{where}: missing required option{'s' if len(required) > 1 else ''} "
+                          f"{', '.join(repr(n) for n in required)}.")
 
 
 class Registry(Generic[T]):

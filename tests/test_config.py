@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtml.config import Config, load_config, parse_overrides
+from mtml.config import Config, apply_overrides, load_config, parse_overrides
 from mtml.datasets import DATASETS
 from mtml.errors import ConfigError
 from mtml.weighting import WEIGHTINGS
@@ -121,29 +121,31 @@ def test_weighting_shorthand() -> None:
     assert cfg.training.weighting.options == {"weights": [1, 2]}
 
 
-def test_parse_overrides() -> None:
-    out = parse_overrides([
+def test_apply_overrides() -> None:
+    base = {"training": {"lr": 0.1, "algorithm_options": {"inner_lr": 0.5, "inner_steps": 2}}, "seed": 1}
+    out = apply_overrides(base, [
         "training.lr=0.01", "model.trunk_hidden=[32, 16]", "model.share_trunk=false", "name=my run",
         "training.weighting.options.weights={a: 1, b: 2}", "data.options.n=null", "seed=7", "device=cuda:0",
-        "training.weighting=dwa", "note=a=b",
+        "note=a=b", "training.algorithm_options={}",
     ])
     assert out == {
-        "training": {"lr": 0.01, "weighting": "dwa"},
+        "training": {"lr": 0.01, "algorithm_options": {}, "weighting": {"options": {"weights": {"a": 1, "b": 2}}}},
         "model": {"trunk_hidden": [32, 16], "share_trunk": False},
         "name": "my run", "data": {"options": {"n": None}}, "seed": 7, "device": "cuda:0", "note": "a=b",
     }
-    assert parse_overrides(["x=[1,"]) == {"x": "[1,"}  # not YAML: kept as the string
+    assert base["training"]["lr"] == 0.1  # the input is not modified
+    assert parse_overrides(["x=[1,"]) == [(["x"], "[1,")]  # not YAML: kept as the string
 
 
-@pytest.mark.parametrize("pair", ["training.lr", "=3", " =3", ""])
+@pytest.mark.parametrize("pair", ["training.lr", "=3", " =3", "", "training..lr=1"])
 def test_malformed_override(pair: str) -> None:
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides([pair])
 
 
 def test_override_uses_a_value_as_a_section() -> None:
-    with pytest.raises(ConfigError, match="'seed' is set to a value and used as a section"):
-        parse_overrides(["seed=1", "seed.x=2"])
+    with pytest.raises(ConfigError, match="'seed' holds a value, not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -7,6 +7,7 @@ Every error names the key path (``training.lr``), what is wrong and what is allo
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtml.errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingConfig", "load_config",
-           "parse_overrides"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingConfig", "apply_overrides",
+           "load_config", "parse_overrides"]
 
 
 class _Strict(BaseModel):
@@ -162,35 +163,38 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["training.lr=0.01", "model.trunk_hidden=[32,32]"]`` → a nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """``["training.lr=0.01", "model.trunk_hidden=[32,32]"]`` → ``[(["training", "lr"], 0.01), ...]``.
+
+    Values are parsed as YAML (numbers, lists, mappings, ``null``); a value that is not valid YAML stays a string.
+    """
+    out: list[tuple[list[str], Any]] = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example --set training.lr=0.01.")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: '{part}' is set to a value and used as a section.")
-        node[parts[-1]] = value
+        out.append((parts, value))
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``KEY=VALUE`` of ``pairs`` set; the value replaces what was there."""
+    result = copy.deepcopy(data)
+    for parts, value in parse_overrides(pairs):
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' holds a value, not a "
+                                  "section of keys.")
+            node = child
+        node[parts[-1]] = value
+    return result
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -205,4 +209,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
-    return Config.from_dict(_merge(data, parse_overrides(overrides or [])), source=str(path))
+    return Config.from_dict(apply_overrides(data, overrides or []), source=str(path))

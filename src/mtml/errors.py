@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DivergedError",
     "DataError",
     "MtmlError",
     "RunExistsError",
@@ -46,3 +47,7 @@ class CheckpointError(MtmlError):
 
 class RunExistsError(MtmlError, FileExistsError):
     """Refusing to overwrite an existing run directory."""
+
+
+class DivergedError(MtmlError, FloatingPointError):
+    """Training produced a non-finite loss or validation objective."""

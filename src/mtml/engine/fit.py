@@ -18,7 +18,7 @@ from torch import nn
 
 from mtml.engine.checkpoint import load_checkpoint, restore, save_checkpoint
 from mtml.engine.run import Run
-from mtml.errors import CheckpointError, ConfigError
+from mtml.errors import CheckpointError, ConfigError, DivergedError
 
 __all__ = ["FitResult", "ProgressHook", "StopRule", "fit"]
 
@@ -135,9 +135,10 @@ def _validate(
         val = dict(validate())
     objective = float(val["objective"])
     if not math.isfinite(objective):
-        raise FloatingPointError(
+        raise DivergedError(
             f"validation objective became {objective} at step {result.steps}: training diverged. Lower the "
-            "learning rate or check the data for extreme values."
+            "learning rate (or the inner-loop rate and steps), or check the data for extreme values. The run's "
+            "checkpoints up to the last good validation are kept."
         )
     record = {"kind": "val", "step": result.steps, **val}
     result.history.append(record)

@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
-    "DivergedError",
     "DataError",
+    "DivergedError",
     "MtmlError",
     "RunExistsError",
     "ShapeError",

@@ -17,7 +17,7 @@ from mtml.tasks import Split, Task, TaskKind
 from mtml.weighting import WEIGHTINGS, Weighting
 
 __all__ = [
-    "WEIGHTINGS", "CheckpointError", "ConfigError", "DataError", "MtmlError", "MultiTaskModel", "Run",
+    "WEIGHTINGS", "CheckpointError", "ConfigError", "DataError", "DivergedError", "MtmlError", "MultiTaskModel", "Run",
     "RunExistsError", "ShapeError", "Split", "StopRule", "Task", "TaskKind", "TrainResult", "UnknownNameError",
     "Weighting", "__version__", "build_multitask_model", "evaluate", "fit", "joint_step", "mlp",
     "train_multitask",

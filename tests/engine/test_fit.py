@@ -12,7 +12,7 @@ from torch import nn
 
 from mtml.datasets import synthetic_linear
 from mtml.engine import Run, StopRule, fit, load_checkpoint, train_multitask
-from mtml.errors import CheckpointError, ConfigError
+from mtml.errors import CheckpointError, ConfigError, MtmlError
 from mtml.nn import build_multitask_model
 
 
@@ -91,8 +91,9 @@ def test_validation_at_max_steps_even_off_schedule() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_objective_raises(bad: float) -> None:
     s = Scripted([1.0, bad, 0.5])
-    with pytest.raises(FloatingPointError, match="step 4"):
+    with pytest.raises(FloatingPointError, match="step 4") as info:
         s.run(StopRule(max_steps=20, eval_every=2))
+    assert isinstance(info.value, MtmlError)  # the CLI reports it as a message, not a traceback
 
 
 def test_stop_rule_validation() -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtml.errors import ConfigError
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task, TaskKind
-from mtml.weighting import Weighting, task_gramian
+from mtml.weighting import GramianTape, Weighting
 
 __all__ = ["TaskBatcher", "evaluate", "joint_step", "objective", "predict", "task_losses"]
 
@@ -59,16 +59,26 @@ def joint_step(
     batch: Batch,
     weighting: Weighting,
     optimizer: torch.optim.Optimizer,
+    *,
+    gramian: str | None = None,
 ) -> StepResult:
     """One optimiser update of ``Σᵢ wᵢ·Lᵢ + weighting.penalty()`` on ``batch`` (``{task: (x, y)}``).
 
     The task order is ``weighting.task_names``. When the weighting needs it, the Gramian of per-task gradients
-    over the shared parameters is computed first from the same forward pass.
+    over the shared parameters is computed first from the same forward pass, by the backend ``gramian``
+    (default: the weighting's own ``gramian`` option, itself ``auto`` unless set; see
+    :mod:`mtml.weighting.gramian`).
     """
     names = weighting.task_names
-    losses = task_losses(model, tasks, batch, names)
-    gramian = task_gramian(losses, list(model.shared_parameters())) if weighting.needs_gramian else None
-    w = weighting(losses, gramian)
+    gram = None
+    if weighting.needs_gramian:
+        tape = GramianTape(model, gramian or str(getattr(weighting, "gramian", "auto")))
+        with tape:
+            losses = task_losses(model, tasks, batch, names)
+        gram = tape.gramian(losses, {n: batch[n][0] for n in names}, names)
+    else:
+        losses = task_losses(model, tasks, batch, names)
+    w = weighting(losses, gram)
     total = (w * losses).sum() + weighting.penalty().to(losses)
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -1,17 +1,55 @@
-"""Task weightings behind one registry: ``WEIGHTINGS.create(name, task_names, **options)``."""
+"""Task weightings behind one registry: ``WEIGHTINGS.create(name, task_names, **options)``.
+
+Gradient-based methods (``needs_gramian``) receive the Gramian of per-task gradients and return weights whose
+combination ``Σ wᵢ·gᵢ`` is the method's update, so the step backpropagates ``Σ wᵢ·Lᵢ`` once.
+"""
 
 from mtml.registry import Registry
-from mtml.weighting.base import Weighting
+from mtml.weighting.aligned_mtl import AlignedMTL
+from mtml.weighting.base import GRAMIAN_BACKENDS, GramianWeighting, Weighting
+from mtml.weighting.cagrad import CAGrad
+from mtml.weighting.db_mtl import DBMTL
 from mtml.weighting.dwa import DWA
 from mtml.weighting.equal import Equal
+from mtml.weighting.famo import FAMO
 from mtml.weighting.fixed import Fixed
-from mtml.weighting.gramian import task_gramian
+from mtml.weighting.gradnorm import GradNorm
+from mtml.weighting.gradvac import GradVac
+from mtml.weighting.gramian import GramianTape, task_gramian
+from mtml.weighting.imtl import IMTLG, IMTLL
+from mtml.weighting.mgda import MGDA, MGDAUB
+from mtml.weighting.nash_mtl import NashMTL
+from mtml.weighting.pcgrad import PCGrad
+from mtml.weighting.rlw import RLW
 from mtml.weighting.uncertainty import Uncertainty
+from mtml.weighting.upgrad import UPGrad
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 WEIGHTINGS.register("equal", Equal, help="w_i = 1: plain sum of task losses")
 WEIGHTINGS.register("fixed", Fixed, help="constant user-given weights per task")
 WEIGHTINGS.register("uncertainty", Uncertainty, help="learned homoscedastic uncertainty (Kendall et al. 2018)")
 WEIGHTINGS.register("dwa", DWA, help="Dynamic Weight Average of loss ratios (Liu et al. 2019)")
+WEIGHTINGS.register("rlw", RLW, help="random loss weights drawn every step (Lin et al. 2022)")
+WEIGHTINGS.register("gradnorm", GradNorm, help="weights learned to equalise weighted gradient norms (Chen et al. 2018)")
+WEIGHTINGS.register("mgda", MGDA, help="min-norm point of the task gradients' convex hull (Désidéri 2012; Sener "
+                    "& Koltun 2018)")
+WEIGHTINGS.register("mgda_ub", MGDAUB, help="MGDA on representation gradients, the cheap upper bound (Sener & "
+                    "Koltun 2018)")
+WEIGHTINGS.register("pcgrad", PCGrad, help="project away conflicting gradient components (Yu et al. 2020)")
+WEIGHTINGS.register("gradvac", GradVac, help="steer pairwise gradient cosines to EMA targets (Wang et al. 2021)")
+WEIGHTINGS.register("cagrad", CAGrad, help="conflict-averse: best worst-task gain near the mean gradient "
+                    "(Liu et al. 2021)")
+WEIGHTINGS.register("imtl_g", IMTLG, help="equal projection of the update on every unit gradient (Liu et al. 2021)")
+WEIGHTINGS.register("imtl_l", IMTLL, help="learned loss scales exp(s_i), penalty -s_i (Liu et al. 2021)")
+WEIGHTINGS.register("nash_mtl", NashMTL, help="Nash bargaining solution alpha*(G alpha) = 1 (Navon et al. 2022)")
+WEIGHTINGS.register("aligned_mtl", AlignedMTL, help="gradients aligned to condition number 1 (Senushkin et al. "
+                    "2023)")
+WEIGHTINGS.register("upgrad", UPGrad, help="sum of projections onto the non-conflicting cone (Quinton & Rey 2024)")
+WEIGHTINGS.register("famo", FAMO, help="balanced log-loss decrease with O(1) cost (Liu et al. 2023)")
+WEIGHTINGS.register("db_mtl", DBMTL, help="log losses + gradients scaled to the largest norm (Lin et al. 2023)")
 
-__all__ = ["DWA", "WEIGHTINGS", "Equal", "Fixed", "Uncertainty", "Weighting", "task_gramian"]
+__all__ = [
+    "DBMTL", "DWA", "FAMO", "GRAMIAN_BACKENDS", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "RLW", "WEIGHTINGS",
+    "AlignedMTL", "CAGrad", "Equal", "Fixed", "GradNorm", "GradVac", "GramianTape", "GramianWeighting", "NashMTL",
+    "PCGrad", "UPGrad", "Uncertainty", "Weighting", "task_gramian",
+]

@@ -11,7 +11,10 @@ from torch import Tensor, nn
 
 from mtml.errors import ConfigError, ShapeError
 
-__all__ = ["Weighting"]
+__all__ = ["GRAMIAN_BACKENDS", "GramianWeighting", "Weighting"]
+
+#: How the step computes the task Gramian (see :mod:`mtml.weighting.gramian`).
+GRAMIAN_BACKENDS = ("auto", "loop", "batched", "layerwise", "representation")
 
 
 class Weighting(nn.Module):
@@ -27,6 +30,13 @@ class Weighting(nn.Module):
     """
 
     needs_gramian: ClassVar[bool] = False
+    #: False for methods whose weights may be negative by design (IMTL-G, Aligned-MTL).
+    nonnegative: ClassVar[bool] = True
+    #: True for methods that draw random weights or orders (RLW, PCGrad, GradVac): identical tasks may then get
+    #: different weights, and permuting tasks permutes the weights only in distribution.
+    stochastic: ClassVar[bool] = False
+    #: True when ``weights(P·losses, P·G·Pᵀ) = P·weights(losses, G)`` for every permutation P, without state.
+    permutation_equivariant: ClassVar[bool] = False
 
     def __init__(self, task_names: Sequence[str], /) -> None:
         super().__init__()
@@ -58,3 +68,24 @@ class Weighting(nn.Module):
     def penalty(self) -> Tensor:
         """A term added to the weighted loss (learned weightings regularise their parameters here)."""
         return torch.zeros(())
+
+
+class GramianWeighting(Weighting):
+    """A weighting computed from the Gramian of per-task gradients (``needs_gramian = True``).
+
+    Args:
+        gramian: how the step computes the Gramian: ``auto`` (the fastest exact way for the model, see
+            :mod:`mtml.weighting.gramian`), ``loop``, ``batched``, ``layerwise`` or ``representation`` (gradients
+            with respect to the shared representation instead of the shared parameters: cheaper, not exact).
+    """
+
+    needs_gramian: ClassVar[bool] = True
+
+    def __init__(self, task_names: Sequence[str], /, *, gramian: str = "auto") -> None:
+        super().__init__(task_names)
+        if gramian not in GRAMIAN_BACKENDS:
+            raise ConfigError(f"`gramian` must be one of {', '.join(GRAMIAN_BACKENDS)}. Got {gramian!r}.")
+        self.gramian = gramian
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.num_tasks}, gramian={self.gramian}"

@@ -22,7 +22,7 @@ __all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingCo
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(_Strict):

@@ -26,11 +26,11 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.errors import ConfigError
-from mtml.experiment_meta import build_meta, evaluate_meta, fit_meta
+from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta
 from mtml.nn import MultiTaskModel, build_multitask_model
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
-from mtml.weighting import WEIGHTINGS
+from mtml.weighting import WEIGHTINGS, Weighting
 
 __all__ = ["Experiment", "build", "default_run_dir", "evaluate_run", "resume_run", "train"]
 
@@ -80,35 +80,55 @@ def default_run_dir(config: Config, root: str | Path = "runs") -> Path:
     return path
 
 
-def _fit(exp: Experiment, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
-    t = exp.config.training
-    weighting = WEIGHTINGS.create(t.weighting.name, [task.name for task in exp.tasks],
-                                  where="training.weighting.options", **t.weighting.options)
+@dataclass
+class _Prepared:
+    """Everything a run needs, built (and so validated) before its directory is created."""
+
+    config: Config
+    device: torch.device
+    exp: Experiment | None = None
+    weighting: Weighting | None = None
+    meta: MetaExperiment | None = None
+
+
+def _prepare(config: Config) -> _Prepared:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if config.is_meta:
+        return _Prepared(config, device, meta=build_meta(config))
+    exp = build(config)
+    w = config.training.weighting
+    weighting = WEIGHTINGS.create(w.name, [task.name for task in exp.tasks], where="training.weighting.options",
+                                  **w.options)
+    return _Prepared(config, device, exp=exp, weighting=weighting)
+
+
+def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+    assert prep.exp is not None and prep.weighting is not None
+    exp, t = prep.exp, prep.config.training
     stop = StopRule(max_steps=t.max_steps, eval_every=t.eval_every, patience=t.patience, min_delta=t.min_delta)
     return train_multitask(
-        exp.model, exp.tasks, weighting=weighting, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-        batch_size=t.batch_size, stop=stop, seed=exp.config.seed, device=resolve_device(exp.config.device),
+        exp.model, exp.tasks, weighting=prep.weighting, optimizer=t.optimizer, lr=t.lr,
+        weight_decay=t.weight_decay, batch_size=t.batch_size, stop=stop, seed=exp.config.seed, device=prep.device,
         run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
     )
 
 
-def _run(config: Config, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
-    """Build, train (or resume), then write summary.json and plots and mark the run completed."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.is_meta:
-        mexp = build_meta(config)
-        fitted, val, test = fit_meta(mexp, run, resume=resume, device=resolve_device(config.device),
-                                     progress=progress)
+def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+    """Train (or resume), then write summary.json and plots and mark the run completed."""
+    config = prep.config
+    if prep.meta is not None:
+        fitted, val, test = fit_meta(prep.meta, run, resume=resume, device=prep.device, progress=progress)
         result = TrainResult(fitted, {"meta_val": val}, {config.data.dataset: test})
-        model: torch.nn.Module = mexp.model
-        tasks = {config.data.dataset: {"kind": mexp.source.kind, "algorithm": config.training.algorithm}}
+        model: torch.nn.Module = prep.meta.model
+        tasks = {config.data.dataset: {"kind": prep.meta.source.kind, "algorithm": config.training.algorithm}}
     else:
-        exp = build(config)
-        result = _fit(exp, run, resume=resume, progress=progress)
-        model = exp.model
-        tasks = {task.name: {"kind": task.kind.value, "primary_metric": task.primary_metric} for task in exp.tasks}
+        assert prep.exp is not None
+        result = _fit(prep, run, resume=resume, progress=progress)
+        model = prep.exp.model
+        tasks = {t.name: {"kind": t.kind.value, "primary_metric": t.primary_metric} for t in prep.exp.tasks}
     summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
                **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}
     run.write_summary(summary)
@@ -120,11 +140,14 @@ def _run(config: Config, run: Run, *, resume: bool, progress: ProgressHook | Non
 def train(
     config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None
 ) -> tuple[Run, TrainResult]:
-    """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`)."""
-    if not config.is_meta:
-        build(config)  # fail on bad data or model settings before a run directory is made
+    """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`).
+
+    Data, model, algorithm, weighting and device are all built first, so a bad setting fails before any
+    directory is created.
+    """
+    prep = _prepare(config)
     run = Run.create(out or default_run_dir(config), config.to_dict())
-    return run, _run(config, run, resume=False, progress=progress)
+    return run, _run(prep, run, resume=False, progress=progress)
 
 
 def _load_config(run: Run) -> Config:
@@ -134,9 +157,9 @@ def _load_config(run: Run) -> Config:
 def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tuple[Run, TrainResult]:
     """Continue the run at ``path`` from its latest checkpoint (its own ``config.yaml`` is used)."""
     run = Run.open(path)
-    config = _load_config(run)
+    prep = _prepare(_load_config(run))
     run.set_status("running")
-    return run, _run(config, run, resume=True, progress=progress)
+    return run, _run(prep, run, resume=True, progress=progress)
 
 
 def evaluate_run(

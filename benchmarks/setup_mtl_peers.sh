@@ -11,7 +11,8 @@
 # LibMTL 1.1.5 installs with --no-deps (its metadata pins old torch/torchvision). Its package imports
 # `load_state_dict_from_url` from `torchvision.models.utils`, which current torchvision no longer has, and the
 # PyPI torchvision does not work here; this script patches the installed copy to import it from `torch.hub`
-# and stubs the torchvision import the ResNet backbones need (the benchmark uses none of them).
+# and stubs the torchvision import the ResNet backbones need (the benchmark uses none of them). Its CAGrad
+# hard-codes 3 tasks (`x.reshape(1,3)`); the patch makes those reshapes task-count agnostic (`-1`).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +44,9 @@ for path in root.rglob("*.py"):
     new = new.replace("import torchvision.models as models\n",
                       "try:\n    import torchvision.models as models\nexcept ImportError:  # unused by the benchmark\n"
                       "    models = None\n")
+    if path.name == "CAGrad.py":
+        new = new.replace("reshape(1,3)", "reshape(1,-1)").replace("reshape(3, 1)", "reshape(-1, 1)")
+        new = new.replace("reshape(3,1)", "reshape(-1,1)")
     if new != text:
         path.write_text(new)
         print(f"patched {path.relative_to(root.parent)}")

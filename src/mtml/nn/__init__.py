@@ -1,6 +1,22 @@
-"""Neural-network pieces: the multi-task model and builders for trunks, heads and stems."""
+"""Neural-network pieces: the multi-task model, builders for trunks, heads and stems, and architectures."""
 
+from mtml.nn.architectures import ColumnModel, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
 from mtml.nn.builders import build_multitask_model, mlp
+from mtml.nn.factory import build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
 from mtml.nn.model import MultiTaskModel
+from mtml.registry import Registry
 
-__all__ = ["MultiTaskModel", "build_multitask_model", "mlp"]
+ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
+ARCHITECTURES.register("hps", build_hps, help="hard parameter sharing: shared MLP trunk + a head per task "
+                       "(Caruana 1997)")
+ARCHITECTURES.register("mmoe", build_mmoe, help="multi-gate mixture of experts (Ma et al. KDD 2018)")
+ARCHITECTURES.register("cgc", build_cgc, help="customized gate control: shared + task experts (Tang et al. 2020)")
+ARCHITECTURES.register("ple", build_ple, help="progressive layered extraction: stacked CGC levels (Tang et al. 2020)")
+ARCHITECTURES.register("cross_stitch", build_cross_stitch, help="a column per task mixed by learned cross-stitch "
+                       "units (Misra et al. CVPR 2016)")
+
+__all__ = [
+    "ARCHITECTURES", "ColumnModel", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk", "MultiTaskModel",
+    "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model", "build_multitask_model",
+    "build_ple", "mlp",
+]

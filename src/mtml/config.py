@@ -149,7 +149,7 @@ def _describe(err: Any) -> str:
         hint = f" Did you mean '{near[0]}'?" if near else ""
         return f"{path}: unknown key.{hint} Allowed keys: {', '.join(allowed)}."
     given = err.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    shown = "" if isinstance(given, dict) or "got" in err["msg"] else f" (got {given!r})"
     return f"{path}: {err['msg']}{shown}."
 
 

@@ -95,7 +95,18 @@ class Registry(Generic[T]):
             ) from None
 
     def create(self, name: str, /, *args: Any, where: str | None = None, **options: Any) -> T:
-        """Build ``name`` with ``options``; bad option names raise :class:`ConfigError` naming ``where``."""
+        """Build ``name`` with ``options``.
+
+        Bad option names raise :class:`ConfigError` naming ``where``; a :class:`ConfigError` the factory raises for
+        a bad option value is prefixed with ``where`` too, so the message leads with the config key to fix.
+        """
         factory = self.get(name)
         check_options(factory, options, where=where or f"{self.kind} '{name}'")
-        return factory(*args, **options)
+        if where is None:
+            return factory(*args, **options)
+        try:
+            return factory(*args, **options)
+        except ConfigError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise type(exc)(f"{where}: {exc}") from None

@@ -41,7 +41,7 @@ METHODS = ["pcgrad", "mgda", "cagrad", "nash_mtl", "upgrad", "imtl_g", "aligned_
            "db_mtl"]
 LIBMTL = {"pcgrad": ("PCGrad", {}), "mgda": ("MGDA", {"mgda_gn": "none"}),
           "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}), "gradvac": ("GradVac", {"beta": 0.5}),
-          "imtl_g": ("IMTL", {}), "gradnorm": ("GradNorm", {"alpha": 1.5})}
+          "imtl_g": ("IMTL", {})}  # LibMTL's GradNorm only starts after epoch 0: not a comparable step here
 TORCHJD: dict[str, Callable[[Any, int], Any]] = {
     "pcgrad": lambda a, m: a.PCGrad(), "mgda": lambda a, m: a.MGDA(), "cagrad": lambda a, m: a.CAGrad(c=0.5),
     "nash_mtl": lambda a, m: a.NashMTL(n_tasks=m), "upgrad": lambda a, m: a.UPGrad(), "imtl_g": lambda a, m: a.IMTLG(),
@@ -125,9 +125,6 @@ def libmtl_step(model: MultiTaskModel, batch: dict, name: str) -> Callable[[], s
 
     host = Host()
     host.init_param()
-    if name == "gradnorm":
-        kwargs = {**kwargs}
-        host.train_loss_buffer = torch.ones(len(names), 1)
 
     def step() -> str:
         model.zero_grad(set_to_none=False)

@@ -43,3 +43,25 @@ def test_booleans_are_not_numbers(data: dict) -> None:
     """YAML reads `lr: yes` as True; pydantic's lax mode then silently trains with lr = 1.0."""
     with pytest.raises(ConfigError):
         Config.from_dict(data)
+
+
+@pytest.mark.parametrize("architecture", ["hps", "mmoe", "cgc", "ple", "cross_stitch"])
+def test_every_architecture_and_a_gramian_weighting_train_from_config(tmp_path: Path, architecture: str) -> None:
+    from mtml.nn import ARCHITECTURES
+
+    assert architecture in ARCHITECTURES
+    cfg = Config.from_dict({**SMALL, "model": {"trunk_hidden": [4], "architecture": architecture},
+                            "training": {**SMALL["training"], "weighting": {"name": "pcgrad", "gramian": "loop"}}})
+    run, result = train(cfg, tmp_path / "run")
+    assert result.fit.steps == 5 and (run.path / "summary.json").is_file()
+
+
+def test_architecture_and_gramian_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="model.architecture: unknown architecture 'moe'"):
+        Config.from_dict({**SMALL, "model": {"architecture": "moe"}})
+    with pytest.raises(ConfigError, match="share_trunk: false is hard sharing"):
+        Config.from_dict({**SMALL, "model": {"architecture": "mmoe", "share_trunk": False}})
+    with pytest.raises(ConfigError, match="weighting 'equal' uses no per-task gradients"):
+        Config.from_dict({**SMALL, "training": {"weighting": {"name": "equal", "gramian": "loop"}}})
+    with pytest.raises(ConfigError, match="model.options: unknown option 'experts'"):
+        Config.from_dict({**SMALL, "model": {"architecture": "mmoe", "options": {"experts": 3}}})

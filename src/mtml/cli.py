@@ -87,13 +87,15 @@ def list_() -> None:
 
     from mtml.datasets import DATASETS, FAMILIES
     from mtml.meta import ALGORITHMS
+    from mtml.nn import ARCHITECTURES
     from mtml.weighting import WEIGHTINGS
 
     models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
               "mlp-separate": "model.share_trunk: false — one trunk per task (single-task baseline)"}
     algorithms = {"joint": "joint multi-task training, Σ w_i·L_i (weighting below)", **ALGORITHMS.describe()}
     sections = (("datasets (multi-task)", DATASETS.describe()), ("task families (meta-learning)", FAMILIES.describe()),
-                ("models", models), ("algorithms", algorithms), ("weightings", WEIGHTINGS.describe()))
+                ("models", models), ("architectures (model.architecture)", ARCHITECTURES.describe()),
+                ("algorithms", algorithms), ("weightings", WEIGHTINGS.describe()))
     for title, items in sections:
         table = Table(title=title, title_justify="left")
         table.add_column("name", style="bold")

@@ -31,6 +31,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    architecture: str = Field("hps", description="hps, mmoe, cgc, ple or cross_stitch (see `mtml list`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="architecture options, e.g. num_experts")
     trunk_hidden: list[int] = Field(default_factory=lambda: [64, 64], description="shared MLP widths")
     head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
     stem_width: int | None = Field(None, gt=0, description="per-task input stem width (auto when widths differ)")
@@ -49,6 +51,8 @@ class ModelConfig(_Strict):
 class WeightingConfig(_Strict):
     name: str = "equal"
     options: dict[str, Any] = Field(default_factory=dict)
+    gramian: Literal["auto", "loop", "batched", "layerwise", "representation"] | None = Field(
+        None, description="how gradient-based weightings get per-task gradients (default: the method's own)")
 
 
 class TrainingConfig(_Strict):
@@ -105,6 +109,7 @@ class Config(_Strict):
         """Check registry names (dataset, algorithm, weighting) and their options against what is registered."""
         from mtml.datasets import DATASETS, FAMILIES
         from mtml.meta import ALGORITHMS
+        from mtml.nn import ARCHITECTURES
         from mtml.registry import Registry, check_options
         from mtml.weighting import WEIGHTINGS
 
@@ -123,7 +128,14 @@ class Config(_Strict):
         checks: list[tuple[str, Registry[Any], str, dict[str, Any]]] = [
             ("data.dataset", data_registry, self.data.dataset, self.data.options),
             ("training.weighting.name", WEIGHTINGS, t.weighting.name, t.weighting.options),
+            ("model.architecture", ARCHITECTURES, self.model.architecture, self.model.options),
         ]
+        if t.weighting.gramian is not None and not getattr(WEIGHTINGS.get(t.weighting.name), "needs_gramian", False):
+            raise ConfigError(f"training.weighting.gramian: weighting '{t.weighting.name}' uses no per-task "
+                              "gradients; remove the key or choose a gradient method (mgda, pcgrad, cagrad, …).")
+        if self.model.architecture != "hps" and not self.model.share_trunk:
+            raise ConfigError("model.share_trunk: false is hard sharing's single-task baseline; use it with "
+                              "model.architecture: hps.")
         if self.is_meta:
             checks.append(("training.algorithm", ALGORITHMS, t.algorithm, t.algorithm_options))
         for path, registry, name, options in checks:

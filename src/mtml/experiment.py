@@ -10,6 +10,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from mtml.engine import (
 )
 from mtml.errors import ConfigError
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta
-from mtml.nn import MultiTaskModel, build_multitask_model
+from mtml.nn import ARCHITECTURES, MultiTaskModel
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
 from mtml.weighting import WEIGHTINGS, Weighting
@@ -64,9 +65,10 @@ def build(config: Config) -> Experiment:
     tasks = DATASETS.create(config.data.dataset, where="data.options", **opts)
     torch.manual_seed(config.seed)
     m = config.model
-    model = build_multitask_model(tasks, trunk_hidden=m.trunk_hidden, head_hidden=m.head_hidden,
-                                  stem_width=m.stem_width, activation=m.activation, dropout=m.dropout,
-                                  share_trunk=m.share_trunk)
+    extra: dict[str, Any] = {"share_trunk": m.share_trunk} if m.architecture == "hps" else {}
+    model = ARCHITECTURES.create(m.architecture, tasks, where="model.options", trunk_hidden=m.trunk_hidden,
+                                 head_hidden=m.head_hidden, stem_width=m.stem_width, activation=m.activation,
+                                 dropout=m.dropout, **extra, **m.options)
     return Experiment(config, tasks, model)
 
 
@@ -99,8 +101,9 @@ def _prepare(config: Config) -> _Prepared:
         return _Prepared(config, device, meta=build_meta(config))
     exp = build(config)
     w = config.training.weighting
+    options = {**w.options, **({"gramian": w.gramian} if w.gramian else {})}
     weighting = WEIGHTINGS.create(w.name, [task.name for task in exp.tasks], where="training.weighting.options",
-                                  **w.options)
+                                  **options)
     return _Prepared(config, device, exp=exp, weighting=weighting)
 
 

@@ -57,11 +57,11 @@ def test_every_architecture_and_a_gramian_weighting_train_from_config(tmp_path: 
 
 
 def test_architecture_and_gramian_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="model.architecture: unknown architecture 'moe'"):
+    with pytest.raises(ConfigError, match=r"model\.architecture: unknown architecture 'moe'"):
         Config.from_dict({**SMALL, "model": {"architecture": "moe"}})
     with pytest.raises(ConfigError, match="share_trunk: false is hard sharing"):
         Config.from_dict({**SMALL, "model": {"architecture": "mmoe", "share_trunk": False}})
     with pytest.raises(ConfigError, match="weighting 'equal' uses no per-task gradients"):
         Config.from_dict({**SMALL, "training": {"weighting": {"name": "equal", "gramian": "loop"}}})
-    with pytest.raises(ConfigError, match="model.options: unknown option 'experts'"):
+    with pytest.raises(ConfigError, match=r"model\.options: unknown option 'experts'"):
         Config.from_dict({**SMALL, "model": {"architecture": "mmoe", "options": {"experts": 3}}})

@@ -32,7 +32,9 @@ def _curves(records: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[int, floa
 def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path, *, max_panels: int = 12) -> list[Path]:
     """Write ``learning_curves.png`` (one panel per task, or an overlay with the mean when there are more than
     ``max_panels`` tasks). Returns the written paths."""
+    records = list(records)
     train, val = _curves(records)
+    best = next((r.get("best_step") for r in reversed(records) if r.get("kind") == "done"), None)
     tasks = list(dict.fromkeys([*train, *val]))
     if not tasks:
         return []
@@ -45,6 +47,7 @@ def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path,
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
         for ax, task in zip(axes.flat, tasks, strict=False):
             _panel(ax, task, train.get(task, {}), val.get(task, {}))
+            _mark_best(ax, best)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
     else:
@@ -56,6 +59,7 @@ def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path,
         mean = [sum(val[t][s] for t in val if s in val[t]) / sum(1 for t in val if s in val[t]) for s in steps]
         ax.plot(steps, mean, color="black", lw=2, label=f"mean of {len(val)} tasks")
         ax.set(title="validation loss per task", xlabel="step", ylabel="loss")
+        _mark_best(ax, best)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -70,3 +74,9 @@ def _panel(ax: Any, task: str, train: dict[int, float], val: dict[int, float]) -
         ax.plot(list(val), list(val.values()), label="val", color="tab:orange", marker="o", ms=3)
     ax.set(title=task, xlabel="step", ylabel="loss")
     ax.legend(fontsize=8)
+
+
+def _mark_best(ax: Any, best: int | None) -> None:
+    if best:
+        ax.axvline(best, color="grey", ls="--", lw=1, label=f"best step {best}")
+        ax.legend(fontsize=8)

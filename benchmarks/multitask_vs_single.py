@@ -18,6 +18,17 @@ from pathlib import Path
 import torch
 
 from mtml.demo import compare, embedded_config
+from mtml.engine import TrainResult
+
+METRICS = (("accuracy", True), ("macro_f1", True), ("mse", False), ("r2", True))
+
+
+def _value(result: TrainResult, task: str, metric: str) -> float | None:
+    """A test metric of one task, or its mean over all tasks for ``task == "mean over tasks"``."""
+    if task != "mean over tasks":
+        return result.test[task].get(metric)
+    values = [m[metric] for m in result.test.values() if metric in m]
+    return statistics.mean(values) if values else None
 
 
 def _cell(values: list[float]) -> str:
@@ -42,16 +53,9 @@ def main() -> None:
             cfg.seed = seed
             mt, st = compare(cfg, out / f"{name}-{seed}")
             many = len(mt.test) > 10
-            tasks = ["mean over tasks"] if many else list(mt.test)
-            for task in tasks:
-                for metric, higher in (("accuracy", True), ("macro_f1", True), ("mse", False), ("r2", True)):
-                    def value(r: object, task: str = task, metric: str = metric) -> float | None:
-                        test = r.test  # type: ignore[attr-defined]
-                        if task == "mean over tasks":
-                            return statistics.mean(m[metric] for m in test.values()) if metric in next(
-                                iter(test.values())) else None
-                        return test[task].get(metric)
-                    a, b = value(mt), value(st)
+            for task in ["mean over tasks"] if many else list(mt.test):
+                for metric, higher in METRICS:
+                    a, b = _value(mt, task, metric), _value(st, task, metric)
                     if a is None or b is None:
                         continue
                     entry = rows.setdefault((task, metric), ([], [], higher))

@@ -1,7 +1,6 @@
 """mtml — multi-task learning, meta-learning and knowledge transfer on PyTorch."""
 
-__version__ = "0.1.0"
-
+from mtml._version import __version__
 from mtml.engine import Run, StopRule, TrainResult, evaluate, fit, joint_step, train_multitask
 from mtml.errors import (
     CheckpointError,

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mtml.datasets import DATASETS, FAMILIES
 from mtml.errors import ConfigError
+from mtml.meta import ALGORITHMS
+from mtml.nn import ARCHITECTURES
+from mtml.registry import Registry, check_options
+from mtml.weighting import WEIGHTINGS
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingConfig", "apply_overrides",
            "load_config", "parse_overrides"]
@@ -107,12 +112,6 @@ class Config(_Strict):
 
     def check_names(self) -> None:
         """Check registry names (dataset, algorithm, weighting) and their options against what is registered."""
-        from mtml.datasets import DATASETS, FAMILIES
-        from mtml.meta import ALGORITHMS
-        from mtml.nn import ARCHITECTURES
-        from mtml.registry import Registry, check_options
-        from mtml.weighting import WEIGHTINGS
-
         t = self.training
         if t.algorithm != "joint" and t.algorithm not in ALGORITHMS:
             near = difflib.get_close_matches(t.algorithm, ["joint", *ALGORITHMS.names()], n=1)

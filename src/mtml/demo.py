@@ -37,7 +37,7 @@ def compare(config: Config, out: Path, console: Console | None = None) -> tuple[
     return results[0], results[1]
 
 
-def _rows(mt: TrainResult, st: TrainResult, tasks: dict[str, Any]) -> list[tuple[str, str, float, float, bool]]:
+def _rows(mt: TrainResult, st: TrainResult) -> list[tuple[str, str, float, float, bool]]:
     rows: list[tuple[str, str, float, float, bool]] = []
     for task in mt.test:
         for metric in ("accuracy", "macro_f1", "mse", "r2"):
@@ -68,7 +68,7 @@ def run_demo(out: Path | None = None, *, quick: bool = False, console: Console |
             cfg.training.max_steps = min(cfg.training.max_steps, 100)
         console.rule(f"[bold]{name}[/]: shared trunk (multi-task) vs one model per task (single-task)")
         mt, st = compare(cfg, out / name, console)
-        rows = _many_task_rows(mt, st) if len(mt.test) > 10 else _rows(mt, st, {})
+        rows = _many_task_rows(mt, st) if len(mt.test) > 10 else _rows(mt, st)
         tables[name] = rows
         console.print(comparison_table(rows, title=f"{name}: held-out test metrics, same budget "
                                        f"({cfg.training.max_steps} steps max, early stopping)",

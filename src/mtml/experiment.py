@@ -27,7 +27,7 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.errors import ConfigError
-from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta
+from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
 from mtml.nn import ARCHITECTURES, MultiTaskModel
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
@@ -180,7 +180,7 @@ def evaluate_run(
     if config.is_meta:
         mexp = build_meta(config, **({"shots": shots} if shots else {}))
         restore(ckpt, modules={"model": mexp.model, "algorithm": mexp.algorithm})
-        k = steps if steps is not None else (mexp.algorithm.test_inner_steps if mexp.algorithm.uses_inner_steps else 0)
+        k = steps if steps is not None else judged_steps(mexp.algorithm)
         scores = evaluate_meta(mexp, num_tasks=num_tasks or config.training.meta_test_tasks,
                                steps=sorted({0, 1, k}) if mexp.algorithm.uses_inner_steps else [0],
                                seed=config.seed + 2, device=resolve_device(config.device))

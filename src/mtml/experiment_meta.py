@@ -16,7 +16,7 @@ from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, meta_evaluate, meta_parameters, meta_step
 from mtml.nn import MultiTaskModel, mlp
 
-__all__ = ["MetaExperiment", "build_meta", "evaluate_meta", "fit_meta"]
+__all__ = ["MetaExperiment", "build_meta", "evaluate_meta", "fit_meta", "judged_steps"]
 
 
 @dataclass
@@ -53,9 +53,9 @@ def build_meta(config: Config, **data_override: Any) -> MetaExperiment:
     return MetaExperiment(config, source, model, algorithm)
 
 
-def _objective_key(exp: MetaExperiment) -> tuple[str, int]:
-    k = exp.algorithm.test_inner_steps if exp.algorithm.uses_inner_steps else 0
-    return f"loss@{k}", k
+def judged_steps(algorithm: MetaAlgorithm) -> int:
+    """Inner steps a meta run is validated and reported at: the test-time count (0 for closed-form methods)."""
+    return algorithm.test_inner_steps if algorithm.uses_inner_steps else 0
 
 
 def fit_meta(exp: MetaExperiment, run: Run | None, *, resume: bool, device: torch.device,
@@ -70,7 +70,8 @@ def fit_meta(exp: MetaExperiment, run: Run | None, *, resume: bool, device: torc
     exp.algorithm.to(device)
     opt = make_optimizer(t.optimizer, meta_parameters(exp.algorithm, exp.model), lr=t.lr, weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    key, k = _objective_key(exp)
+    k = judged_steps(exp.algorithm)
+    key = f"loss@{k}"
 
     def step() -> dict[str, Any]:
         return meta_step(exp.algorithm, exp.model, _to(exp.source.train.sample(gen), device), opt)

@@ -102,11 +102,9 @@ class Registry(Generic[T]):
         """
         factory = self.get(name)
         check_options(factory, options, where=where or f"{self.kind} '{name}'")
-        if where is None:
-            return factory(*args, **options)
         try:
             return factory(*args, **options)
         except ConfigError as exc:
-            if str(exc).startswith(where):
+            if where is None or str(exc).startswith(where):
                 raise
             raise type(exc)(f"{where}: {exc}") from None

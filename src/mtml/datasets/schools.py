@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import make_task, require, split_indices
+from mtml.datasets._util import make_task, require, split_indices, standardize
 from mtml.errors import ConfigError
 from mtml.tasks import Task
 
@@ -42,8 +42,7 @@ def schools(
         parts = split_indices(len(rows), (1 - val_fraction - test_fraction, val_fraction, test_fraction), gen)
         splits[sid] = [rows[p] for p in parts]
     train_rows = torch.cat([s[0] for s in splits.values()])
-    mx, sx = x_all[train_rows].mean(0), x_all[train_rows].std(0)
-    my, sy = y_all[train_rows].mean(0), y_all[train_rows].std(0)
-    x, y = (x_all - mx) / sx, (y_all - my) / sy
+    _, x = standardize(x_all[train_rows], x_all)
+    _, y = standardize(y_all[train_rows], y_all)
     return [make_task(f"school_{sid}", "regression", [x[r] for r in splits[sid]], [y[r] for r in splits[sid]])
             for sid in ids]

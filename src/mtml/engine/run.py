@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mtml._version import __version__
 from mtml.engine.atomic import append_jsonl, atomic_write_text
 from mtml.errors import CheckpointError, RunExistsError
 
@@ -89,8 +90,6 @@ class Run:
             return {}
 
     def set_status(self, status: str, **extra: Any) -> None:
-        from mtml import __version__
-
         info = {**self.status(), "status": status, "mtml_version": __version__, **extra}
         atomic_write_text(self.path / "run.json", json.dumps(info, indent=2))
 

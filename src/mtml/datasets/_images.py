@@ -21,8 +21,8 @@ from mtml.errors import ConfigError, DataError
 from mtml.meta.base import check_int
 from mtml.sampling import FewShotClassification
 
-__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "decode_images", "image_source", "list_images",
-           "require_vision"]
+__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_flatten", "check_options", "decode_images", "image_source",
+           "list_images", "require_vision"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Progress = Callable[[int, int], None]
@@ -68,9 +68,6 @@ def decode_images(paths: Sequence[Path], *, size: int, channels: int, dataset: s
 
     Every image is resized to ``size × size`` (bilinear) whatever its own size or aspect ratio.
     """
-    check_int("image_size", size, 1, "Give the side length, in pixels, that every image is resized to.")
-    if channels not in (1, 3):
-        raise ConfigError(f"`channels` must be 1 (grayscale) or 3 (RGB). Got {channels!r}.")
     image_module = require_vision("PIL.Image", dataset)
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
@@ -103,16 +100,28 @@ def check_flatten(flatten: object) -> bool:
     return flatten
 
 
+def check_options(*, image_size: int, channels: int, flatten: bool, ways: int, shots: int, query_shots: int,
+                  meta_batch: int) -> None:
+    """Validate a reader's options before any file is opened (decoding may take minutes)."""
+    check_int("image_size", image_size, 1, "Give the side length, in pixels, that every image is resized to.")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ConfigError(f"`channels` must be 1 (grayscale) or 3 (RGB). Got {channels!r}.")
+    check_flatten(flatten)
+    check_int("ways", ways, 2, "An N-way task needs at least 2 classes.")
+    check_int("shots", shots, 1, "Give each class at least one support image.")
+    check_int("query_shots", query_shots, 1, "Give each class at least one query image.")
+    check_int("meta_batch", meta_batch, 1, "Draw at least one task per episode.")
+
+
 def image_source(images: Tensor, labels: Tensor, groups: Mapping[str, Tensor], *, where: Mapping[int, str],
                  ways: int, shots: int, query_shots: int, meta_batch: int, flatten: bool) -> dict:
     """Keyword arguments of an ``EpisodeSource``: one :class:`FewShotClassification` per split in ``groups``.
 
     ``images: uint8 [n, C, H, W]``, ``labels: long [n]``, ``groups``: split name → class ids. Every class of
     every split must hold at least ``shots + query_shots`` images, else a :class:`DataError` names the class
-    (``where[class] `` is its folder or file) and the fix.
+    (``where[class]`` is its folder or file) and the fix. Options are checked by :func:`check_options` first.
     """
-    need = check_int("shots", shots, 1, "Give each class at least one support image.") + check_int(
-        "query_shots", query_shots, 1, "Give each class at least one query image.")
+    need = shots + query_shots
     counts = torch.bincount(labels, minlength=len(where))
     for split, classes in groups.items():
         short = [int(c) for c in classes if counts[int(c)] < need]
@@ -122,7 +131,12 @@ def image_source(images: Tensor, labels: Tensor, groups: Mapping[str, Tensor], *
                 f"class '{where[c]}' ({split} split) holds {int(counts[c])} images, fewer than shots + query_shots "
                 f"= {shots} + {query_shots} = {need} ({len(short)} such class{'es' if len(short) > 1 else ''}); "
                 "lower shots or query_shots, add images, or remove the class.")
-    to_float = ToFloat(check_flatten(flatten))
+    for split, classes in groups.items():
+        if len(classes) < ways:
+            raise ConfigError(f"`ways` must be <= the number of classes in every meta-split, but the {split} split "
+                              f"holds {len(classes)} classes. Got ways={ways}. Lower ways or give that split more "
+                              "classes.")
+    to_float = ToFloat(flatten)
     samplers = {split: FewShotClassification(images, labels, ways=ways, shots=shots, query_shots=query_shots,
                                              meta_batch=meta_batch, classes=classes, transform=to_float)
                 for split, classes in groups.items()}

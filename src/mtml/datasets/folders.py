@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mtml.datasets._images import IMAGE_SUFFIXES, Progress, decode_images, image_source, list_images
+from mtml.datasets._images import IMAGE_SUFFIXES, Progress, check_options, decode_images, image_source, list_images
 from mtml.datasets.families import EpisodeSource
 from mtml.errors import ConfigError, DataError
 from mtml.sampling import split_classes
@@ -119,6 +119,8 @@ def image_folder(
     splits (``fractions`` is ignored). Images are resized to ``image_size × image_size``, grayscale
     (``channels=1``) or RGB (``channels=3``); inputs ``[channels, image_size, image_size]`` in [0, 1].
     """
+    check_options(image_size=image_size, channels=channels, flatten=flatten, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "image folder", "set `root` to the folder holding one sub-folder "
                       "per class (or train/, val/ and test/ folders of classes).")
     folders = _split_folders(base)
@@ -171,6 +173,8 @@ def omniglot(
     ``seed``), which are meta-validation; meta-test: ``images_evaluation``. With ``rotations`` every character
     also appears rotated by 90°, 180° and 270°, each a class of its own, in every split (×4 classes).
     """
+    check_options(image_size=image_size, channels=1, flatten=flatten, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "omniglot root", "set `root` to the folder holding "
                       "images_background/ and images_evaluation/.")
     background = scan_classes(_omniglot_dir(base, "images_background"), depth=2, what="omniglot folder")
@@ -222,6 +226,8 @@ def miniimagenet(
 ) -> EpisodeSource:
     """mini-ImageNet (100 classes × 600 images; 64/16/20 classes for meta-train/val/test from the split files):
     RGB ``[3, image_size, image_size]`` in [0, 1]. ``seed`` is accepted for uniformity; the splits are fixed."""
+    check_options(image_size=image_size, channels=3, flatten=flatten, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "miniimagenet root", "set `root` to the folder holding "
                       "train.csv, val.csv, test.csv and images/.")
     images_dir = _check_dir(base / "images", "miniimagenet: image folder", "put the image files in "

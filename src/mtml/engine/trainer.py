@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
-from mtml.engine.joint import TaskBatcher, evaluate, joint_step, objective
+from mtml.engine.joint import Batch, TaskBatcher, evaluate, joint_step, objective
 from mtml.engine.run import Run
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.nn.model import MultiTaskModel
@@ -71,11 +71,14 @@ def train_multitask(
     progress: ProgressHook | None = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 3,
+    before_step: Callable[[Batch], object] | None = None,
 ) -> TrainResult:
     """Train ``model`` on every task jointly, minimising ``Σᵢ wᵢ·Lᵢ``; stop early on the mean validation loss.
 
     Every task needs a ``val`` split (it drives early stopping and best-checkpoint selection); ``test``
     metrics are computed at the end when the tasks have a test split. Results are reproducible from ``seed``.
+    ``before_step`` (optional) is called with each step's batch ``{task: (x, y)}`` before the update, e.g. a
+    :class:`mtml.transfer.TagRecorder`; it must not change the model.
     """
     stop = stop or StopRule()
     _check_tasks(model, tasks)
@@ -93,7 +96,10 @@ def train_multitask(
     by_name = {t.name: t for t in tasks}
 
     def step() -> dict[str, Any]:
-        return joint_step(model, by_name, batcher.sample(gen), weighting, opt).as_dict()
+        batch = batcher.sample(gen)
+        if before_step is not None:
+            before_step(batch)
+        return joint_step(model, by_name, batch, weighting, opt).as_dict()
 
     def validate() -> dict[str, Any]:
         metrics = evaluate(model, tasks, "val")

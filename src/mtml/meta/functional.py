@@ -7,6 +7,9 @@ parameter is either still tied across tasks (its own shape, as at the start of a
 
 - the **speed path** (:mod:`mtml.meta.mlp`): MLP chains run as batched matrix products on the stacked
   weights and are differentiated by hand — no ``vmap``, no ``autograd.grad``;
+- the **grouped-convolution path** (:mod:`mtml.meta.conv`): Conv-4-like chains on images ``[tasks, n, C, H, W]``
+  fold the tasks into the channels and run each convolution with per-task weights as one grouped ``conv2d``;
+  autograd differentiates it;
 - the **general path**: any other module runs through ``torch.func.vmap`` over
   ``torch.func.functional_call``, and one ``autograd.grad`` of the summed task losses gives every task its own
   gradient (tasks share no adapted parameter, so the sum separates).
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
+from mtml.meta.conv import conv_chain, conv_forward
 from mtml.meta.episode import task_losses
 from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.nn.model import MultiTaskModel
@@ -68,11 +72,16 @@ def batched_forward(
 ) -> Tensor:
     """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters → ``[tasks, n, *output]``.
 
-    ``chain`` (from :func:`linear_chain`) selects the speed path; without it, or for inputs that are not
-    ``[tasks, n, features]``, the call goes through ``vmap(functional_call)``.
+    ``chain`` (from :func:`linear_chain`) selects the speed path; without it, images ``[tasks, n, C, H, W]``
+    through a model that :func:`~mtml.meta.conv.conv_chain` recognises take the grouped-convolution path, and
+    anything else goes through ``vmap(functional_call)``.
     """
     if chain is not None and x.ndim == 3:
         return chain_forward(chain, {**shared, **fast}, x)
+    if chain is None and x.ndim == 5:
+        convs = conv_chain(model)
+        if convs is not None:
+            return conv_forward(convs, {**shared, **fast}, x)
     return _vmap_forward(model, shared, fast, x)
 
 

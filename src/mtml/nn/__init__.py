@@ -1,7 +1,9 @@
 """Neural-network pieces: the multi-task model, builders for trunks, heads and stems, and architectures."""
 
 from mtml.nn.architectures import ColumnModel, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
+from mtml.nn.backbones import BACKBONES, build_backbone, check_backbone_options, feature_dim
 from mtml.nn.builders import build_multitask_model, mlp
+from mtml.nn.conv import Conv4, ResNet12
 from mtml.nn.factory import build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
 from mtml.nn.model import MultiTaskModel
 from mtml.nn.text import SentenceEncoder, build_text_model
@@ -17,7 +19,8 @@ ARCHITECTURES.register("cross_stitch", build_cross_stitch, help="a column per ta
                        "units (Misra et al. CVPR 2016)")
 
 __all__ = [
-    "ARCHITECTURES", "ColumnModel", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk", "MultiTaskModel",
-    "SentenceEncoder", "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model",
-    "build_multitask_model", "build_ple", "build_text_model", "mlp",
+    "ARCHITECTURES", "BACKBONES", "ColumnModel", "Conv4", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk",
+    "MultiTaskModel", "ResNet12", "SentenceEncoder", "build_backbone", "build_cgc", "build_cross_stitch",
+    "build_hps", "build_mmoe", "build_model", "build_multitask_model", "build_ple", "build_text_model",
+    "check_backbone_options", "feature_dim", "mlp",
 ]

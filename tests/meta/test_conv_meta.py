@@ -1,0 +1,189 @@
+"""Meta-learning with convolutional backbones: every algorithm on image episodes, and the grouped-convolution
+path against the general ``vmap`` path (float64 oracles for outputs, per-task gradients and meta-gradients)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import mtml.meta.functional as functional
+from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, batched_forward, meta_parameters, meta_step, task_gradients
+from mtml.meta.conv import conv_chain, conv_forward
+from mtml.nn import MultiTaskModel, build_backbone, feature_dim
+from mtml.sampling import few_shot_splits
+
+torch.set_num_threads(1)
+
+WAYS = 3
+
+
+def images(classes: int = 12, per_class: int = 6, size: int = 28, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random ``[n, 1, size, size]`` images whose class sets a fixed pattern (plus noise): ``x``, labels ``y``."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, 1, size, size, generator=g).sign()
+    y = torch.arange(classes).repeat_interleave(per_class)
+    x = patterns[y] + 0.5 * torch.randn(len(y), 1, size, size, generator=g)
+    return x, y
+
+
+def episode(tasks: int = 2, shots: int = 1, query: int = 2, seed: int = 0,
+            dtype: torch.dtype = torch.float32) -> Episode:
+    x, y = images(seed=seed)
+    sampler = few_shot_splits(x.to(dtype), y, ways=WAYS, shots=shots, query_shots=query, meta_batch=tasks,
+                              fractions=(0.5, 0.25, 0.25), seed=seed)["train"]
+    return sampler.sample(torch.Generator().manual_seed(seed))
+
+
+def model(backbone: str = "conv4", seed: int = 0, dtype: torch.dtype = torch.float32, **options: object) -> nn.Module:
+    torch.manual_seed(seed)
+    opts = {"width": 8, "groups": 4, **options} if backbone == "conv4" else {"width": 4, "groups": 2, **options}
+    trunk = build_backbone(backbone, (1, 28, 28), opts)
+    return MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), WAYS)}).to(dtype)
+
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "maml": {"inner_lr": 0.1}, "fomaml": {"inner_lr": 0.1}, "reptile": {"inner_lr": 0.05, "inner_steps": 5},
+    "anil": {"inner_lr": 0.1}, "boil": {"inner_lr": 0.1}, "metasgd": {"inner_lr": 0.1},
+}
+
+
+def _query_loss(algorithm: MetaAlgorithm, net: nn.Module, ep: Episode) -> float:
+    steps = algorithm.test_inner_steps if algorithm.uses_inner_steps else 0
+    return float(algorithm.evaluate(net, ep, [steps])[steps]["loss"].mean())
+
+
+@pytest.mark.parametrize("name", ALGORITHMS.names())
+def test_every_algorithm_learns_a_conv_episode(name: str) -> None:
+    net = model()
+    algorithm = ALGORITHMS.create(name, net, **OPTIONS.get(name, {}))
+    optimizer = torch.optim.Adam(meta_parameters(algorithm, net), lr=1e-2)
+    ep = episode(tasks=2, shots=2, query=2)
+    before = _query_loss(algorithm, net, ep)
+    for _ in range(8):
+        out = meta_step(algorithm, net, ep, optimizer)
+        assert torch.isfinite(torch.tensor(out["loss"]))
+    after = _query_loss(algorithm, net, ep)
+    assert after < before, f"{name}: query loss after adaptation {before:.4f} → {after:.4f} did not fall"
+    assert algorithm.evaluate(net, ep, [0, 1])[1]["accuracy"].shape == (2,)
+
+
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_resnet12_runs_through_the_general_path(name: str) -> None:
+    net = model("resnet12")
+    assert conv_chain(net) is None  # residual: not a chain, so MAML takes vmap(functional_call)
+    algorithm = ALGORITHMS.create(name, net, **OPTIONS.get(name, {}))
+    optimizer = torch.optim.Adam(meta_parameters(algorithm, net), lr=1e-3)
+    out = meta_step(algorithm, net, episode(), optimizer)
+    assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_conv4_is_recognised_and_other_convolutions_are_not() -> None:
+    chain = conv_chain(model(norm="layer"))
+    assert chain is not None and len(chain.head) == 1
+    assert conv_chain(model(norm="none")) is not None
+    strided = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 2))
+    assert conv_chain(strided) is None
+    assert conv_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is None  # no convolution: MLP business
+
+
+# -- oracles: grouped convolution == vmap(functional_call), float64 ---------------------------------------------
+def _vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on (in this test) ``batched_forward`` takes the general ``vmap(functional_call)`` path."""
+    monkeypatch.setattr(functional, "conv_chain", lambda module: None)
+
+
+def _per_task(params: Mapping[str, Tensor], tasks: int, scale: float = 0.05) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {n: p.detach().unsqueeze(0) + scale * torch.randn(tasks, *p.shape, generator=g, dtype=p.dtype)
+            for n, p in params.items()}
+
+
+@pytest.mark.parametrize("norm", ["group", "layer", "none"])
+@pytest.mark.parametrize("which", ["all", "trunk", "heads", "norms"])
+def test_grouped_forward_equals_vmap(norm: str, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = model(norm=norm, dtype=torch.float64)
+    params = dict(net.named_parameters())
+    pick = {"all": lambda n: True, "trunk": lambda n: n.startswith("trunk."),
+            "heads": lambda n: n.startswith("heads."), "norms": lambda n: ".1." in n}[which]
+    names = [n for n in params if pick(n)] or list(params)
+    fast = _per_task({n: params[n] for n in names}, 3)
+    shared = {n: p for n, p in params.items() if n not in fast}
+    x = episode(tasks=3, dtype=torch.float64).query.x
+    chain = conv_chain(net)
+    assert chain is not None
+    grouped = conv_forward(chain, {**shared, **fast}, x)
+    assert torch.equal(batched_forward(net, shared, fast, x), grouped)
+    _vmap(monkeypatch)
+    torch.testing.assert_close(grouped, batched_forward(net, shared, fast, x), rtol=0, atol=1e-10)
+
+
+def test_grouped_task_gradients_equal_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = model(dtype=torch.float64)
+    params = dict(net.named_parameters())
+    fast = _per_task(params, 3)
+    support = episode(tasks=3, shots=2, dtype=torch.float64).support
+    grouped = task_gradients(net, {}, fast, support)
+    _vmap(monkeypatch)
+    reference = task_gradients(net, {}, fast, support)
+    for n in fast:
+        assert grouped[n].shape == (3, *params[n].shape)
+        torch.testing.assert_close(grouped[n], reference[n], rtol=0, atol=1e-8)
+
+
+def _meta_gradient(algorithm: MetaAlgorithm, net: nn.Module, ep: Episode) -> dict[str, Tensor]:
+    net.zero_grad()
+    algorithm.zero_grad()
+    algorithm.meta_objective(net, ep).objective.backward()
+    grads = {f"model.{n}": p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    grads.update({f"alg.{n}": p.grad.clone() for n, p in algorithm.named_parameters() if p.grad is not None})
+    return grads
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("maml", {"inner_steps": 2}), ("boil", {}), ("metasgd", {}), ("maml", {"first_order": True}),
+    ("anil", {}), ("reptile", {"inner_steps": 2}),
+])
+def test_second_order_meta_gradient_grouped_equals_vmap(name: str, options: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = model(dtype=torch.float64)
+    algorithm = ALGORITHMS.create(name, net, inner_lr=0.3, **options).double()
+    ep = episode(tasks=3, shots=1, query=2, dtype=torch.float64)
+    grouped = _meta_gradient(algorithm, net, ep)
+    _vmap(monkeypatch)
+    reference = _meta_gradient(algorithm, net, ep)
+    assert grouped.keys() == reference.keys() and grouped
+    for n, g in grouped.items():
+        torch.testing.assert_close(g, reference[n], rtol=0, atol=1e-6, msg=f"{name}: meta-gradient of {n}")
+    assert any(g.abs().max() > 1e-4 for n, g in grouped.items() if n.startswith("model.trunk.0."))
+
+
+def test_grouped_gradients_match_a_loop_over_tasks() -> None:
+    """Oracle against the plainest computation: each task alone, through the module's own forward."""
+    net = model(dtype=torch.float64)
+    params = dict(net.named_parameters())
+    fast = _per_task(params, 2)
+    support = episode(tasks=2, shots=2, dtype=torch.float64).support
+    batched = task_gradients(net, {}, fast, support)
+    for t in range(2):
+        mine = {n: w[t].clone().requires_grad_() for n, w in fast.items()}
+        logits = torch.func.functional_call(net, mine, (support.x[t], "task"))
+        loss = nn.functional.cross_entropy(logits, support.y[t])
+        grads = torch.autograd.grad(loss, list(mine.values()))
+        for n, g in zip(mine, grads, strict=True):
+            torch.testing.assert_close(batched[n][t], g, rtol=0, atol=1e-10)
+
+
+def test_split_batches_share_nothing() -> None:
+    """A query example's output depends only on itself and its task's parameters (no batch statistics)."""
+    net = model(dtype=torch.float64)
+    fast = _per_task(dict(net.named_parameters()), 2)
+    x = episode(tasks=2, query=3, dtype=torch.float64).query.x
+    chain = conv_chain(net)
+    assert chain is not None
+    full = conv_forward(chain, fast, x)
+    alone = conv_forward(chain, fast, x[:, :1])
+    torch.testing.assert_close(full[:, :1], alone, rtol=0, atol=1e-12)

@@ -116,6 +116,80 @@ def demo(
     run_demo(out, quick=quick, console=console)
 
 
+@app.command()
+def affinity(
+    config: Annotated[Path, typer.Argument(help="YAML config of a joint (multi-task) run")],
+    groups: Annotated[int | None, typer.Option(help="number of task groups (default: best of 1..4)")] = None,
+    out: Annotated[Path | None, typer.Option(help="new run directory (default: runs/<name>-<time>-affinity)")] = None,
+    every: Annotated[int, typer.Option(help="record the affinity every N training steps")] = 10,
+    lookahead_lr: Annotated[float | None, typer.Option(help="lookahead SGD step (default: training.lr)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set training.lr=0.01")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train CONFIG while recording TAG inter-task affinity; write a heatmap and suggested task groups."""
+    from rich.table import Table
+
+    from mtml.affinity_run import task_affinity
+    from mtml.config import load_config
+    from mtml.report import RichProgress
+
+    progress = None if quiet else RichProgress("affinity", console=console)
+    res = task_affinity(load_config(config, set_ or []), out, groups=groups, every=every, lookahead_lr=lookahead_lr,
+                        progress=progress)
+    table = Table(title=f"affinity of row task onto column task ({res.steps_recorded} recorded steps)")
+    table.add_column("from \\ onto")
+    for j in range(len(res.names)):
+        table.add_column(str(j), justify="right")
+    for i, name in enumerate(res.names):
+        table.add_row(f"{i} {name}", *(f"{v:+.4f}" for v in res.matrix[i]))
+    console.print(table)
+    for k, g in res.groupings.items():
+        mark = "  [bold green]← suggested[/]" if k == res.suggested else ""
+        console.print(f"{k} group(s), score {g.score:+.4f} ({g.method}): {g.named(res.names)}{mark}")
+    if res.negative:
+        console.print("[bold red]negative transfer[/] (95% CI below 0): "
+                      + ", ".join(f"{a} → {b}" for a, b in res.negative))
+    console.print(f"run directory: [bold]{res.run.path}[/] (affinity.json, plots/affinity.png)")
+
+
+@app.command()
+def rank(
+    runs: Annotated[list[Path], typer.Argument(help="source run directories to rank")],
+    target: Annotated[Path, typer.Option(help="YAML config whose tasks are the target")],
+    task: Annotated[str | None, typer.Option(help="rank for this target task only (default: every task)")] = None,
+    source_task: Annotated[str | None, typer.Option(help="source head for LEEP/NCE (default: first classifier)")]
+    = None,
+    split: Annotated[str, typer.Option(help="target split the estimates read")] = "train",
+    by: Annotated[str, typer.Option(help="estimator to sort by")] = "logme",
+    out: Annotated[Path | None, typer.Option(help="also write the ranking as JSON here")] = None,
+) -> None:
+    """Rank source runs for a --target config by LogME, LEEP, NCE and H-score (no fine-tuning)."""
+    import json
+
+    from rich.table import Table
+
+    from mtml.config import load_config
+    from mtml.engine.atomic import atomic_write_text
+    from mtml.rank_run import rank_sources
+
+    ranking = rank_sources(load_config(target, []), runs, task=task, source_task=source_task, split=split, by=by)
+    for name, rows in ranking.items():
+        table = Table(title=f"target task '{name}' — sources ranked by {by}")
+        table.add_column("#", justify="right")
+        table.add_column("source run")
+        table.add_column("head")
+        estimators = list(rows[0]["scores"])
+        for e in estimators:
+            table.add_column(e, justify="right")
+        for i, r in enumerate(rows, 1):
+            cells = ["—" if r["scores"][e] is None else f"{r['scores'][e]:.4f}" for e in estimators]
+            table.add_row(str(i), r["run"], r["source_task"] or "—", *cells)
+        console.print(table)
+    if out is not None:
+        atomic_write_text(out, json.dumps(ranking, indent=2) + "\n")
+        console.print(f"ranking written to [bold]{out}[/]")
+
+
 def main() -> None:
     """Entry point: runs the app, turning mtml's errors into one-line messages without a traceback."""
     try:

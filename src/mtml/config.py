@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS
-from mtml.nn import ARCHITECTURES
+from mtml.nn import ARCHITECTURES, BACKBONES, check_backbone_options
 from mtml.registry import Registry, check_options
 from mtml.weighting import WEIGHTINGS
 
@@ -44,6 +44,10 @@ class ModelConfig(_Strict):
     activation: Literal["relu", "gelu", "tanh", "silu", "linear"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     share_trunk: bool = Field(True, description="false trains one trunk per task: the single-task baseline")
+    backbone: str = Field("mlp", description="feature extractor: mlp (flat inputs, widths trunk_hidden), conv4 or "
+                          "resnet12 (images [C, H, W]); see `mtml list`")
+    backbone_options: dict[str, Any] = Field(default_factory=dict, description="options of a conv backbone: width, "
+                                             "norm (group, layer or none), groups; conv4 also blocks")
 
     @field_validator("trunk_hidden", "head_hidden")
     @classmethod
@@ -135,6 +139,7 @@ class Config(_Strict):
         if self.model.architecture != "hps" and not self.model.share_trunk:
             raise ConfigError("model.share_trunk: false is hard sharing's single-task baseline; use it with "
                               "model.architecture: hps.")
+        self._check_backbone()
         if self.is_meta:
             checks.append(("training.algorithm", ALGORITHMS, t.algorithm, t.algorithm_options))
         for path, registry, name, options in checks:
@@ -146,6 +151,17 @@ class Config(_Strict):
             if path == "training.algorithm":
                 where = "training.algorithm_options"
             check_options(factory, options, where=where)
+
+    def _check_backbone(self) -> None:
+        m = self.model
+        try:
+            BACKBONES.get(m.backbone)
+        except ConfigError as exc:
+            raise type(exc)(f"model.backbone: {exc}") from None
+        check_backbone_options(m.backbone, m.backbone_options, where="model.backbone_options")
+        if m.backbone != "mlp" and not self.is_meta and m.architecture != "hps":
+            raise ConfigError(f"model.backbone: {m.backbone} is a trunk for hard parameter sharing; use it with "
+                              f"model.architecture: hps (got '{m.architecture}'), or backbone: mlp.")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -65,7 +65,9 @@ def build(config: Config) -> Experiment:
     tasks = DATASETS.create(config.data.dataset, where="data.options", **opts)
     torch.manual_seed(config.seed)
     m = config.model
-    extra: dict[str, Any] = {"share_trunk": m.share_trunk} if m.architecture == "hps" else {}
+    extra: dict[str, Any] = {}
+    if m.architecture == "hps":
+        extra = {"share_trunk": m.share_trunk, "backbone": m.backbone, "backbone_options": m.backbone_options}
     model = ARCHITECTURES.create(m.architecture, tasks, where="model.options", trunk_hidden=m.trunk_hidden,
                                  head_hidden=m.head_hidden, stem_width=m.stem_width, activation=m.activation,
                                  dropout=m.dropout, **extra, **m.options)

@@ -14,7 +14,7 @@ from mtml.datasets import FAMILIES, EpisodeSource
 from mtml.engine import FitResult, ProgressHook, Run, StopRule, fit, make_optimizer
 from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, meta_evaluate, meta_parameters, meta_step
-from mtml.nn import MultiTaskModel, mlp
+from mtml.nn import MultiTaskModel, build_backbone, feature_dim, mlp
 
 __all__ = ["MetaExperiment", "build_meta", "evaluate_meta", "fit_meta", "judged_steps"]
 
@@ -37,15 +37,25 @@ def _source(config: Config, **override: Any) -> EpisodeSource:
 
 
 def build_meta(config: Config, **data_override: Any) -> MetaExperiment:
-    """Task family, a one-head MLP model (trunk = meta-learner, head = task learner) and the algorithm."""
+    """Task family, a one-head model (trunk = meta-learner, head = task learner) and the algorithm.
+
+    The trunk is ``model.backbone``: an MLP of widths ``model.trunk_hidden`` on flat features (the default) or
+    a convolutional backbone (``conv4``, ``resnet12``) on images ``(C, H, W)``; the head is an MLP of widths
+    ``model.head_hidden`` (a linear layer by default) on the trunk's feature vector.
+    """
     source = _source(config, **data_override)
-    if len(source.input_shape) != 1:
-        raise ConfigError(f"data.dataset '{config.data.dataset}' has inputs of shape {source.input_shape}; the "
-                          "MLP meta-learner takes flat features.")
-    torch.manual_seed(config.seed)
     m = config.model
-    trunk = mlp(source.input_shape[0], m.trunk_hidden, activation=m.activation)
-    width = m.trunk_hidden[-1] if m.trunk_hidden else source.input_shape[0]
+    if m.backbone == "mlp" and len(source.input_shape) != 1:
+        raise ConfigError(f"data.dataset '{config.data.dataset}' has inputs of shape {source.input_shape}; the "
+                          "MLP meta-learner takes flat features. For images set model.backbone: conv4 (or resnet12).")
+    torch.manual_seed(config.seed)
+    trunk: nn.Module
+    if m.backbone == "mlp":
+        trunk = mlp(source.input_shape[0], m.trunk_hidden, activation=m.activation)
+        width = m.trunk_hidden[-1] if m.trunk_hidden else source.input_shape[0]
+    else:
+        trunk = build_backbone(m.backbone, source.input_shape, m.backbone_options)
+        width = feature_dim(trunk)
     head: nn.Module = mlp(width, m.head_hidden, source.num_outputs, activation=m.activation)
     model = MultiTaskModel(trunk, {"task": head}, input_shapes={"task": source.input_shape})
     t = config.training

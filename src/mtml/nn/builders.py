@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -54,7 +55,8 @@ def _flat_width(task: Task) -> int:
     if len(task.input_shape) != 1:
         raise ConfigError(
             f"task '{task.name}' has inputs of shape {task.input_shape}; MLP models take flat features. "
-            "Flatten the inputs or use a convolutional trunk."
+            "Flatten the inputs or use a convolutional trunk (model.backbone: conv4 or resnet12, with "
+            "model.architecture: hps)."
         )
     return task.input_shape[0]
 
@@ -68,16 +70,25 @@ def build_multitask_model(
     activation: str = "relu",
     dropout: float = 0.0,
     share_trunk: bool = True,
+    backbone: str = "mlp",
+    backbone_options: Mapping[str, Any] | None = None,
 ) -> MultiTaskModel:
-    """An MLP multi-task model for tasks with flat inputs.
+    """An MLP multi-task model for tasks with flat inputs, or a conv trunk for image tasks.
 
     Tasks whose input width differs from the first task's (or every task, when ``stem_width`` is set) get a
     ``Linear(width → stem_width) → act`` stem in front of the shared trunk. With ``share_trunk=False`` every
     task gets its own copy of the trunk instead (as its stem, in front of an identity trunk): the single-task
     baseline with the same architecture, trainable in the same loop.
+
+    ``backbone`` other than ``"mlp"`` (a name in :data:`mtml.nn.BACKBONES`, e.g. ``"conv4"``) makes the trunk that
+    backbone, built with ``backbone_options``, for tasks that all share one image shape ``(C, H, W)``; each head
+    is then an MLP (``head_hidden``) on the backbone's feature vector, and ``trunk_hidden`` is not used.
     """
     if not tasks:
         raise ConfigError("build_multitask_model needs at least one task.")
+    if backbone != "mlp":
+        return _backbone_model(tasks, backbone, backbone_options or {}, head_hidden=head_hidden,
+                               activation=activation, share_trunk=share_trunk, stem_width=stem_width)
     widths = {t.name: _flat_width(t) for t in tasks}
     first = widths[tasks[0].name]
     needs_stem = stem_width is not None or len(set(widths.values())) > 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -43,10 +43,13 @@ def _column_model(tasks: Sequence[Task], trunk_hidden: Sequence[int], head_hidde
 
 def build_hps(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (64, 64), head_hidden: Sequence[int] = (),
               stem_width: int | None = None, activation: str = "relu", dropout: float = 0.0,
-              share_trunk: bool = True) -> MultiTaskModel:
-    """Hard parameter sharing: one shared MLP trunk, one head per task (Caruana, "Multitask Learning", 1997)."""
+              share_trunk: bool = True, backbone: str = "mlp",
+              backbone_options: Mapping[str, Any] | None = None) -> MultiTaskModel:
+    """Hard parameter sharing: one shared trunk (an MLP, or a conv ``backbone`` for images), one head per task
+    (Caruana, "Multitask Learning", 1997)."""
     return build_multitask_model(tasks, trunk_hidden=trunk_hidden, head_hidden=head_hidden, stem_width=stem_width,
-                                 activation=activation, dropout=dropout, share_trunk=share_trunk)
+                                 activation=activation, dropout=dropout, share_trunk=share_trunk, backbone=backbone,
+                                 backbone_options=backbone_options)
 
 
 def build_mmoe(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (64, 64), head_hidden: Sequence[int] = (),

@@ -29,7 +29,10 @@ from torch import Tensor
 from mtml.errors import DataError
 from mtml.registry import Registry
 
-__all__ = ["ESTIMATORS", "Estimator", "hscore", "leep", "log_evidence", "logme", "logme_fixed_point", "nce"]
+__all__ = [
+    "ESTIMATORS", "Estimator", "estimate_all", "head_probs", "hscore", "leep", "log_evidence", "logme",
+    "logme_fixed_point", "nce",
+]
 
 _F64 = torch.float64
 CLASSIFICATION = ("binary", "multiclass")
@@ -281,3 +284,28 @@ ESTIMATORS.register("nce", Estimator("probs", CLASSIFICATION, lambda p, y, k: nc
                     help="NCE, Tran et al. 2019: -H(target | source hard label)")
 ESTIMATORS.register("hscore", Estimator("features", CLASSIFICATION, lambda f, y, k: hscore(f, y)),
                     help="H-score, Bao et al. 2019: tr(cov(f)^-1 cov(E[f|y]))")
+
+
+def head_probs(outputs: Tensor, kind: str) -> Tensor | None:
+    """Class probabilities ``[n, c_s]`` from a source head's outputs: softmax of multiclass logits, ``[1 − p, p]``
+    for a binary logit ``[n, 1]``; ``None`` for regression and multilabel heads (no class distribution)."""
+    _kind(kind)
+    if kind == "multiclass":
+        return torch.softmax(outputs.to(_F64), 1)
+    if kind == "binary":
+        p = torch.sigmoid(outputs.to(_F64).reshape(-1, 1))
+        return torch.cat([1 - p, p], 1)
+    return None
+
+
+def estimate_all(
+    features: Tensor | None, source_probs: Tensor | None, labels: Tensor, kind: str
+) -> dict[str, float | None]:
+    """Every registered estimator that applies to ``kind`` and the given inputs; ``None`` for the others."""
+    out: dict[str, float | None] = {}
+    for name in ESTIMATORS:
+        est = ESTIMATORS.get(name)
+        ok = isinstance(est, Estimator) and est.applies(kind, has_probs=source_probs is not None)
+        ok = ok and (features is not None or getattr(est, "uses", "") != "features")
+        out[name] = ESTIMATORS.create(name, features, source_probs, labels, kind=kind) if ok else None
+    return out

@@ -107,3 +107,28 @@ def build_multitask_model(
     heads = {t.name: mlp(d_feat, head_hidden, t.num_outputs, activation=activation) for t in tasks}
     shared: nn.Module = trunk() if share_trunk else nn.Identity()
     return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})
+
+
+def _backbone_model(tasks: Sequence[Task], backbone: str, options: Mapping[str, Any], *, head_hidden: Sequence[int],
+                    activation: str, share_trunk: bool, stem_width: int | None) -> MultiTaskModel:
+    """A multi-task model whose trunk is the backbone ``backbone`` (see :func:`build_multitask_model`)."""
+    from mtml.nn.backbones import build_backbone, feature_dim  # backbones imports this module
+
+    shapes = {t.input_shape for t in tasks}
+    if len(shapes) != 1:
+        raise ConfigError(f"backbone '{backbone}' is shared by every task, so they need one input shape; got "
+                          f"{', '.join(f'{t.name} {t.input_shape}' for t in tasks)}. Resize the inputs to one shape.")
+    if stem_width is not None:
+        raise ConfigError(f"model.stem_width adapts flat inputs to an MLP trunk; backbone '{backbone}' takes the "
+                          "images directly. Remove stem_width.")
+    shape = next(iter(shapes))
+
+    def trunk() -> nn.Module:
+        return build_backbone(backbone, shape, options)
+
+    # share_trunk=False: every task's own backbone is its stem, in front of an identity trunk
+    stems = {} if share_trunk else {t.name: trunk() for t in tasks}
+    shared = trunk() if share_trunk else nn.Identity()
+    width = feature_dim(shared if share_trunk else stems[tasks[0].name])
+    heads = {t.name: mlp(width, head_hidden, t.num_outputs, activation=activation) for t in tasks}
+    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})

@@ -87,7 +87,7 @@ def list_() -> None:
 
     from mtml.datasets import DATASETS, FAMILIES
     from mtml.meta import ALGORITHMS
-    from mtml.nn import ARCHITECTURES
+    from mtml.nn import ARCHITECTURES, BACKBONES
     from mtml.weighting import WEIGHTINGS
 
     models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
@@ -95,7 +95,8 @@ def list_() -> None:
     algorithms = {"joint": "joint multi-task training, Σ w_i·L_i (weighting below)", **ALGORITHMS.describe()}
     sections = (("datasets (multi-task)", DATASETS.describe()), ("task families (meta-learning)", FAMILIES.describe()),
                 ("models", models), ("architectures (model.architecture)", ARCHITECTURES.describe()),
-                ("algorithms", algorithms), ("weightings", WEIGHTINGS.describe()))
+                ("backbones (model.backbone)", BACKBONES.describe()), ("algorithms", algorithms),
+                ("weightings", WEIGHTINGS.describe()))
     for title, items in sections:
         table = Table(title=title, title_justify="left")
         table.add_column("name", style="bold")

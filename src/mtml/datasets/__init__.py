@@ -8,6 +8,8 @@ from mtml.datasets.faces import lfw_faces
 from mtml.datasets.families import EpisodeSource, gaussian_classes, sinusoid
 from mtml.datasets.fashion import fashion, fashion_fewshot
 from mtml.datasets.folders import image_folder, miniimagenet, omniglot
+from mtml.datasets.glyphs import GlyphSet, load_glyphs
+from mtml.datasets.glyphs_fewshot import glyphs, pixel_nn_accuracy
 from mtml.datasets.movies import movies
 from mtml.datasets.penguins import penguins
 from mtml.datasets.schools import schools
@@ -31,6 +33,8 @@ DATASETS.register("table", table, help="your CSV/Parquet file: one task per targ
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
 FAMILIES.register("sinusoid", sinusoid, help="sinusoid regression, Finn et al. 2017 (meta-learning)")
 FAMILIES.register("gaussian_classes", gaussian_classes, help="N-way K-shot over synthetic Gaussian classes")
+FAMILIES.register("glyphs", glyphs, help="offline Omniglot stand-in: letters of ~140 scripts rendered from Noto fonts, "
+                  "28×28, alphabet-disjoint splits (rendered once, cached)")
 FAMILIES.register("image_folder", image_folder, help="N-way K-shot over your class-per-folder images (option: root)")
 FAMILIES.register("omniglot", omniglot, help="Omniglot characters, 28×28 (option: root with images_background/, "
                   "images_evaluation/)")
@@ -40,7 +44,8 @@ FAMILIES.register("fashion_fewshot", fashion_fewshot, help="N-way K-shot over th
                   "(test episodes from the official test images)")
 
 __all__ = [
-    "DATASETS", "FAMILIES", "EpisodeSource", "fashion", "fashion_fewshot", "gaussian_classes", "image_folder",
-    "lfw_faces", "miniimagenet", "movies", "omniglot", "penguins", "schools", "sinusoid",
+    "DATASETS", "FAMILIES", "EpisodeSource", "GlyphSet", "fashion", "fashion_fewshot", "gaussian_classes", "glyphs",
+    "image_folder", "lfw_faces", "load_glyphs", "miniimagenet", "movies", "omniglot", "penguins", "pixel_nn_accuracy",
+    "schools", "sinusoid",
     "synthetic_linear", "table", "texts",
 ]

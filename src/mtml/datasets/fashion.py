@@ -117,14 +117,18 @@ def fashion(
     ``[784]`` with ``flatten=True`` (the default, for MLP models), else ``[1, 28, 28]``.
     """
     train_size = _check_size("train_size", train_size, SIZES["train"] - 1)
-    val_size = _check_size("val_size", val_size, SIZES["train"] - train_size, " (train_size + val_size <= 60000)")
+    val_size = _check_size("val_size", val_size, SIZES["train"] - 1)
     if test_size is not None:
-        test_size = _check_size("test_size", test_size, SIZES["test"], " or null (all 10000)")
+        test_size = _check_size("test_size", test_size, SIZES["test"], " or null (all of them)")
     to_float = ToFloat(check_flatten(flatten))
     data = load_fashion_mnist(root)
+    n_train, n_test = len(data["train"][1]), len(data["test"][1])
+    if train_size + val_size > n_train:
+        raise ConfigError(f"`train_size` + `val_size` must be <= the {n_train} training images. Got {train_size} + "
+                          f"{val_size}. Lower one of them.")
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(SIZES["train"], generator=gen)
-    test_idx = torch.randperm(SIZES["test"], generator=gen)[:test_size] if test_size else torch.arange(SIZES["test"])
+    perm = torch.randperm(n_train, generator=gen)
+    test_idx = torch.randperm(n_test, generator=gen)[:test_size] if test_size else torch.arange(n_test)
     picks = {"train": ("train", perm[:train_size]), "val": ("train", perm[train_size : train_size + val_size]),
              "test": ("test", test_idx)}
     xs, ys = {}, {}
@@ -156,8 +160,10 @@ def fashion_fewshot(
         raise ConfigError(f"`ways` must be <= 10 (Fashion-MNIST has 10 categories). Got {ways}.")
     to_float = ToFloat(check_flatten(flatten))
     data = load_fashion_mnist(root)
-    perm = torch.randperm(SIZES["train"], generator=torch.Generator().manual_seed(seed))
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    if val_size >= len(train_y):
+        raise ConfigError(f"`val_size` must be < the {len(train_y)} training images. Got {val_size}.")
+    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     parts = {"train": (train_x[perm[val_size:]], train_y[perm[val_size:]]),
              "val": (train_x[perm[:val_size]], train_y[perm[:val_size]]), "test": (test_x, test_y)}
     samplers = {split: FewShotClassification(x.unsqueeze(1), y, ways=ways, shots=shots, query_shots=query_shots,

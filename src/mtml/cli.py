@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mtml.errors import MtmlError
 
@@ -24,6 +26,9 @@ def train(
     out: Annotated[Path | None, typer.Option(help="new run directory (default: runs/<name>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    nproc: Annotated[int, typer.Option(help="ranks on this machine (data-parallel; see docs/distributed.md)")] = 1,
+    dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
+    = None,
 ) -> None:
     """Train a config into a run directory, or --resume an interrupted run."""
     from mtml.config import load_config
@@ -31,7 +36,11 @@ def train(
     from mtml.experiment import train as train_config
     from mtml.report import RichProgress
 
-    progress = None if quiet else RichProgress("train", console=console)
+    if nproc != 1 or dist_timeout is not None:
+        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout)
+        return
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    progress = None if quiet or not main_rank else RichProgress("train", console=console)
     if resume is not None:
         if config is not None or set_:
             raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
@@ -41,8 +50,36 @@ def train(
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
         cfg = load_config(config, set_ or [])
         run, result = train_config(cfg, out, progress=progress)
+    if not main_rank:
+        return
     _print_scores(result.test or result.val, f"test metrics (best step {result.fit.best_step})")
     console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
+
+
+def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, quiet: bool,
+                  nproc: int, timeout: float | None) -> None:
+    """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
+    from mtml.config import load_config
+    from mtml.engine.dist_launch import launch
+    from mtml.experiment import default_run_dir
+
+    if "WORLD_SIZE" in os.environ:
+        raise MtmlError("--nproc and --dist-timeout start ranks themselves; under torchrun leave them out (set "
+                        "MTML_DIST_TIMEOUT for the timeout).")
+    if timeout is not None and not timeout > 0:
+        raise MtmlError(f"--dist-timeout must be > 0 seconds. Got {timeout}.")
+    args = ["train", *(["--quiet"] if quiet else [])]
+    if resume is not None:
+        if config is not None or set_:
+            raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
+        run_dir = resume
+        args += ["--resume", str(resume)]
+    else:
+        if config is None:
+            raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
+        run_dir = out or default_run_dir(load_config(config, set_))  # one name for every rank
+        args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
+    launch(args, nproc, run_dir=run_dir, timeout=timeout)
 
 
 def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
@@ -196,7 +233,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except MtmlError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        if getattr(exc, "echo_of_rank", None) is not None:
+            sys.exit(2)  # rank 0 printed this error already
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted. Continue a run with: mtml train --resume RUN")

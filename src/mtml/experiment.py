@@ -26,6 +26,7 @@ from mtml.engine import (
     restore,
     train_multitask,
 )
+from mtml.engine.distributed import broadcast_from_main, is_main, local_device, session
 from mtml.errors import ConfigError
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
 from mtml.nn import ARCHITECTURES, MultiTaskModel
@@ -98,7 +99,7 @@ class _Prepared:
 def _prepare(config: Config) -> _Prepared:
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = local_device(resolve_device(config.device))
     if config.is_meta:
         return _Prepared(config, device, meta=build_meta(config))
     exp = build(config)
@@ -136,9 +137,10 @@ def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
         tasks = {t.name: {"kind": t.kind.value, "primary_metric": t.primary_metric} for t in prep.exp.tasks}
     summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
                **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}
-    run.write_summary(summary)
-    plot_learning_curves(run.records(), run.plot_dir)
-    run.set_status("completed", finished=time.time())
+    if is_main():  # in a process group only rank 0 writes the run directory
+        run.write_summary(summary)
+        plot_learning_curves(run.records(), run.plot_dir)
+        run.set_status("completed", finished=time.time())
     return result
 
 
@@ -148,11 +150,14 @@ def train(
     """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`).
 
     Data, model, algorithm, weighting and device are all built first, so a bad setting fails before any
-    directory is created.
+    directory is created. Started by ``torchrun`` (or ``mtml train --nproc N``), every rank trains its share
+    of each batch and rank 0 writes the run directory (see docs/distributed.md).
     """
-    prep = _prepare(config)
-    run = Run.create(out or default_run_dir(config), config.to_dict())
-    return run, _run(prep, run, resume=False, progress=progress)
+    with session(resolve_device(config.device)):
+        prep = _prepare(config)
+        run = broadcast_from_main(lambda: Run.create(out or default_run_dir(config), config.to_dict()),
+                                  "creating the run directory")
+        return run, _run(prep, run, resume=False, progress=progress)
 
 
 def _load_config(run: Run) -> Config:
@@ -162,9 +167,12 @@ def _load_config(run: Run) -> Config:
 def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tuple[Run, TrainResult]:
     """Continue the run at ``path`` from its latest checkpoint (its own ``config.yaml`` is used)."""
     run = Run.open(path)
-    prep = _prepare(_load_config(run))
-    run.set_status("running")
-    return run, _run(prep, run, resume=True, progress=progress)
+    config = _load_config(run)
+    with session(resolve_device(config.device)):
+        prep = _prepare(config)
+        if is_main():
+            run.set_status("running")
+        return run, _run(prep, run, resume=True, progress=progress)
 
 
 def evaluate_run(

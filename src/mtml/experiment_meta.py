@@ -12,8 +12,10 @@ from torch import nn
 from mtml.config import Config
 from mtml.datasets import FAMILIES, EpisodeSource
 from mtml.engine import FitResult, ProgressHook, Run, StopRule, fit, make_optimizer
+from mtml.engine.dist_steps import sharded_meta_step
+from mtml.engine.distributed import map_ranks
 from mtml.errors import ConfigError
-from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, meta_evaluate, meta_parameters, meta_step
+from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, meta_evaluate, meta_parameters
 from mtml.nn import MultiTaskModel, build_backbone, feature_dim, mlp
 
 __all__ = ["MetaExperiment", "build_meta", "evaluate_meta", "fit_meta", "judged_steps"]
@@ -84,11 +86,12 @@ def fit_meta(exp: MetaExperiment, run: Run | None, *, resume: bool, device: torc
     key = f"loss@{k}"
 
     def step() -> dict[str, Any]:
-        return meta_step(exp.algorithm, exp.model, _to(exp.source.train.sample(gen), device), opt)
+        return sharded_meta_step(exp.algorithm, exp.model, _to(exp.source.train.sample(gen), device), opt)
 
     def score(sampler: Any, num: int, steps: list[int] | None, offset: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(seed + offset)
-        return meta_evaluate(exp.algorithm, exp.model, _episodes(sampler, g, device), steps=steps, num_tasks=num)
+        return meta_evaluate(exp.algorithm, exp.model, _episodes(sampler, g, device), steps=steps, num_tasks=num,
+                             map_fn=map_ranks)
 
     def validate() -> dict[str, Any]:
         val = score(exp.source.val, t.meta_val_tasks, [k], 1)
@@ -119,4 +122,4 @@ def evaluate_meta(exp: MetaExperiment, *, num_tasks: int, steps: list[int] | Non
     exp.model.to(device)
     exp.algorithm.to(device)
     episodes = _episodes(exp.source.test, g, device)
-    return meta_evaluate(exp.algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks)
+    return meta_evaluate(exp.algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks, map_fn=map_ranks)

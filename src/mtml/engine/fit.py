@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mtml.engine.checkpoint import load_checkpoint, restore, save_checkpoint
+from mtml.engine.checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from mtml.engine.distributed import broadcast_from_main, fault_point, is_main
 from mtml.engine.run import Run
 from mtml.errors import CheckpointError, ConfigError, DivergedError
 
@@ -84,12 +85,18 @@ def fit(
     ``log_every``-th step are appended to ``metrics.jsonl``, a checkpoint is written every
     ``checkpoint_every`` steps (default: each validation) and the best state is kept as ``best.safetensors``;
     ``resume=True`` continues from the run's latest checkpoint.
+
+    In a process group every rank runs the loop (steps and validations are collective); only rank 0 writes
+    to ``run`` and shows progress, and on resume it reads the checkpoint and hands it to the others.
     """
     generators = dict(generators or {})
+    writer = run if is_main() else None
+    progress = progress if is_main() else None
     result = FitResult()
     best_state = _snapshot(modules)
     if resume:
         result, best_state = _resume(run, modules, optimizer, generators)
+    run = writer
     every = checkpoint_every or stop.eval_every
     t0 = time.perf_counter() - result.seconds
     if progress is not None:
@@ -100,6 +107,7 @@ def fit(
             info = dict(train_step())
             result.steps += 1
             step = result.steps
+            fault_point(step)
             if run is not None and (step % log_every == 0 or step == 1):
                 run.log({"kind": "train", "step": step, **info})
             if step % stop.eval_every == 0 or step == stop.max_steps:
@@ -184,15 +192,21 @@ def _resume(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.
             generators: Mapping[str, torch.Generator]) -> tuple[FitResult, dict[str, dict[str, torch.Tensor]]]:
     if run is None:
         raise ConfigError("resume=True needs a run directory to resume from.")
-    latest = run.latest_checkpoint()
-    if latest is None:
-        raise CheckpointError(f"{run.path} has no checkpoint to resume from; start it again with a new --out.")
-    ckpt = load_checkpoint(latest)
+    latest, ckpt, best = broadcast_from_main(lambda: _read_resume(run), "sharing the checkpoint to resume from")
     restore(ckpt, modules=modules, optimizer=optimizer, generators=generators)
     result = FitResult(**ckpt.meta["fit"])
     best_state = _snapshot(modules)
-    if run.best_checkpoint.exists():
-        best = load_checkpoint(run.best_checkpoint)
+    if best is not None:
         best_state = {name: best.module_state(name) for name in modules}
-    run.log({"kind": "resume", "step": result.steps, "checkpoint": latest.name})
+    if is_main():
+        run.log({"kind": "resume", "step": result.steps, "checkpoint": latest})
     return result, best_state
+
+
+def _read_resume(run: Run) -> tuple[str, Checkpoint, Checkpoint | None]:
+    """The latest step checkpoint's name, it, and the best checkpoint (read by rank 0, sent to the others)."""
+    latest = run.latest_checkpoint()
+    if latest is None:
+        raise CheckpointError(f"{run.path} has no checkpoint to resume from; start it again with a new --out.")
+    best = load_checkpoint(run.best_checkpoint) if run.best_checkpoint.exists() else None
+    return latest.name, load_checkpoint(latest), best

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mtml.engine.distributed import map_ranks
 from mtml.errors import ConfigError
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task, TaskKind
@@ -112,15 +113,18 @@ def predict(model: MultiTaskModel, task: str, x: Tensor, *, batch_size: int = 81
 
 
 def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -> dict[str, dict[str, float]]:
-    """Per-task metrics (and ``loss``) of ``model`` on ``split``: ``{task: {metric: value}}``."""
+    """Per-task metrics (and ``loss``) of ``model`` on ``split``: ``{task: {metric: value}}``.
+
+    In a process group the tasks are spread over the ranks and every rank gets all metrics.
+    """
     was_training = model.training
     model.eval()
     try:
-        out = {}
-        for t in tasks:
+        def score(t: Task) -> dict[str, float]:
             s = t.split(split)
-            out[t.name] = t.compute_metrics(predict(model, t.name, s.x), s.y)
-        return out
+            return t.compute_metrics(predict(model, t.name, s.x), s.y)
+
+        return dict(zip([t.name for t in tasks], map_ranks(score, tasks), strict=True))
     finally:
         model.train(was_training)
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from mtml.engine.dist_steps import sharded_joint_step
 from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
-from mtml.engine.joint import Batch, TaskBatcher, evaluate, joint_step, objective
+from mtml.engine.joint import Batch, TaskBatcher, evaluate, objective
 from mtml.engine.run import Run
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.nn.model import MultiTaskModel
@@ -96,10 +97,11 @@ def train_multitask(
     by_name = {t.name: t for t in tasks}
 
     def step() -> dict[str, Any]:
+        # in a process group every rank draws the same batch and trains on its share of each task's rows
         batch = batcher.sample(gen)
         if before_step is not None:
             before_step(batch)
-        return joint_step(model, by_name, batch, weighting, opt).as_dict()
+        return sharded_joint_step(model, by_name, batch, weighting, opt).as_dict()
 
     def validate() -> dict[str, Any]:
         metrics = evaluate(model, tasks, "val")

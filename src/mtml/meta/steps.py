@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,11 @@ from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, check_int
 from mtml.meta.episode import Episode, EpisodeSampler
 
-__all__ = ["mean_ci", "meta_evaluate", "meta_parameters", "meta_step"]
+__all__ = ["Mapper", "mean_ci", "meta_evaluate", "meta_parameters", "meta_step"]
+
+#: ``map_fn(fn, items) -> [fn(x) for x in items]``, possibly spread over processes
+#: (:func:`mtml.engine.distributed.map_ranks`).
+Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]
 
 
 def meta_parameters(algorithm: MetaAlgorithm, model: nn.Module) -> list[nn.Parameter]:
@@ -61,6 +66,7 @@ def meta_evaluate(
     steps: Sequence[int] | None = None,
     num_tasks: int = 600,
     generator: torch.Generator | None = None,
+    map_fn: Mapper | None = None,
 ) -> dict[str, float]:
     """The meta-test protocol: adapt on each task's support, score its query, over ``num_tasks`` tasks.
 
@@ -70,6 +76,8 @@ def meta_evaluate(
             algorithms (ProtoNet, R2D2) adapt exactly, so their scores are the same at every step count.
         num_tasks: tasks to score (the last episode is truncated to hit it exactly).
         generator: randomness for a sampler; default a generator seeded with 0.
+        map_fn: how to map the scoring over episodes; default a plain loop. Pass
+            :func:`mtml.engine.distributed.map_ranks` to spread the episodes over the ranks of a process group.
 
     Returns:
         ``{"loss@S": mean, "loss@S_ci95": half-width, ...}`` for each step count ``S`` (and ``accuracy@S`` for
@@ -80,20 +88,31 @@ def meta_evaluate(
         steps = sorted({0, 1, algorithm.test_inner_steps}) if algorithm.uses_inner_steps else [0]
     steps = [check_int("steps", s, 0, "Use step counts >= 0.") for s in steps]
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    parts: dict[tuple[int, str], list[Tensor]] = {}
-    seen = 0
-    for episode in _episodes(tasks, generator):
-        keep = min(episode.num_tasks, num_tasks - seen)
-        for step, scores in algorithm.evaluate(model, episode, steps).items():
-            for name, values in scores.items():
-                parts.setdefault((step, name), []).append(values[:keep].detach().double().cpu())
-        seen += keep
-        if seen >= num_tasks:
-            break
+
+    def score(item: tuple[Episode, int]) -> dict[tuple[int, str], Tensor]:
+        episode, keep = item
+        return {(step, name): values[:keep].detach().double().cpu()
+                for step, scores in algorithm.evaluate(model, episode, steps).items()
+                for name, values in scores.items()}
+
+    mapper: Mapper = map_fn or (lambda fn, items: [fn(x) for x in items])
+    results = mapper(score, _upto(_episodes(tasks, generator), num_tasks))
+    seen = sum(next(iter(r.values())).numel() for r in results if r)
     if seen < num_tasks:
         raise ConfigError(f"`num_tasks` is {num_tasks} but the episodes given hold only {seen} tasks; pass "
                           "more episodes or a sampler, or lower num_tasks.")
     out: dict[str, float] = {"num_tasks": float(seen)}
-    for (step, name), chunks in sorted(parts.items()):
-        out[f"{name}@{step}"], out[f"{name}@{step}_ci95"] = mean_ci(torch.cat(chunks))
+    for step, name in sorted(results[0]):
+        out[f"{name}@{step}"], out[f"{name}@{step}_ci95"] = mean_ci(torch.cat([r[(step, name)] for r in results]))
     return out
+
+
+def _upto(episodes: Iterable[Episode], num_tasks: int) -> Iterator[tuple[Episode, int]]:
+    """``(episode, tasks to keep)`` until ``num_tasks`` tasks are reached (the last episode truncated)."""
+    seen = 0
+    for episode in episodes:
+        keep = min(episode.num_tasks, num_tasks - seen)
+        yield episode, keep
+        seen += keep
+        if seen >= num_tasks:
+            return

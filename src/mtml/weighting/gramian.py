@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from mtml.errors import ConfigError
 from mtml.weighting.base import GRAMIAN_BACKENDS
 
-__all__ = ["GramianTape", "task_gramian"]
+__all__ = ["GramianTape", "task_gramian", "task_jacobian"]
 
 
 def task_gramian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: str = "batched") -> Tensor:
@@ -62,6 +62,29 @@ def task_gramian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: str
         return zero
     jac = torch.cat(reached, dim=1)
     return jac @ jac.T
+
+
+def task_jacobian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: str = "batched") -> Tensor:
+    """Per-task gradients ``J[i] = ∇_θ Lᵢ`` of ``losses: [m]`` over ``params``, flattened → ``[m, P]``.
+
+    What data-parallel training all-reduces (the Gramian of summed gradients is not the sum of Gramians):
+    ``batched`` uses one batched backward, ``loop`` one backward per task. The graph of ``losses`` is kept.
+    Unreached parameters give zero columns.
+    """
+    if backend not in ("batched", "loop"):
+        raise ConfigError(f"`backend` must be 'batched' or 'loop'. Got {backend!r}.")
+    m, params = losses.shape[0], list(params)
+    if not params:
+        return losses.new_zeros(m, 0)
+    if backend == "loop":
+        rows = [torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(m)]
+    else:
+        eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+        batched = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                      allow_unused=True)
+        rows = [tuple(g[i] if g is not None else None for g in batched) for i in range(m)]
+    return torch.stack([torch.cat([(g if g is not None else p.new_zeros(p.shape)).reshape(-1).to(losses.dtype)
+                                   for g, p in zip(row, params, strict=True)]) for row in rows])
 
 
 def forward_many_owners(model: nn.Module, inputs: Mapping[str, Tensor], names: Sequence[str]) -> list[Tensor]:

@@ -1,0 +1,122 @@
+"""Data-parallel versions of the step functions: each rank takes its share of a global batch, and the
+all-reduced (summed) gradient equals the gradient of one process on the whole batch.
+
+Every rank draws the SAME global batch or episode from the shared seeded generator and keeps its slice
+(:func:`~mtml.engine.distributed.shard`). Its loss is scaled by its share of the batch, so summing gradients
+over ranks gives the global mean gradient. Outside a process group both functions are the plain
+:func:`~mtml.engine.joint.joint_step` and :func:`~mtml.meta.meta_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from mtml.engine.distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
+from mtml.engine.joint import Batch, StepResult, joint_step, task_losses
+from mtml.errors import ConfigError
+from mtml.meta import Episode, MetaAlgorithm, meta_step
+from mtml.nn.model import MultiTaskModel
+from mtml.tasks import Split, Task
+from mtml.weighting import Weighting
+from mtml.weighting.gramian import task_jacobian
+
+__all__ = ["shard_episode", "sharded_joint_step", "sharded_meta_step"]
+
+
+def _optimized(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def shard_episode(episode: Episode) -> Episode:
+    """This rank's contiguous share of the tasks of ``episode`` (``[tasks, ...]`` sliced on dim 0)."""
+    part = shard(episode.num_tasks, "tasks per episode (meta_batch)")
+    s, q = episode.support, episode.query
+    return Episode(Split(s.x[part], s.y[part]), Split(q.x[part], q.y[part]), episode.ways)
+
+
+def sharded_meta_step(algorithm: MetaAlgorithm, model: torch.nn.Module, episode: Episode,
+                      optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """:func:`~mtml.meta.meta_step` on the global ``episode``, its tasks split over the ranks.
+
+    The meta-objective of every algorithm is a mean over tasks (Reptile's gradient ``θ − φ̄`` too), so the
+    local objective is scaled by ``local tasks / global tasks``. Loss and accuracy travel with the gradients
+    in the same all-reduce.
+    """
+    if not is_distributed():
+        return meta_step(algorithm, model, episode, optimizer)
+    n = episode.num_tasks
+    local = shard_episode(episode)
+    optimizer.zero_grad(set_to_none=True)
+    out = algorithm.meta_objective(model, local)
+    (out.objective * (local.num_tasks / n)).backward()
+    acc = out.accuracy.sum() if out.accuracy is not None else out.losses.new_zeros(())
+    stats = reduce_gradients(_optimized(optimizer), torch.stack([out.losses.sum(), acc.to(out.losses)]).detach())
+    assert stats is not None
+    optimizer.step()
+    metrics = {"loss": float(stats[0]) / n}
+    if out.accuracy is not None:
+        metrics["accuracy"] = float(stats[1]) / n
+    return metrics
+
+
+def _jacobian_backend(weighting: Weighting, gramian: str | None, device: torch.device) -> str:
+    choice = gramian or str(getattr(weighting, "gramian", "auto"))
+    if choice == "representation":
+        raise ConfigError("training.weighting.gramian: 'representation' is not available on several ranks (its "
+                          "Gramian does not add up across ranks). Use auto, loop, batched or layerwise.")
+    if choice in ("loop", "batched"):
+        return choice
+    return "batched" if device.type == "cuda" else "loop"
+
+
+def sharded_joint_step(
+    model: MultiTaskModel,
+    tasks: Mapping[str, Task],
+    batch: Batch,
+    weighting: Weighting,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gramian: str | None = None,
+) -> StepResult:
+    """:func:`~mtml.engine.joint.joint_step` on the global ``batch``, each task's rows split over the ranks.
+
+    Task losses are means over rows, so rank r's loss of task i is scaled by its share of that task's rows;
+    the sum over ranks is the global loss. Weightings see the global (all-reduced) losses and, when they need
+    it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix ``J [m, shared parameters]`` — the
+    same numbers on every rank, so every rank computes the same weights. Weightings may use the losses' values
+    only (all built-in ones do); their penalty is split evenly over the ranks.
+    """
+    if not is_distributed():
+        return joint_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
+    names = weighting.task_names
+    local: Batch = {}
+    shares = []
+    for name in names:
+        x, y = batch[name]
+        part = shard(x.shape[0], f"rows in the batch of task '{name}'")
+        local[name] = (x[part], y[part])
+        shares.append((part.stop - part.start) / x.shape[0])
+    losses = task_losses(model, tasks, local, names)
+    losses = losses * torch.tensor(shares, dtype=losses.dtype, device=losses.device)
+    m = len(names)
+    if weighting.needs_gramian:
+        backend = _jacobian_backend(weighting, gramian, losses.device)
+        jac = task_jacobian(losses, list(model.shared_parameters()), backend=backend)
+        packed = all_reduce_(torch.cat([losses.detach()[:, None], jac], 1), "the per-task gradient all-reduce")
+        global_losses, jac = packed[:, 0], packed[:, 1:]
+        gram: Tensor | None = jac @ jac.T
+    else:
+        global_losses, gram = all_reduce_(losses.detach().clone(), "the task-loss all-reduce"), None
+    w = weighting(global_losses, gram)
+    penalty = weighting.penalty().to(losses)
+    optimizer.zero_grad(set_to_none=True)
+    ((w * losses).sum() + penalty / world_size()).backward()
+    reduce_gradients(_optimized(optimizer))
+    optimizer.step()
+    total = float((w.detach() * global_losses).sum() + penalty.detach())
+    lv, wv = global_losses.tolist(), w.detach().tolist()
+    assert len(lv) == m
+    return StepResult(total, dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))

@@ -1,0 +1,225 @@
+"""Data-parallel training over ``torch.distributed``: process-group set-up, sharding, gradient all-reduce,
+spreading independent jobs over ranks, and clear errors instead of hangs.
+
+Every helper is a no-op when no process group is running (or it has one rank), so single-process code paths
+are unchanged. The group is started from the environment ``torchrun`` (or ``mtml train --nproc N``) sets:
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; gloo on CPU, NCCL on GPU. Collectives time out
+after ``MTML_DIST_TIMEOUT`` seconds (default 120) instead of PyTorch's 30 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mtml.errors import ConfigError, MtmlError
+
+__all__ = [
+    "DistributedError", "all_gather_objects", "all_reduce_", "broadcast_from_main", "fault_point", "is_distributed",
+    "is_main", "map_ranks", "rank", "reduce_gradients", "session", "shard", "world_size",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_TIMEOUT = 120.0
+_RESUME_HINT = "The run's checkpoints are kept: continue it with `mtml train --resume RUN` on any number of ranks."
+
+
+class DistributedError(MtmlError, RuntimeError):
+    """A rank failed, vanished or timed out; the others stop instead of waiting forever."""
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """True on the rank that writes files and prints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def env_timeout() -> float:
+    """Collective timeout in seconds from ``MTML_DIST_TIMEOUT`` (default 120)."""
+    raw = os.environ.get("MTML_DIST_TIMEOUT", str(DEFAULT_TIMEOUT))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"MTML_DIST_TIMEOUT must be a number of seconds > 0. Got {raw!r}.")
+    return value
+
+
+def _start_from_env(device: torch.device) -> bool:
+    """Join the process group described by the environment; False when there is none (or one rank)."""
+    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; start "
+                          "the ranks with `torchrun` or `mtml train --nproc N`.")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=env_timeout()))
+    except (RuntimeError, ValueError) as exc:
+        raise DistributedError(f"rank {os.environ['RANK']} could not join the process group at "
+                               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({_first_line(exc)}). "
+                               "Check that every rank was started with the same rendezvous settings.") from None
+    return True
+
+
+@contextmanager
+def session(device: torch.device | None = None) -> Iterator[None]:
+    """Join the environment's process group for the duration of the block (if there is one and none runs yet);
+    leave it when the block ends normally."""
+    started = _start_from_env(device or torch.device("cpu"))
+    yield
+    if started:
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """On GPU, each rank of a node takes its own device ``cuda:LOCAL_RANK`` unless one is named."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(exc).__name__  # drop gloo's "[file.cc:N]"
+    return line.split(". ")[0][:200]
+
+
+def _collective(what: str, call: Callable[[], T]) -> T:
+    """Run one collective; a lost peer or a timeout becomes one :class:`DistributedError` line."""
+    try:
+        return call()
+    except (RuntimeError, ValueError) as exc:  # DistBackendError / DistNetworkError are RuntimeErrors
+        raise DistributedError(
+            f"rank {rank()} of {world_size()}: {what} failed ({_first_line(exc)}). Another rank stopped or did "
+            f"not answer within MTML_DIST_TIMEOUT={env_timeout():g}s. {_RESUME_HINT}"
+        ) from None
+
+
+def shard(n: int, what: str = "items") -> slice:
+    """This rank's contiguous share of ``n`` items (sizes differ by at most one, lower ranks first)."""
+    w, r = world_size(), rank()
+    if n < w:
+        raise ConfigError(f"{what}: {n} cannot be split over {w} ranks (each rank needs at least one). Use "
+                          f"fewer ranks or a larger batch.")
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_(tensor: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
+    """Sum ``tensor`` over ranks, in place (no-op on one rank)."""
+    if is_distributed():
+        _collective(what, lambda: dist.all_reduce(tensor))
+    return tensor
+
+
+def reduce_gradients(params: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Sum the ``.grad`` of ``params`` (and the vector ``extra``, e.g. metrics) over ranks in ONE all-reduce.
+
+    A parameter that has no gradient on any rank keeps ``grad = None`` (so optimisers skip it, as in one
+    process); one that has a gradient on some ranks only gets zeros elsewhere. Returns the summed ``extra``.
+    """
+    if not is_distributed():
+        return extra
+    ref = params[0] if params else (extra if extra is not None else torch.zeros(()))
+    dtype, device = torch.float64 if ref.dtype == torch.float64 else torch.float32, ref.device
+    parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
+                                                                                  device=device) for p in params]
+    flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    tail = [extra.reshape(-1).to(dtype=dtype, device=device)] if extra is not None else []
+    flat = torch.cat([*parts, flags, *tail])
+    all_reduce_(flat, "the gradient all-reduce")
+    offset, total = 0, sum(x.numel() for x in parts)
+    had = flat[total: total + len(params)].tolist()
+    for p, seen in zip(params, had, strict=True):
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).to(p.dtype) if seen > 0 else None
+        offset += n
+    if extra is None:
+        return None
+    return flat[total + len(params):].view_as(extra).to(extra.dtype)
+
+
+def all_gather_objects(obj: T, what: str = "gathering results") -> list[T]:
+    """``obj`` of every rank, in rank order (``[obj]`` on one rank). Objects travel pickled."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    _collective(what, lambda: dist.all_gather_object(out, obj))
+    return out
+
+
+def map_ranks(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]``, with the calls spread over ranks; every rank gets the whole list, in order.
+
+    Item ``i`` is computed by rank ``i % world_size``. Every rank iterates ``items`` in full (so lazily drawn
+    items, e.g. episodes from a seeded generator, stay in step) but calls ``fn`` only on its own; results are
+    gathered with ``all_gather_object``, so they must pickle. For embarrassingly parallel jobs: meta-test
+    tasks, seeds, pairs of a transfer matrix.
+    """
+    if not is_distributed():
+        return [fn(x) for x in items]
+    w, r = world_size(), rank()
+    mine = [(i, fn(x)) for i, x in enumerate(items) if i % w == r]
+    merged = [pair for part in all_gather_objects(mine, "gathering map_ranks results") for pair in part]
+    return [value for _, value in sorted(merged, key=lambda pair: pair[0])]
+
+
+def broadcast_from_main(fn: Callable[[], T], what: str = "sharing rank 0's result") -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank; an :class:`MtmlError` it raises is raised
+    on every rank (so a bad start fails everywhere at once instead of leaving the others waiting)."""
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except MtmlError as exc:
+            box[0] = ("error", exc)
+            _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+            raise
+    _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+    status, value = box[0]
+    if status == "error":
+        value.echo_of_rank = 0  # the CLI prints it once, on rank 0
+        raise value
+    return value
+
+
+def fault_point(step: int) -> None:
+    """Test hook: with ``MTML_FAULT_AT_STEP=k`` the rank ``MTML_FAULT_RANK`` (default 1) of a multi-rank run
+    fails at step ``k``: ``MTML_FAULT_MODE=kill`` (default) SIGKILLs itself, ``hang`` stops answering."""
+    if not is_distributed() or "MTML_FAULT_AT_STEP" not in os.environ:
+        return
+    if step == int(os.environ["MTML_FAULT_AT_STEP"]) and rank() == int(os.environ.get("MTML_FAULT_RANK", "1")):
+        if os.environ.get("MTML_FAULT_MODE", "kill") == "hang":
+            time.sleep(3600.0)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,9 @@ path against the general ``vmap`` path (float64 oracles for outputs, per-task gr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +13,14 @@ import torch
 from torch import Tensor, nn
 
 import mtml.meta.functional as functional
+from mtml.config import Config
+from mtml.datasets.fashion import DEFAULT_ROOT
+from mtml.errors import ConfigError
+from mtml.experiment import train
+from mtml.experiment_meta import build_meta
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, batched_forward, meta_parameters, meta_step, task_gradients
 from mtml.meta.conv import conv_chain, conv_forward
-from mtml.nn import MultiTaskModel, build_backbone, feature_dim
+from mtml.nn import Conv4, MultiTaskModel, build_backbone, feature_dim
 from mtml.sampling import few_shot_splits
 
 torch.set_num_threads(1)
@@ -187,3 +194,60 @@ def test_split_batches_share_nothing() -> None:
     full = conv_forward(chain, fast, x)
     alone = conv_forward(chain, fast, x[:, :1])
     torch.testing.assert_close(full[:, :1], alone, rtol=0, atol=1e-12)
+
+
+# -- configs and runs -------------------------------------------------------------------------------------------------
+FASHION = Path(DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file()
+needs_fashion = pytest.mark.skipif(not FASHION, reason="sudo apt-get install dataset-fashion-mnist")
+
+
+def _config(algorithm: str, backbone: str = "conv4", **model: Any) -> dict[str, Any]:
+    return {
+        "name": f"{algorithm}-{backbone}", "threads": 1,
+        "data": {"dataset": "fashion_fewshot", "options": {"ways": 3, "shots": 1, "query_shots": 2, "meta_batch": 2}},
+        "model": {"backbone": backbone, "backbone_options": {"width": 8, "groups": 4}, **model},
+        "training": {"algorithm": algorithm, "algorithm_options": OPTIONS.get(algorithm, {}), "max_steps": 2,
+                     "eval_every": 2, "meta_val_tasks": 2, "meta_test_tasks": 2},
+    }
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"backbone": "conv5"}, r"model\.backbone: unknown backbone 'conv5'\. Did you mean 'conv4'"),
+    ({"backbone_options": {"norm": "batch"}}, r"model\.backbone_options: `norm` must be one of group, layer, none"),
+    ({"backbone_options": {"depth": 3}}, r"model\.backbone_options: unknown option 'depth'\. Allowed options: width"),
+    ({"backbone": "mlp", "backbone_options": {"width": 3}}, r"takes no options.*model\.trunk_hidden"),
+])
+def test_config_checks_backbone_names_and_options(change: dict[str, Any], match: str) -> None:
+    data = _config("protonet")
+    data["model"].update(change)
+    with pytest.raises(ConfigError, match=match):
+        Config.from_dict(data)
+
+
+def test_config_keeps_conv_backbones_to_hard_sharing_in_joint_runs() -> None:
+    data = {"data": {"dataset": "fashion"}, "model": {"architecture": "mmoe", "backbone": "conv4"}}
+    with pytest.raises(ConfigError, match=r"model\.architecture: hps"):
+        Config.from_dict(data)
+    assert Config.from_dict({"data": {"dataset": "fashion"}}).model.backbone == "mlp"  # the default is unchanged
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_build_meta_puts_a_linear_head_on_the_conv_backbone() -> None:
+    exp = build_meta(Config.from_dict(_config("maml")))
+    assert isinstance(exp.model.trunk, Conv4) and exp.source.input_shape == (1, 28, 28)
+    head = exp.model.heads["task"]
+    assert isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) and head[0].in_features == 8
+    assert conv_chain(exp.model) is not None  # MAML on it takes the grouped-convolution path
+    with pytest.raises(ConfigError, match=r"model\.backbone: conv4"):
+        build_meta(Config.from_dict(_config("maml", backbone="mlp", backbone_options={})))
+
+
+@needs_fashion
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+def test_train_end_to_end_with_a_conv_backbone(tmp_path: Path, algorithm: str) -> None:
+    run, result = train(Config.from_dict(_config(algorithm)), tmp_path / "run")
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["test"]["fashion_fewshot"]["num_tasks"] == 2 and result.fit.steps == 2
+    assert (run.path / "checkpoints" / "best.safetensors").is_file()

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from mtml.errors import ConfigError, ShapeError
-from mtml.nn import BACKBONES, build_backbone, check_backbone_options
+from mtml.nn import BACKBONES, build_backbone, build_model, check_backbone_options
 from mtml.nn.conv import Conv4, ResNet12
+from mtml.tasks import Split, Task, TaskKind
 
 torch.set_num_threads(1)
 
@@ -123,3 +124,48 @@ def test_shape_errors_name_the_fix() -> None:
         build_backbone("mlp", (1, 28, 28))
     with pytest.raises(ConfigError, match="groups=8` must divide"):
         build_backbone("resnet12", (1, 28, 28), {"width": 8})  # stage width 20 is not a multiple of 8
+
+
+# -- hard parameter sharing with a conv trunk (joint multi-task on images) ----------------------------------------
+def _image_tasks(shape: tuple[int, ...] = (1, 28, 28)) -> list[Task]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, *shape, generator=g)
+    fine = torch.arange(12) % 10
+    return [Task("category", TaskKind.MULTICLASS, Split(x, fine), num_outputs=10),
+            Task("group", TaskKind.MULTICLASS, Split(x, fine % 4), num_outputs=4)]
+
+
+def test_hps_with_a_conv_trunk_trains_jointly() -> None:
+    tasks = _image_tasks()
+    torch.manual_seed(0)
+    model = build_model(tasks, "hps", backbone="conv4", backbone_options={"width": 8, "groups": 4})
+    assert isinstance(model.trunk, Conv4) and not model.stems
+    assert [model.heads[t.name](torch.zeros(1, 8)).shape[1] for t in tasks] == [10, 4]
+    out = model.forward_many({t.name: t.train.x for t in tasks})
+    assert out["category"].shape == (12, 10) and out["group"].shape == (12, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = sum(nn.functional.cross_entropy(model(t.train.x, t.name), t.train.y) for t in tasks)
+        assert isinstance(loss, torch.Tensor)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_hps_conv_single_task_baseline_and_errors() -> None:
+    tasks = _image_tasks()
+    separate = build_model(tasks, "hps", backbone="resnet12", backbone_options={"width": 4, "groups": 2},
+                           share_trunk=False)
+    assert isinstance(separate.trunk, nn.Identity) and all(isinstance(s, ResNet12) for s in separate.stems.values())
+    assert separate(tasks[0].train.x[:2], "group").shape == (2, 4)
+    with pytest.raises(ConfigError, match="one input shape"):
+        build_model([tasks[0], _image_tasks((1, 32, 32))[1]], "hps", backbone="conv4")
+    with pytest.raises(ConfigError, match="Remove stem_width"):
+        build_model(tasks, "hps", backbone="conv4", stem_width=8)
+    with pytest.raises(ConfigError, match=r"model\.backbone: conv4"):
+        build_model(tasks, "hps")  # the MLP default refuses images and names the fix
+    with pytest.raises(ConfigError, match=r"unknown backbone 'conv5'\. Did you mean 'conv4'"):
+        build_model(tasks, "hps", backbone="conv5")

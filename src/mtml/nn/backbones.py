@@ -22,21 +22,19 @@ __all__ = ["BACKBONES", "build_backbone", "check_backbone_options", "conv4", "fe
            "resnet12"]
 
 
-class MLPBackbone(nn.Sequential):
-    """An :func:`~mtml.nn.mlp` feature extractor with its ``out_features`` recorded."""
-
-    def __init__(self, in_features: int, hidden: Sequence[int], activation: str, dropout: float) -> None:
-        super().__init__(*mlp(in_features, hidden, activation=activation, dropout=dropout))
-        self.out_features = hidden[-1] if hidden else in_features
-
-
 def mlp_backbone(input_shape: Sequence[int], /, *, hidden: Sequence[int] = (64, 64), activation: str = "relu",
                  dropout: float = 0.0) -> nn.Module:
-    """MLP on flat features (the default; widths from ``model.trunk_hidden``)."""
+    """MLP on flat features (the default; widths from ``model.trunk_hidden``).
+
+    A plain :func:`~mtml.nn.mlp` ``nn.Sequential`` (so meta-learning's MLP speed path still recognises it) with
+    an ``out_features`` attribute.
+    """
     if len(input_shape) != 1:
         raise ShapeError(f"the mlp backbone takes flat features, but the inputs have shape {tuple(input_shape)}; "
                          "set model.backbone: conv4 (or resnet12) for images.")
-    return MLPBackbone(int(input_shape[0]), list(hidden), activation, dropout)
+    net = mlp(int(input_shape[0]), hidden, activation=activation, dropout=dropout)
+    setattr(net, "out_features", int(hidden[-1]) if len(hidden) else int(input_shape[0]))  # noqa: B010
+    return net
 
 
 def conv4(input_shape: Sequence[int], /, *, width: int = 64, norm: str = "group", groups: int = 8,

@@ -106,7 +106,7 @@ def test_layout_errors_name_the_path_and_fix(tmp_path: Path, make, match: str) -
 
 
 def test_unreadable_and_truncated_images_are_named(tmp_path: Path) -> None:
-    _classes(tmp_path, 6)
+    _classes(tmp_path, 10)
     (tmp_path / "c1" / "bad.png").write_bytes(b"not an image at all")
     with pytest.raises(DataError, match=r"image file '.*c1/bad\.png' cannot be read as an image.*replace or delete"):
         image_folder(root=str(tmp_path), image_size=4, ways=2, shots=1, query_shots=1)

@@ -21,8 +21,8 @@ from mtml.errors import ConfigError, DataError
 from mtml.meta.base import check_int
 from mtml.sampling import FewShotClassification
 
-__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_flatten", "check_options", "decode_images", "image_source",
-           "list_images", "require_vision"]
+__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_classes", "check_flatten", "check_options", "decode_images",
+           "image_source", "list_images", "require_vision"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Progress = Callable[[int, int], None]
@@ -113,14 +113,11 @@ def check_options(*, image_size: int, channels: int, flatten: bool, ways: int, s
     check_int("meta_batch", meta_batch, 1, "Draw at least one task per episode.")
 
 
-def image_source(images: Tensor, labels: Tensor, groups: Mapping[str, Tensor], *, where: Mapping[int, str],
-                 ways: int, shots: int, query_shots: int, meta_batch: int, flatten: bool) -> dict:
-    """Keyword arguments of an ``EpisodeSource``: one :class:`FewShotClassification` per split in ``groups``.
-
-    ``images: uint8 [n, C, H, W]``, ``labels: long [n]``, ``groups``: split name → class ids. Every class of
-    every split must hold at least ``shots + query_shots`` images, else a :class:`DataError` names the class
-    (``where[class]`` is its folder or file) and the fix. Options are checked by :func:`check_options` first.
-    """
+def check_classes(labels: Tensor, groups: Mapping[str, Tensor], where: Mapping[int, str], *, ways: int, shots: int,
+                  query_shots: int) -> None:
+    """Before decoding: every class of every split (``groups``: split → class ids; ``labels: [n]`` one class id per
+    image) holds at least ``shots + query_shots`` images and every split at least ``ways`` classes. A
+    :class:`DataError` names the first short class (``where[class]`` is its folder or file) and the fix."""
     need = shots + query_shots
     counts = torch.bincount(labels, minlength=len(where))
     for split, classes in groups.items():
@@ -136,6 +133,12 @@ def image_source(images: Tensor, labels: Tensor, groups: Mapping[str, Tensor], *
             raise ConfigError(f"`ways` must be <= the number of classes in every meta-split, but the {split} split "
                               f"holds {len(classes)} classes. Got ways={ways}. Lower ways or give that split more "
                               "classes.")
+
+
+def image_source(images: Tensor, labels: Tensor, groups: Mapping[str, Tensor], *, ways: int, shots: int,
+                 query_shots: int, meta_batch: int, flatten: bool) -> dict:
+    """Keyword arguments of an ``EpisodeSource``: one :class:`FewShotClassification` per split in ``groups``
+    (split → class ids) over ``images: uint8 [n, C, H, W]`` with class ids ``labels: long [n]``."""
     to_float = ToFloat(flatten)
     samplers = {split: FewShotClassification(images, labels, ways=ways, shots=shots, query_shots=query_shots,
                                              meta_batch=meta_batch, classes=classes, transform=to_float)

@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mtml.datasets._images import IMAGE_SUFFIXES, Progress, check_options, decode_images, image_source, list_images
+from mtml.datasets._images import (
+    IMAGE_SUFFIXES,
+    Progress,
+    check_classes,
+    check_options,
+    decode_images,
+    image_source,
+    list_images,
+)
 from mtml.datasets.families import EpisodeSource
 from mtml.errors import ConfigError, DataError
 from mtml.sampling import split_classes
@@ -71,10 +80,19 @@ def scan_classes(root: Path, *, depth: int = 1, what: str = "image folder") -> C
     return classes
 
 
-def _decode(splits: dict[str, ClassList], *, size: int, channels: int, dataset: str,
-            progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[int, str]]:
-    """Decode every class of every split: images ``uint8 [n, C, H, W]``, labels ``[n]`` (one id per class of
-    each split), split → class ids, class id → folder (for error messages)."""
+@dataclass
+class _Index:
+    """Every image file of every split, before decoding: ``labels[i]`` is the class id of ``paths[i]``,
+    ``groups`` maps split → class ids, ``where`` class id → folder (for error messages)."""
+
+    paths: list[Path]
+    labels: torch.Tensor
+    groups: dict[str, torch.Tensor]
+    where: dict[int, str]
+    rotations: int = 1  # > 1: class c of the files becomes classes c·r … c·r + r − 1 (turned by k·90°)
+
+
+def _index(splits: dict[str, ClassList]) -> _Index:
     paths: list[Path] = []
     labels: list[int] = []
     groups: dict[str, torch.Tensor] = {}
@@ -88,8 +106,28 @@ def _decode(splits: dict[str, ClassList], *, size: int, channels: int, dataset: 
             paths += files
             labels += [cid] * len(files)
         groups[split] = torch.tensor(ids, dtype=torch.long)
-    images = decode_images(paths, size=size, channels=channels, dataset=dataset, progress=progress)
-    return images, torch.tensor(labels, dtype=torch.long), groups, where
+    return _Index(paths, torch.tensor(labels, dtype=torch.long), groups, where)
+
+
+def _rotated(index: _Index) -> _Index:
+    """Every class four times: rotated by 0°, 90°, 180°, 270° (class ``4c + k`` is class ``c`` turned ``k·90°``);
+    ``labels`` follow the decoded layout ``[n, 4]`` flattened."""
+    quarter = torch.arange(4)
+    return _Index(index.paths, (index.labels.unsqueeze(1) * 4 + quarter).reshape(-1),
+                  {s: (ids.unsqueeze(1) * 4 + quarter).reshape(-1) for s, ids in index.groups.items()},
+                  {4 * c + k: f"{w} (rotated {90 * k}°)" for c, w in index.where.items() for k in range(4)}, 4)
+
+
+def _build(index: _Index, *, dataset: str, image_size: int, channels: int, ways: int, shots: int, query_shots: int,
+           meta_batch: int, flatten: bool, progress: Progress | None) -> EpisodeSource:
+    """Check class sizes (before any decoding), decode ``uint8 [n, C, H, W]`` and build the three samplers."""
+    check_classes(index.labels, index.groups, index.where, ways=ways, shots=shots, query_shots=query_shots)
+    images = decode_images(index.paths, size=image_size, channels=channels, dataset=dataset, progress=progress)
+    if index.rotations > 1:
+        turned = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(index.rotations)], 1)
+        images = turned.reshape(-1, *images.shape[1:])  # [n·4, C, H, W]
+    return EpisodeSource(**image_source(images, index.labels, index.groups, ways=ways, shots=shots,
+                                        query_shots=query_shots, meta_batch=meta_batch, flatten=flatten))
 
 
 def _split_folders(root: Path) -> dict[str, Path] | None:
@@ -129,15 +167,13 @@ def image_folder(
         if len(classes) < 3:
             raise DataError(f"image folder '{base}' holds {len(classes)} class folders; class-disjoint "
                             "meta-train/val/test splits need at least 3 (and at least `ways` per split).")
-        images, labels, groups, where = _decode({"all": classes}, size=image_size, channels=channels,
-                                                dataset="image_folder", progress=progress)
-        groups = split_classes(labels, fractions=fractions, generator=torch.Generator().manual_seed(seed))
+        index = _index({"all": classes})
+        index.groups = split_classes(index.labels, fractions=fractions,
+                                     generator=torch.Generator().manual_seed(seed))
     else:
-        splits = {s: scan_classes(f) for s, f in folders.items()}
-        images, labels, groups, where = _decode(splits, size=image_size, channels=channels,
-                                                dataset="image_folder", progress=progress)
-    return EpisodeSource(**image_source(images, labels, groups, where=where, ways=ways, shots=shots,
-                                        query_shots=query_shots, meta_batch=meta_batch, flatten=flatten))
+        index = _index({s: scan_classes(f) for s, f in folders.items()})
+    return _build(index, dataset="image_folder", image_size=image_size, channels=channels, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch, flatten=flatten, progress=progress)
 
 
 def _omniglot_dir(root: Path, name: str) -> Path:
@@ -150,16 +186,6 @@ def _omniglot_dir(root: Path, name: str) -> Path:
            else "set `root` to the folder holding images_background/ and images_evaluation/ (from the Omniglot "
            "repository, github.com/brendenlake/omniglot, python/*.zip, unzipped)")
     raise DataError(f"omniglot: folder '{path}' does not exist; {fix}.")
-
-
-def _rotate(images: torch.Tensor, labels: torch.Tensor, groups: dict[str, torch.Tensor],
-            where: dict[int, str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[int, str]]:
-    """Every class four times: rotated by 0°, 90°, 180°, 270° (class ``4c + k`` is class ``c`` turned ``k·90°``)."""
-    turned = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)], 1)  # [n, 4, C, H, W]
-    new_labels = (labels.unsqueeze(1) * 4 + torch.arange(4)).reshape(-1)
-    new_groups = {s: (ids.unsqueeze(1) * 4 + torch.arange(4)).reshape(-1) for s, ids in groups.items()}
-    new_where = {4 * c + k: f"{w} (rotated {90 * k}°)" for c, w in where.items() for k in range(4)}
-    return turned.reshape(-1, *images.shape[1:]), new_labels, new_groups, new_where
 
 
 def omniglot(
@@ -188,10 +214,9 @@ def omniglot(
     held = {alphabets[int(i)] for i in order[:val_alphabets]}
     splits = {"train": [c for c in background if c[0].split("/")[0] not in held],
               "val": [c for c in background if c[0].split("/")[0] in held], "test": evaluation}
-    decoded = _decode(splits, size=image_size, channels=1, dataset="omniglot", progress=progress)
-    images, labels, groups, where = _rotate(*decoded) if rotations else decoded
-    return EpisodeSource(**image_source(images, labels, groups, where=where, ways=ways, shots=shots,
-                                        query_shots=query_shots, meta_batch=meta_batch, flatten=flatten))
+    index = _rotated(_index(splits)) if rotations else _index(splits)
+    return _build(index, dataset="omniglot", image_size=image_size, channels=1, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch, flatten=flatten, progress=progress)
 
 
 def _read_split_csv(path: Path, images: Path) -> list[tuple[str, Path]]:
@@ -243,7 +268,5 @@ def miniimagenet(
                                 f"{split}.csv; meta-splits must hold disjoint classes. Remove it from one file.")
             by_label.setdefault(label, []).append(file)
         splits[split] = [(label, Path(f"{label} (in {split}.csv)"), files) for label, files in by_label.items()]
-    images, labels, groups, where = _decode(splits, size=image_size, channels=3, dataset="miniimagenet",
-                                            progress=progress)
-    return EpisodeSource(**image_source(images, labels, groups, where=where, ways=ways, shots=shots,
-                                        query_shots=query_shots, meta_batch=meta_batch, flatten=flatten))
+    return _build(_index(splits), dataset="miniimagenet", image_size=image_size, channels=3, ways=ways, shots=shots,
+                  query_shots=query_shots, meta_batch=meta_batch, flatten=flatten, progress=progress)

@@ -91,6 +91,8 @@ def test_resnet12_runs_through_the_general_path(name: str) -> None:
 def test_conv4_is_recognised_and_other_convolutions_are_not() -> None:
     chain = conv_chain(model(norm="layer"))
     assert chain is not None and len(chain.head) == 1
+    kinds = [type(step).__name__ for step in chain.steps[:4]]
+    assert kinds == ["Conv", "Norm", "Pool", "Activation"]  # ReLU → pool runs as pool → ReLU (equal, cheaper)
     assert conv_chain(model(norm="none")) is not None
     strided = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 2))
     assert conv_chain(strided) is None

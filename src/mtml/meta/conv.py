@@ -13,7 +13,8 @@ those) is flattened into :data:`Step` s by :func:`conv_chain`. :func:`conv_forwa
   convolution with per-task weights ``[tasks, O, C, k, k]`` is one ``conv2d`` of weight ``[tasks·O, C, k, k]``
   with ``groups=tasks``; a group norm of ``G`` groups is one ``group_norm`` of ``tasks·G`` groups (a task's
   channels are contiguous), with its scale and shift laid out the same way; max-pooling and activations act
-  per channel, so they are unchanged;
+  per channel, so they are unchanged (a ``ReLU → max-pool`` pair runs as ``max-pool → ReLU``, which is equal
+  and touches a quarter of the values);
 - ``Flatten`` returns to ``[tasks, n, features]`` and the MLP part runs through the MLP speed path.
 
 Gradients come from autograd (grouped convolutions are differentiable to any order), so second-order MAML
@@ -25,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -144,7 +146,7 @@ def conv_chain(model: nn.Module) -> ConvChain | None:
     cut = next((i for i, s in enumerate(out) if isinstance(s, Flatten)), None)
     if cut is None:
         return None
-    steps = [s for s in out[:cut] if isinstance(s, Conv | Norm | Pool | Activation)]
+    steps = _pool_first([s for s in out[:cut] if isinstance(s, Conv | Norm | Pool | Activation)])
     if not any(isinstance(s, Conv) for s in steps):
         return None
     head: list[Layer] = []
@@ -155,6 +157,18 @@ def conv_chain(model: nn.Module) -> ConvChain | None:
             return None
         head += [_renamed(layer, item[0]) for layer in part]
     return ConvChain(steps, head)
+
+
+def _pool_first(steps: list[Step]) -> list[Step]:
+    """``ReLU → max-pool`` reordered to ``max-pool → ReLU``: equal values (ReLU is monotone, so it commutes with
+    a maximum) and equal gradients (both route to the window's maximum, zero where it is negative), on a
+    tensor a quarter the size."""
+    out = list(steps)
+    for i in range(len(out) - 1):
+        step = out[i]
+        if isinstance(step, Activation) and step.forward is torch.relu and isinstance(out[i + 1], Pool):
+            out[i], out[i + 1] = out[i + 1], step
+    return out
 
 
 def _renamed(layer: Layer, prefix: str) -> Layer:

@@ -85,7 +85,7 @@ class ToFloat:
     flatten: bool = False
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = x.to(torch.float32) / 255.0
+        out = x.to(torch.float32).div_(255.0)  # in place: one float copy per batch
         return out.flatten(-3) if self.flatten else out
 
     def shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:

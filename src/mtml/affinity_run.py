@@ -8,6 +8,7 @@ each number of groups) and ``plots/affinity.png`` (the heatmap).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from mtml.report.plots import plot_learning_curves
 from mtml.transfer import Grouping, TagRecorder, group_tasks, negative_transfer
 from mtml.weighting import WEIGHTINGS
 
-__all__ = ["AffinityResult", "plot_affinity", "task_affinity"]
+__all__ = ["AffinityResult", "display_scale", "plot_affinity", "task_affinity"]
 
 
 @dataclass
@@ -126,6 +127,12 @@ def _write(run: Run, config: Config, result: AffinityResult) -> None:
     run.set_status("completed", finished=time.time())
 
 
+def display_scale(matrix: Sequence[Sequence[float]]) -> int:
+    """Power of ten ``e`` such that the largest off-diagonal ``|A[i][j]| / 10**e`` lies in [1, 10) (0 if all 0)."""
+    off = [abs(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v != 0]
+    return math.floor(math.log10(max(off))) if off else 0
+
+
 def plot_affinity(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str | Path, *,
                   flagged: set[tuple[str, str]] | None = None, groups: Sequence[Sequence[str]] | None = None) -> Path:
     """Heatmap of ``matrix`` (row i onto column j), tasks ordered by ``groups``; flagged pairs get an ×."""
@@ -141,17 +148,19 @@ def plot_affinity(matrix: Sequence[Sequence[float]], names: Sequence[str], path:
     ax.set_yticks(range(len(idx)), order, fontsize=8)
     ax.set_xlabel("onto task j")
     ax.set_ylabel("lookahead step on task i")
+    exp = display_scale(a.tolist())
     if len(idx) <= 16:
         for r in range(len(idx)):
             for c in range(len(idx)):
                 mark = "×" if flagged and (order[r], order[c]) in flagged else ""
-                ax.text(c, r, f"{float(a[r, c]):.3f}{mark}", ha="center", va="center", fontsize=6)
+                ax.text(c, r, f"{float(a[r, c]) / 10**exp:.2f}{mark}", ha="center", va="center", fontsize=7)
     edge = 0
     for g in groups or []:  # outline each suggested group
         ax.add_patch(plt.Rectangle((edge - 0.5, edge - 0.5), len(g), len(g), fill=False, lw=2, color="black"))
         edge += len(g)
     fig.colorbar(im, ax=ax, label="affinity (1 − L_j after / L_j before)")
-    ax.set_title("TAG inter-task affinity (× = negative transfer, 95% CI < 0)")
+    unit = f", cells in units of 1e{exp}" if exp else ""
+    ax.set_title(f"TAG inter-task affinity (× = negative transfer{unit})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

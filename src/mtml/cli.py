@@ -167,23 +167,26 @@ def affinity(
     """Train CONFIG while recording TAG inter-task affinity; write a heatmap and suggested task groups."""
     from rich.table import Table
 
-    from mtml.affinity_run import task_affinity
+    from mtml.affinity_run import display_scale, task_affinity
     from mtml.config import load_config
     from mtml.report import RichProgress
 
     progress = None if quiet else RichProgress("affinity", console=console)
     res = task_affinity(load_config(config, set_ or []), out, groups=groups, every=every, lookahead_lr=lookahead_lr,
                         progress=progress)
-    table = Table(title=f"affinity of row task onto column task ({res.steps_recorded} recorded steps)")
-    table.add_column("from \\ onto")
+    exp = display_scale(res.matrix)
+    unit = f" (in units of 1e{exp})" if exp else ""
+    table = Table(title=f"affinity of row task onto column task{unit}, {res.steps_recorded} recorded steps",
+                  show_edge=False)
+    table.add_column("from \\ onto", no_wrap=True)
     for j in range(len(res.names)):
-        table.add_column(str(j), justify="right")
+        table.add_column(str(j), justify="right", no_wrap=True)
     for i, name in enumerate(res.names):
-        table.add_row(f"{i} {name}", *(f"{v:+.4f}" for v in res.matrix[i]))
+        table.add_row(f"{i} {name}", *(f"{v / 10**exp:+.2f}" for v in res.matrix[i]))
     console.print(table)
     for k, g in res.groupings.items():
         mark = "  [bold green]← suggested[/]" if k == res.suggested else ""
-        console.print(f"{k} group(s), score {g.score:+.4f} ({g.method}): {g.named(res.names)}{mark}")
+        console.print(f"{k} group(s), score {g.score:+.3g} ({g.method}): {g.named(res.names)}{mark}")
     if res.negative:
         console.print("[bold red]negative transfer[/] (95% CI below 0): "
                       + ", ".join(f"{a} → {b}" for a, b in res.negative))

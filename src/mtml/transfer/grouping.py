@@ -100,52 +100,63 @@ def _exact(a: Tensor, k: int) -> tuple[list[int], float]:
     return labels[best_row].tolist(), best_score
 
 
-def _group_value(a: list[list[float]], g: list[int]) -> float:
-    if len(g) < 2:
-        return 0.0
-    return sum(a[i][j] for i in g for j in g) / (len(g) - 1)
+def _values(s: Tensor, n: Tensor) -> Tensor:
+    """Group scores ``S(G)/(|G|−1)`` (0 for singletons) from within-group sums ``s`` and sizes ``n``."""
+    return torch.where(n > 1, s / (n - 1).clamp_min(1), torch.zeros_like(s))
 
 
-def _agglomerate(a: list[list[float]], k: int) -> list[list[int]]:
-    groups = [[i] for i in range(len(a))]
-    while len(groups) > k:
-        best, pair = -float("inf"), (0, 1)
-        for x in range(len(groups)):
-            for y in range(x + 1, len(groups)):
-                gain = (_group_value(a, groups[x] + groups[y]) - _group_value(a, groups[x])
-                        - _group_value(a, groups[y]))
-                if gain > best:
-                    best, pair = gain, (x, y)
-        x, y = pair
-        groups[x] = groups[x] + groups.pop(y)
-    return groups
+def _agglomerate(b: Tensor, k: int) -> Tensor:
+    """Labels ``[m]`` after merging, from singletons, the pair of groups with the best score gain until ``k``
+    remain. ``b = A + Aᵀ`` with a zero diagonal; ``x[g, h]`` holds the cross sums between groups."""
+    m = b.shape[0]
+    x, s, n = b.clone(), torch.zeros(m, dtype=b.dtype), torch.ones(m, dtype=b.dtype)
+    owner = list(range(m))  # current group (row of x) of each task
+    alive = list(range(m))
+    while len(alive) > k:
+        xa, sa, na = x[alive][:, alive], s[alive], n[alive]
+        merged = sa[:, None] + sa[None, :] + xa
+        gain = _values(merged, na[:, None] + na[None, :]) - _values(sa, na)[:, None] - _values(sa, na)[None, :]
+        gain.fill_diagonal_(-torch.inf)
+        flat = int(gain.argmax())
+        g, h = sorted((alive[flat // len(alive)], alive[flat % len(alive)]))
+        s[g], n[g] = s[g] + s[h] + x[g, h], n[g] + n[h]
+        x[g, :] += x[h, :]
+        x[:, g] += x[:, h]
+        alive.remove(h)
+        owner = [g if o == h else o for o in owner]
+    rank = {gid: r for r, gid in enumerate(alive)}
+    return torch.tensor([rank[o] for o in owner])
 
 
-def _improve(a: list[list[float]], groups: list[list[int]]) -> list[list[int]]:
-    """Best-improvement local search over single moves and pairwise swaps (no group may become empty)."""
-    while True:
-        base = [_group_value(a, g) for g in groups]
-        best_gain, best_change = 1e-12, None
-        for x, gx in enumerate(groups):
-            for y, gy in enumerate(groups):
-                if x == y:
-                    continue
-                for i in gx:
-                    rest = [t for t in gx if t != i]
-                    if rest:  # move i from x to y
-                        gain = _group_value(a, rest) + _group_value(a, [*gy, i]) - base[x] - base[y]
-                        if gain > best_gain:
-                            best_gain, best_change = gain, (x, y, rest, [*gy, i])
-                    if x < y:
-                        for j in gy:  # swap i and j
-                            nx, ny = [*rest, j], [t for t in gy if t != j] + [i]
-                            gain = _group_value(a, nx) + _group_value(a, ny) - base[x] - base[y]
-                            if gain > best_gain:
-                                best_gain, best_change = gain, (x, y, nx, ny)
-        if best_change is None:
-            return groups
-        x, y, nx, ny = best_change
-        groups[x], groups[y] = nx, ny
+def _improve(b: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Best-improvement local search over single moves and pairwise swaps (no group may become empty), all
+    candidate changes scored at once from ``C[i, g] = Σ_{t∈g} b[i, t]``."""
+    m = b.shape[0]
+    for _ in range(100 * m):
+        onehot = torch.nn.functional.one_hot(labels, k).to(b.dtype)
+        c = b @ onehot  # [m, k]
+        n, s = onehot.sum(0), 0.5 * (onehot * c).sum(0)
+        val = _values(s, n)
+        own = c.gather(1, labels[:, None])[:, 0]  # C[i, l_i]
+        move = (_values(s[labels] - own, n[labels] - 1)[:, None] + _values(s[None, :] + c, n[None, :] + 1)
+                - val[labels][:, None] - val[None, :])
+        move[onehot.bool() | (n[labels] < 2)[:, None]] = -torch.inf
+        cross = c[:, labels]  # [i, j] = C[i, l_j]
+        sx = s[labels][:, None] - own[:, None] + cross.T - b
+        sy = s[labels][None, :] - own[None, :] + cross - b
+        swap = (_values(sx, n[labels][:, None]) + _values(sy, n[labels][None, :])
+                - val[labels][:, None] - val[labels][None, :])
+        swap[labels[:, None] == labels[None, :]] = -torch.inf
+        if max(float(move.max()), float(swap.max())) <= 1e-12:
+            break
+        labels = labels.clone()
+        if float(move.max()) >= float(swap.max()):
+            i, y = divmod(int(move.argmax()), k)
+            labels[i] = y
+        else:
+            i, j = divmod(int(swap.argmax()), m)
+            labels[i], labels[j] = labels[j].clone(), labels[i].clone()
+    return labels
 
 
 def group_tasks(affinity: Tensor, k: int, *, exact_limit: int = 12) -> Grouping:
@@ -158,8 +169,9 @@ def group_tasks(affinity: Tensor, k: int, *, exact_limit: int = 12) -> Grouping:
         groups = [[i for i in range(m) if labels[i] == g] for g in range(k)]
         method = "exact"
     else:
-        rows = a.tolist()
-        groups = _improve(rows, _agglomerate(rows, k))
-        score, method = sum(_group_value(rows, g) for g in groups), "greedy"
+        b = a + a.T
+        found = _improve(b, _agglomerate(b, k), k).tolist()
+        groups = [[i for i in range(m) if found[i] == g] for g in range(k)]
+        score, method = grouping_score(a, groups), "greedy"
     ordered = tuple(sorted(tuple(sorted(g)) for g in groups))
     return Grouping(ordered, float(score), method)

@@ -61,6 +61,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
     """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
     from mtml.config import load_config
     from mtml.engine.dist_launch import launch
+    from mtml.errors import RunExistsError
     from mtml.experiment import default_run_dir
 
     if "WORLD_SIZE" in os.environ:
@@ -78,6 +79,9 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
         if config is None:
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
         run_dir = out or default_run_dir(load_config(config, set_))  # one name for every rank
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise RunExistsError(f"run directory {run_dir} already exists and is not empty; refusing to overwrite "
+                                 f"it. Choose another --out, or continue it with --resume {run_dir}.")
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
     launch(args, nproc, run_dir=run_dir, timeout=timeout)
 
@@ -229,6 +233,47 @@ def rank(
     if out is not None:
         atomic_write_text(out, json.dumps(ranking, indent=2) + "\n")
         console.print(f"ranking written to [bold]{out}[/]")
+
+
+@app.command("transfer")
+def transfer_(
+    run: Annotated[Path, typer.Argument(help="source run directory (joint or meta-learning)")],
+    target: Annotated[Path, typer.Option(help="YAML config whose tasks (or task family) are the target")],
+    strategies: Annotated[str | None, typer.Option(help="comma-separated strategies (default: all that fit)")]
+    = None,
+    sizes: Annotated[str, typer.Option(help="training examples per class (per task for regression)")] = "1,5,20,all",
+    repeats: Annotated[int, typer.Option(help="random draws of the examples per size")] = 5,
+    seed: Annotated[int, typer.Option(help="seed of the draws")] = 0,
+    option: Annotated[list[str] | None, typer.Option(help="strategy option: --option finetune_last.k=2")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory (default: RUN/transfer-<target>-<time>)")]
+    = None,
+) -> None:
+    """Transfer a run to a target config with each strategy; metric and gain over scratch per size, with CIs."""
+    import time
+
+    import yaml
+
+    from mtml.report.transfer import rich_tables
+    from mtml.transfer_run import parse_sizes, transfer
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None
+    options: dict[str, dict[str, object]] = {}
+    for item in option or []:
+        key, eq, value = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not eq or not dot or not name or not opt:
+            raise MtmlError(f"--option {item!r}: write STRATEGY.KEY=VALUE, e.g. --option finetune_last.k=2.")
+        options.setdefault(name, {})[opt] = yaml.safe_load(value)
+    parsed = parse_sizes(sizes)
+    if repeats < 1:
+        raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")
+    out = out or run / f"transfer-{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with console.status("transferring…"):
+        result = transfer(run, target, strategies=names, sizes=parsed, repeats=repeats, seed=seed,
+                          options=options, out=out)
+    for table in rich_tables(result):
+        console.print(table)
+    console.print(f"written to [bold]{out}[/] (transfer.json, transfer.md, plots/transfer.png)")
 
 
 def main() -> None:

@@ -47,6 +47,8 @@ def _describe(rank: int, code: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"rank {rank} was killed by {name}"
+    if code == 2:
+        return f"rank {rank} stopped with the error above"
     return f"rank {rank} exited with code {code}"
 
 
@@ -99,7 +101,8 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: flo
         return
     failed = [_describe(r, c) for r, c in enumerate(codes) if c != 0 and r not in stopped]
     note = f"; stopped rank(s) {', '.join(map(str, stopped))}" if stopped else ""
-    raise DistributedError(
-        f"{nproc}-rank run failed: {'; '.join(failed)}{note}. The run's checkpoints are kept: continue it with "
-        f"`mtml train --resume {run_dir}` (with or without --nproc)."
-    )
+    if any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
+        hint = f"The run's checkpoints are kept: continue it with `mtml train --resume {run_dir}` (any --nproc)."
+    else:
+        hint = "No checkpoint was written, so there is nothing to resume."
+    raise DistributedError(f"{nproc}-rank run failed: {'; '.join(failed)}{note}. {hint}")

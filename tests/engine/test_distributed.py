@@ -1,0 +1,274 @@
+"""Data-parallel training: real 2-process gloo groups over loopback (no mocks).
+
+Equivalence: 2 ranks end with the same parameters (and optimiser state, and meta-test scores) as 1 process on
+the same global batch, for MAML, ProtoNets and joint training with PCGrad. Faults: a rank that dies or hangs
+makes the others stop within a bound with one clear error; the run resumes on another number of ranks.
+Workers are forked from the test process (torch is already imported) except for the CLI tests, which start
+``mtml train --nproc 2`` for real.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from mtml.config import Config
+from mtml.engine import load_checkpoint
+from mtml.engine.dist_launch import free_port
+from mtml.engine.distributed import (
+    DistributedError,
+    map_ranks,
+    rank,
+    reduce_gradients,
+    session,
+    shard,
+    world_size,
+)
+from mtml.errors import ConfigError
+from mtml.experiment import resume_run, train
+
+MAML: dict[str, Any] = {
+    "name": "dist-maml", "seed": 0, "threads": 1,
+    "data": {"dataset": "sinusoid", "options": {"shots": 5, "query_shots": 5, "meta_batch": 10}},
+    "model": {"trunk_hidden": [16, 16]},
+    "training": {"algorithm": "maml", "algorithm_options": {"inner_lr": 0.01, "inner_steps": 1,
+                                                            "test_inner_steps": 2},
+                 "lr": 0.003, "max_steps": 8, "eval_every": 4, "patience": 0, "meta_val_tasks": 20,
+                 "meta_test_tasks": 30},
+}
+PROTONET: dict[str, Any] = {
+    "name": "dist-protonet", "seed": 1, "threads": 1,
+    "data": {"dataset": "gaussian_classes", "options": {"classes": 30, "dim": 8, "examples": 10, "ways": 3,
+                                                        "shots": 2, "query_shots": 3, "meta_batch": 5}},
+    "model": {"trunk_hidden": [16]},
+    "training": {"algorithm": "protonet", "lr": 0.01, "max_steps": 8, "eval_every": 4, "patience": 0,
+                 "meta_val_tasks": 10, "meta_test_tasks": 15},
+}
+PCGRAD: dict[str, Any] = {
+    "name": "dist-pcgrad", "seed": 2, "threads": 1,
+    "data": {"dataset": "synthetic", "options": {"num_tasks": 4, "in_dim": 8, "latent_dim": 3, "n_train": 30,
+                                                 "n_val": 15, "n_test": 15}},
+    "model": {"trunk_hidden": [12]},
+    "training": {"weighting": {"name": "pcgrad"}, "lr": 0.01, "batch_size": 11, "max_steps": 8, "eval_every": 4,
+                 "patience": 0},
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+
+
+# -- running ranks ---------------------------------------------------------------------------------------
+def _worker(fn: Callable[..., Any], r: int, world: int, port: int, env: dict[str, str], queue: Any,
+            args: tuple[Any, ...]) -> None:
+    os.environ.update({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    try:
+        queue.put((r, "ok", fn(*args), time.monotonic() - t0))
+    except BaseException as exc:  # report, never hang the parent
+        queue.put((r, type(exc).__name__, str(exc), time.monotonic() - t0))
+
+
+def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2, env: dict[str, str] | None = None,
+              timeout: float = 60.0, needed: list[int] | None = None) -> list[tuple[str, Any, float]]:
+    """``fn(*args)`` on ``world`` forked ranks of one gloo group; ``(status, result or message, seconds)``
+    per rank, in rank order. Waits for the ``needed`` ranks (default all); a rank that never reports gets
+    ``("lost", None, nan)`` and is killed."""
+    needed = list(range(world)) if needed is None else needed
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, env or {}, queue, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, tuple[str, Any, float]] = {}
+    deadline = time.monotonic() + timeout
+    while not set(needed) <= set(out) and time.monotonic() < deadline:
+        if all(not p.is_alive() for p in procs) and queue.empty():
+            break
+        try:
+            r, status, value, seconds = queue.get(timeout=0.2)
+            out[r] = (status, value, seconds)
+        except Exception:  # queue.Empty
+            continue
+    for r, p in enumerate(procs):
+        p.join(5 if r in out else 0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [out.get(r, ("lost", None, float("nan"))) for r in range(world)]
+
+
+def _train(config: dict[str, Any], out: str) -> dict[str, Any]:
+    _, result = train(Config.from_dict(config), out)
+    return result.test
+
+
+def assert_same_checkpoints(a: Path, b: Path, atol: float = 1e-5) -> None:
+    names = sorted(p.name for p in (a / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (b / "checkpoints").iterdir())
+    for name in names:
+        ca, cb = load_checkpoint(a / "checkpoints" / name), load_checkpoint(b / "checkpoints" / name)
+        assert ca.tensors.keys() == cb.tensors.keys()
+        for key, value in ca.tensors.items():
+            other = cb.tensors[key]
+            if value.is_floating_point():
+                torch.testing.assert_close(other, value, atol=atol, rtol=1e-4, msg=f"{name}: {key}")
+            else:
+                assert torch.equal(other, value), (name, key)
+        assert ca.meta["step"] == cb.meta["step"]
+
+
+def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for task, scores in a.items():
+        for metric, value in scores.items():
+            assert b[task][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (task, metric)
+
+
+# -- equivalence -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [MAML, PROTONET, PCGRAD], ids=["maml", "protonet", "joint-pcgrad"])
+def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any]) -> None:
+    one = _train(config, str(tmp_path / "one"))
+    ranks = run_ranks(_train, config, str(tmp_path / "two"))
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "two")
+    for _, scores, _ in ranks:  # every rank gets the gathered meta-test / test scores
+        assert_close_scores(one, scores)
+    two = tmp_path / "two"
+    assert json.loads((two / "run.json").read_text())["status"] == "completed"
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "done" for r in logged) == 1  # one rank wrote the log
+
+
+# -- helpers on 2 ranks ----------------------------------------------------------------------------------
+def _helpers() -> dict[str, Any]:
+    with session():
+        drawn: list[int] = []
+
+        def lazily() -> Any:
+            for i in range(7):
+                drawn.append(i)
+                yield i
+
+        squares = map_ranks(lambda i: (i * i, rank()), lazily())
+        p = torch.nn.Parameter(torch.zeros(3))
+        q = torch.nn.Parameter(torch.zeros(2))  # gets a gradient on rank 1 only
+        r_ = torch.nn.Parameter(torch.zeros(1))  # on no rank
+        p.grad = torch.full((3,), float(rank() + 1))
+        if rank() == 1:
+            q.grad = torch.ones(2)
+        extra = reduce_gradients([p, q, r_], torch.tensor([float(rank())]))
+        return {"squares": squares, "drawn": drawn, "shards": [shard(n) for n in (2, 5)], "world": world_size(),
+                "p": p.grad.tolist(), "q": q.grad.tolist() if q.grad is not None else None,
+                "r": r_.grad, "extra": extra.tolist() if extra is not None else None}
+
+
+def test_map_ranks_shard_and_gradient_reduction_on_two_ranks() -> None:
+    ranks = run_ranks(_helpers)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    for r, (_, got, _) in enumerate(ranks):
+        assert got["world"] == 2
+        assert [s for s, _ in got["squares"]] == [i * i for i in range(7)]
+        assert [owner for _, owner in got["squares"]] == [i % 2 for i in range(7)]  # spread over both ranks
+        assert got["drawn"] == list(range(7))  # every rank walked the whole iterable
+        assert got["shards"] == ([slice(0, 1), slice(0, 3)] if r == 0 else [slice(1, 2), slice(3, 5)])
+        assert got["p"] == [3.0, 3.0, 3.0] and got["q"] == [1.0, 1.0] and got["r"] is None
+        assert got["extra"] == [1.0]
+
+
+def test_helpers_are_no_ops_in_one_process() -> None:
+    assert world_size() == 1 and rank() == 0
+    assert map_ranks(lambda x: x + 1, iter([1, 2])) == [2, 3]
+    assert shard(5) == slice(0, 5)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    extra = torch.tensor([4.0])
+    assert reduce_gradients([p], extra) is extra and p.grad.tolist() == [1.0, 1.0]
+
+
+def _shard_too_small() -> str:
+    with session():
+        try:
+            shard(1, "tasks per episode (meta_batch)")
+        except ConfigError as exc:
+            return str(exc)
+    return ""
+
+
+def test_too_few_items_for_the_ranks_is_a_config_error() -> None:
+    ranks = run_ranks(_shard_too_small)
+    assert all(r[0] == "ok" and "meta_batch" in r[1] and "2 ranks" in r[1] for r in ranks), ranks
+
+
+# -- faults ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path: Path) -> None:
+    config = {**MAML, "training": {**MAML["training"], "max_steps": 30}}
+    env = {"MTML_FAULT_AT_STEP": "3", "MTML_FAULT_MODE": "hang", "MTML_DIST_TIMEOUT": "3"}
+    t0 = time.monotonic()
+    ranks = run_ranks(_train, config, str(tmp_path / "run"), env=env, timeout=60, needed=[0])
+    status, message, seconds = ranks[0]
+    assert status == DistributedError.__name__, ranks
+    assert "rank 0 of 2" in message and "MTML_DIST_TIMEOUT=3s" in message and "--resume" in message
+    assert seconds < 30 and time.monotonic() - t0 < 45
+    assert ranks[1][0] == "lost"  # the hung rank never finished; run_ranks killed it
+
+
+def mtml(*args: str | Path, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mtml", *map(str, args)], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def test_cli_rank_killed_then_resume_on_one_rank(tmp_path: Path) -> None:
+    config = {**MAML, "training": {**MAML["training"], "checkpoint_every": 2}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    t0 = time.monotonic()
+    proc = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet",
+                env={"MTML_FAULT_AT_STEP": "5", "MTML_DIST_TIMEOUT": "30"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    flat = " ".join(proc.stderr.split())
+    assert "2-rank run failed: rank 1 was killed by SIGKILL" in flat, proc.stderr
+    assert f"mtml train --resume {tmp_path / 'run'}" in flat
+    assert elapsed < 90, elapsed  # not the 30 s collective timeout, let alone 30 min
+    steps = [int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")]
+    assert max(steps) == 4  # the checkpoint before the fault
+    # resume the 2-rank run on 1 rank: it ends where an uninterrupted 1-process run ends
+    resume_run(tmp_path / "run")
+    _train(config, str(tmp_path / "one"))
+    for name in ("step-00000008.safetensors", "best.safetensors"):
+        a = load_checkpoint(tmp_path / "one" / "checkpoints" / name)
+        b = load_checkpoint(tmp_path / "run" / "checkpoints" / name)
+        for key, value in a.tensors.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b.tensors[key], value, atol=1e-5, rtol=1e-4)
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "resume" in kinds and kinds[-1] == "done"
+
+
+@pytest.mark.slow
+def test_cli_nproc_two_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(PCGRAD))
+    proc = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "plots/learning_curves.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    _train(PCGRAD, str(tmp_path / "one"))
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "run")
+    again = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet")
+    assert again.returncode == 2 and again.stderr.count("already exists") == 1, again.stderr  # said once

@@ -76,10 +76,11 @@ def test_cli_affinity(tmp_path: Path) -> None:
 
 
 def _table_config(csv: Path, name: str, targets: dict[str, str], steps: int = 60) -> dict:
+    kinds = {"score": "regression"}
     return {"name": name, "seed": 0, "threads": 1,
             "data": {"dataset": "table", "options": {
                 "path": str(csv), "features": [f"f{i}" for i in range(6)],
-                "targets": {k: {"column": v, "kind": "multiclass"} for k, v in targets.items()}}},
+                "targets": {k: {"column": v, "kind": kinds.get(v, "multiclass")} for k, v in targets.items()}}},
             "model": {"trunk_hidden": [16]},
             "training": {"lr": 0.01, "batch_size": 32, "max_steps": steps, "eval_every": 20, "patience": 0}}
 
@@ -94,6 +95,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
     frame["a"] = (x[:, :3].argmax(1)).numpy().astype(str)
     frame["b"] = ((x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()).numpy().astype(str)
     frame["noise"] = torch.randint(0, 3, (300,), generator=g).numpy().astype(str)
+    frame["score"] = (x[:, 0] - 2 * x[:, 3]).numpy()
     csv = root / "data.csv"
     pd.DataFrame(frame).to_csv(csv, index=False)
     runs = []
@@ -101,7 +103,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
         run, _ = train(Config.from_dict(_table_config(csv, name, targets)), root / name)
         runs.append(run.path)
     target = root / "target.yaml"
-    target.write_text(yaml.safe_dump(_table_config(csv, "target", {"b": "b"})))
+    target.write_text(yaml.safe_dump(_table_config(csv, "target", {"b": "b", "score": "score"})))
     return target, runs
 
 
@@ -115,6 +117,11 @@ def test_rank_sources_scores_every_estimator(sources: tuple[Path, list[Path]]) -
         assert all(v is not None and math.isfinite(v) for v in r["scores"].values())
         assert r["scores"]["leep"] <= 0 and r["scores"]["nce"] <= 0
     assert rows[0]["scores"]["logme"] >= rows[1]["scores"]["logme"]
+    for r in ranking["score"]:  # a regression target: only LogME is defined
+        assert math.isfinite(r["scores"]["logme"])
+        assert r["scores"]["leep"] is None and r["scores"]["nce"] is None and r["scores"]["hscore"] is None
+    only = rank_sources(Config.from_dict(yaml.safe_load(target.read_text())), runs[:1], task="score")
+    assert list(only) == ["score"] and only["score"][0]["source_task"] == "a"
 
 
 @pytest.mark.slow  # subprocess start-up dominates: ~30 s on a busy 2-core machine

@@ -139,3 +139,16 @@ def test_cli_rank_and_errors(sources: tuple[Path, list[Path]], tmp_path: Path) -
     small.write_text(yaml.safe_dump(SMALL))
     with pytest.raises(ShapeError, match="same input features"):
         rank_sources(Config.from_dict(SMALL), runs)
+
+
+def test_rank_accepts_a_meta_learning_source(sources: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    target, runs = sources
+    meta = {"name": "proto", "seed": 0, "threads": 1,
+            "data": {"dataset": "gaussian_classes", "options": {"dim": 6, "classes": 30, "ways": 3, "meta_batch": 2}},
+            "model": {"trunk_hidden": [8]},
+            "training": {"algorithm": "protonet", "max_steps": 10, "eval_every": 5, "patience": 0,
+                         "meta_val_tasks": 4, "meta_test_tasks": 4}}
+    run, _ = train(Config.from_dict(meta), tmp_path / "proto")
+    ranking = rank_sources(Config.from_dict(yaml.safe_load(target.read_text())), [run.path, runs[0]], task="b")
+    row = next(r for r in ranking["b"] if r["run"] == str(run.path))
+    assert row["source_task"] == "task" and math.isfinite(row["scores"]["logme"])

@@ -53,7 +53,7 @@ def load_source(path: str | Path) -> Source:
     if config.is_meta:
         mexp = build_meta(config)
         restore(ckpt, modules={"model": mexp.model})
-        kinds = {"task": mexp.source.kind}
+        kinds = {"task": "multiclass" if mexp.source.kind == "classification" else mexp.source.kind}
         model = mexp.model
     else:
         exp = build(config)

@@ -88,10 +88,15 @@ def _pick_alphabets(table: dict[str, dict[str, list[int]]], wanted: Sequence[str
     return dict(sorted(picked.items()))
 
 
-def _options(**kw: Any) -> dict[str, Any]:
-    import PIL
-
-    return {"version": VERSION, "pillow": PIL.__version__, "unicode": unicodedata.unidata_version, **kw}
+def _pillow_version() -> str:
+    """Pillow's version; a :class:`ConfigError` with the install command if Pillow or fontTools is missing."""
+    try:
+        import fontTools  # noqa: F401
+        import PIL
+    except ImportError as exc:
+        raise ConfigError(f"glyphs needs Pillow and fontTools to render fonts ({exc}); install the vision extra: "
+                          "pip install 'mtml[vision]'") from None
+    return str(PIL.__version__)
 
 
 def _fingerprint(fonts: list[FontInfo]) -> list[list[Any]]:
@@ -163,10 +168,12 @@ def load_glyphs(
     low = check_int("min_characters", min_characters, 1, "Keep alphabets with at least one character.")
     high = check_int("max_characters", max_characters, low, "It must be >= min_characters.")
     aug = augmentation if augmentation is not None else GlyphAugment()
+    pillow = _pillow_version()
     fonts, fallback = discover_fonts(font_dir)
     table = _pick_alphabets(alphabet_letters(fonts), alphabets)
-    options = _options(seed=seed, examples=examples, size=size, max_characters=high, min_characters=low,
-                       alphabets=list(table), augment=asdict(aug), fonts=_fingerprint(fonts))
+    options = {"version": VERSION, "pillow": pillow, "unicode": unicodedata.unidata_version, "seed": seed,
+               "examples": examples, "size": size, "max_characters": high, "min_characters": low,
+               "alphabets": list(table), "augment": asdict(aug), "fonts": _fingerprint(fonts)}
     directory = cache_dir_for(cache_key(options), cache_dir)
     entry = read_entry(directory)
     if entry is None or entry[1].get("options") != options:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from mtml.errors import ConfigError
 
-__all__ = ["NOTO_DIR", "FontInfo", "GlyphsFontWarning", "alphabet_letters", "discover_fonts", "script_of"]
+__all__ = ["NOTO_DIR", "FontInfo", "GlyphsFontWarning", "alphabet_letters", "discover_fonts", "matplotlib_font_dir",
+           "script_of"]
 
 NOTO_DIR = Path("/usr/share/fonts/truetype/noto")
 FONT_DIR_ENV = "MTML_GLYPHS_FONT_DIR"

@@ -29,6 +29,8 @@ def train(
     nproc: Annotated[int, typer.Option(help="ranks on this machine (data-parallel; see docs/distributed.md)")] = 1,
     dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
     = None,
+    seeds: Annotated[str | None, typer.Option(help="one run per seed under OUT/seed-N, e.g. 0,1,2 (spread over "
+                                                   "--nproc ranks)")] = None,
 ) -> None:
     """Train a config into a run directory, or --resume an interrupted run."""
     from mtml.config import load_config
@@ -36,10 +38,14 @@ def train(
     from mtml.experiment import train as train_config
     from mtml.report import RichProgress
 
+    seed_list = _seed_list(seeds)
     if nproc != 1 or dist_timeout is not None:
-        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout)
+        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout, seeds)
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if seed_list is not None:
+        _train_seeds(config, set_ or [], out, resume, seed_list, main_rank)
+        return
     progress = None if quiet or not main_rank else RichProgress("train", console=console)
     if resume is not None:
         if config is not None or set_:
@@ -56,8 +62,31 @@ def train(
     console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
 
 
+def _seed_list(seeds: str | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    try:
+        return [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise MtmlError(f"--seeds must be comma-separated integers such as 0,1,2. Got {seeds!r}.") from None
+
+
+def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, seeds: list[int],
+                 main_rank: bool) -> None:
+    from mtml.config import load_config
+    from mtml.experiment import train_seeds
+
+    if resume is not None or config is None:
+        raise MtmlError("--seeds trains a CONFIG once per seed; it cannot --resume (resume each seed-N run).")
+    results = train_seeds(load_config(config, set_), seeds, out)
+    for seed, (path, summary) in zip(seeds, results, strict=True) if main_rank else ():
+        _print_scores(summary["test"] or summary["val"], f"seed {seed}: test metrics (best step "
+                                                         f"{summary['best_step']})")
+        console.print(f"seed {seed}: run directory [bold]{path}[/]")
+
+
 def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, quiet: bool,
-                  nproc: int, timeout: float | None) -> None:
+                  nproc: int, timeout: float | None, seeds: str | None = None) -> None:
     """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
     from mtml.config import load_config
     from mtml.engine.dist_launch import launch
@@ -69,7 +98,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
                         "MTML_DIST_TIMEOUT for the timeout).")
     if timeout is not None and not timeout > 0:
         raise MtmlError(f"--dist-timeout must be > 0 seconds. Got {timeout}.")
-    args = ["train", *(["--quiet"] if quiet else [])]
+    args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
     if resume is not None:
         if config is not None or set_:
             raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")

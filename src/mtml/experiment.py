@@ -26,7 +26,7 @@ from mtml.engine import (
     restore,
     train_multitask,
 )
-from mtml.engine.distributed import broadcast_from_main, is_main, local_device, session
+from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
 from mtml.errors import ConfigError
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
 from mtml.nn import ARCHITECTURES, MultiTaskModel
@@ -34,7 +34,7 @@ from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
 from mtml.weighting import WEIGHTINGS, Weighting
 
-__all__ = ["Experiment", "build", "default_run_dir", "evaluate_run", "resume_run", "train"]
+__all__ = ["Experiment", "build", "default_run_dir", "evaluate_run", "resume_run", "train", "train_seeds"]
 
 
 @dataclass
@@ -158,6 +158,26 @@ def train(
         run = broadcast_from_main(lambda: Run.create(out or default_run_dir(config), config.to_dict()),
                                   "creating the run directory")
         return run, _run(prep, run, resume=False, progress=progress)
+
+
+def train_seeds(
+    config: Config, seeds: list[int], root: str | Path | None = None
+) -> list[tuple[Path, dict[str, Any]]]:
+    """One run of ``config`` per seed, into ``root/seed-<seed>`` (default root: :func:`default_run_dir`).
+
+    In a process group (``mtml train --seeds … --nproc N`` or torchrun) the seeds are spread over the ranks
+    (each rank trains its runs alone) and every rank gets every ``(run directory, summary)``, in seed order.
+    """
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must list distinct seeds. Got {seeds}.")
+    with session(resolve_device(config.device)):
+        base = Path(broadcast_from_main(lambda: str(root or default_run_dir(config)), "choosing the run root"))
+
+        def one(seed: int) -> tuple[Path, dict[str, Any]]:
+            run, _ = train(config.model_copy(update={"seed": seed}), base / f"seed-{seed}")
+            return run.path, run.summary()
+
+        return map_ranks(one, seeds)
 
 
 def _load_config(run: Run) -> Config:

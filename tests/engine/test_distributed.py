@@ -36,7 +36,7 @@ from mtml.engine.distributed import (
     world_size,
 )
 from mtml.errors import ConfigError
-from mtml.experiment import resume_run, train
+from mtml.experiment import resume_run, train, train_seeds
 
 MAML: dict[str, Any] = {
     "name": "dist-maml", "seed": 0, "threads": 1,
@@ -272,3 +272,19 @@ def test_cli_nproc_two_end_to_end(tmp_path: Path) -> None:
     assert_same_checkpoints(tmp_path / "one", tmp_path / "run")
     again = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet")
     assert again.returncode == 2 and again.stderr.count("already exists") == 1, again.stderr  # said once
+
+
+# -- embarrassingly parallel jobs ------------------------------------------------------------------------
+def _seeds(config: dict[str, Any], root: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(str(path), summary) for path, summary in train_seeds(Config.from_dict(config), [0, 1, 2], root)]
+
+
+def test_seeds_spread_over_ranks_match_one_process(tmp_path: Path) -> None:
+    one = _seeds(PROTONET, str(tmp_path / "one"))
+    ranks = run_ranks(_seeds, PROTONET, str(tmp_path / "two"))
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    assert ranks[0][1] == ranks[1][1]  # every rank gets every seed's result
+    for (path_a, a), (path_b, b) in zip(one, ranks[0][1], strict=True):
+        assert Path(path_a).name == Path(path_b).name
+        assert a["test"] == b["test"] and a["best_step"] == b["best_step"]
+        assert_same_checkpoints(Path(path_a), Path(path_b), atol=0.0)  # each seed ran alone on one rank

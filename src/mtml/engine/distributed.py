@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 120.0
+#: True while a rank runs one of :func:`map_ranks`'s jobs on its own: collectives are off inside it.
+_LOCAL: ContextVar[bool] = ContextVar("mtml_distributed_local", default=False)
 _RESUME_HINT = "The run's checkpoints are kept: continue it with `mtml train --resume RUN` on any number of ranks."
 
 
@@ -40,8 +43,8 @@ class DistributedError(MtmlError, RuntimeError):
 
 
 def is_distributed() -> bool:
-    """True inside a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one rank (and not inside a :func:`map_ranks` job)."""
+    return not _LOCAL.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
@@ -182,13 +185,18 @@ def map_ranks(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
 
     Item ``i`` is computed by rank ``i % world_size``. Every rank iterates ``items`` in full (so lazily drawn
     items, e.g. episodes from a seeded generator, stay in step) but calls ``fn`` only on its own; results are
-    gathered with ``all_gather_object``, so they must pickle. For embarrassingly parallel jobs: meta-test
-    tasks, seeds, pairs of a transfer matrix.
+    gathered with ``all_gather_object``, so they must pickle. Inside ``fn`` the rank works alone (mtml's steps
+    and helpers see one process, and rank-0-only writes happen on every rank), so ``fn`` may train a whole
+    run. For embarrassingly parallel jobs: meta-test episodes, seeds, pairs of a transfer matrix.
     """
     if not is_distributed():
         return [fn(x) for x in items]
     w, r = world_size(), rank()
-    mine = [(i, fn(x)) for i, x in enumerate(items) if i % w == r]
+    token = _LOCAL.set(True)  # a job runs on one rank: steps and evaluations inside it are single-process
+    try:
+        mine = [(i, fn(x)) for i, x in enumerate(items) if i % w == r]
+    finally:
+        _LOCAL.reset(token)
     merged = [pair for part in all_gather_objects(mine, "gathering map_ranks results") for pair in part]
     return [value for _, value in sorted(merged, key=lambda pair: pair[0])]
 

@@ -1,0 +1,182 @@
+"""Data-parallel scaling on one machine: training throughput with 1 vs N processes (gloo over loopback).
+
+Two workloads, both through mtml's own data-parallel steps (``sharded_meta_step`` / ``sharded_joint_step``,
+which are the plain steps on one process):
+
+* ``maml`` — second-order MAML on sinusoids (MLP 1-40-40-1, 5 support + 10 query points, one inner step)
+  at a meta-batch of ``--meta-batch`` tasks (default 100); throughput in meta-training tasks/s;
+* ``joint`` — joint training of ``--joint-tasks`` synthetic regression tasks (default 100, batch 64 each,
+  trunk 100→64→10) with a weighting (``--weighting``, default equal; ``pcgrad`` exercises the all-reduced
+  per-task gradient matrix); throughput in task-batches/s.
+
+Every process uses one torch thread. Worlds run in interleaved rounds (``--repeats``) so a change in machine
+load hits both alike; the median per world and the ratio N/1 are printed. ``--e2e`` also times whole
+``mtml train --nproc N`` runs (start-up included) of the same MAML setting.
+
+    .venv/bin/python benchmarks/distributed_scaling.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def maml_config(meta_batch: int, steps: int) -> dict[str, Any]:
+    return {"name": "scaling-maml", "seed": 0, "threads": 1,
+            "data": {"dataset": "sinusoid", "options": {"shots": 5, "query_shots": 10, "meta_batch": meta_batch}},
+            "model": {"trunk_hidden": [40, 40]},
+            "training": {"algorithm": "maml", "algorithm_options": {"inner_lr": 0.01, "inner_steps": 1},
+                         "lr": 0.001, "max_steps": steps, "eval_every": steps, "patience": 0,
+                         "meta_val_tasks": 100, "meta_test_tasks": 100}}
+
+
+def _maml_worker(args: argparse.Namespace) -> float:
+    from mtml.config import Config
+    from mtml.engine import make_optimizer
+    from mtml.engine.dist_steps import sharded_meta_step
+    from mtml.experiment_meta import build_meta
+    from mtml.meta import meta_parameters
+
+    exp = build_meta(Config.from_dict(maml_config(args.meta_batch, args.steps)))
+    opt = make_optimizer("adam", meta_parameters(exp.algorithm, exp.model), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    seconds = _time(lambda: sharded_meta_step(exp.algorithm, exp.model, exp.source.train.sample(gen), opt),
+                    args.warmup, args.steps)
+    return args.meta_batch * args.steps / seconds
+
+
+def _joint_worker(args: argparse.Namespace) -> float:
+    from mtml.datasets import DATASETS
+    from mtml.engine import TaskBatcher, make_optimizer
+    from mtml.engine.dist_steps import sharded_joint_step
+    from mtml.nn import build_multitask_model
+    from mtml.weighting import WEIGHTINGS
+
+    tasks = DATASETS.create("synthetic", num_tasks=args.joint_tasks, n_train=200, seed=0)
+    torch.manual_seed(0)
+    model = build_multitask_model(tasks, trunk_hidden=[64, 10], head_hidden=[])
+    weighting = WEIGHTINGS.create(args.weighting, [t.name for t in tasks])
+    opt = make_optimizer("adam", [*model.parameters(), *weighting.parameters()], lr=1e-3)
+    batcher, gen, by_name = TaskBatcher(tasks, 64), torch.Generator().manual_seed(0), {t.name: t for t in tasks}
+    seconds = _time(lambda: sharded_joint_step(model, by_name, batcher.sample(gen), weighting, opt), args.warmup,
+                    args.steps)
+    return args.joint_tasks * args.steps / seconds
+
+
+def _time(step: Any, warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` calls, all ranks starting together."""
+    from mtml.engine.distributed import all_reduce_
+
+    for _ in range(warmup):
+        step()
+    all_reduce_(torch.zeros(1))  # a barrier that works on one process too
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    all_reduce_(torch.zeros(1))
+    return time.perf_counter() - t0
+
+
+def worker(args: argparse.Namespace) -> None:
+    from mtml.engine.distributed import is_main, session
+
+    torch.set_num_threads(1)
+    with session():
+        rate = _maml_worker(args) if args.workload == "maml" else _joint_worker(args)
+        if is_main():
+            print(json.dumps({"rate": rate}), flush=True)
+
+
+def measure(workload: str, world: int, args: argparse.Namespace) -> float:
+    """Throughput of one run with ``world`` processes (fresh interpreters, one thread each)."""
+    from mtml.engine.dist_launch import free_port
+
+    port = free_port()
+    cmd = [sys.executable, __file__, "--worker", "--workload", workload, *_shared(args)]
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"{workload} with {world} processes failed: {[p.returncode for p in procs]}")
+    return float(json.loads(outs[0].strip().splitlines()[-1])["rate"])
+
+
+def _shared(args: argparse.Namespace) -> list[str]:
+    return ["--meta-batch", str(args.meta_batch), "--joint-tasks", str(args.joint_tasks), "--weighting",
+            args.weighting, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+
+
+def e2e(world: int, args: argparse.Namespace, root: Path, i: int) -> float:
+    """Wall seconds of ``mtml train`` (start-up, meta-training, validation, meta-test, plots)."""
+    cfg = root / "maml.yaml"
+    cfg.write_text(yaml.safe_dump(maml_config(args.meta_batch, args.e2e_steps)))
+    cmd = [sys.executable, "-m", "mtml", "train", str(cfg), "--quiet", "--out", str(root / f"run-{world}-{i}")]
+    t0 = time.perf_counter()
+    subprocess.run([*cmd, *(["--nproc", str(world)] if world > 1 else [])], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", choices=["maml", "joint"], default="maml")
+    ap.add_argument("--workloads", nargs="+", default=["maml", "joint"])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--meta-batch", type=int, default=100)
+    ap.add_argument("--joint-tasks", type=int, default=100)
+    ap.add_argument("--weighting", default="equal")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--e2e", action="store_true", help="also time whole `mtml train` runs")
+    ap.add_argument("--e2e-steps", type=int, default=300)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    worlds = [1, args.nproc]
+    print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; one thread per process; "
+          f"{args.repeats} interleaved rounds; median shown", flush=True)
+    for workload in args.workloads:
+        rates: dict[int, list[float]] = {w: [] for w in worlds}
+        for _ in range(args.repeats):
+            for w in worlds:
+                rates[w].append(measure(workload, w, args))
+        unit = "tasks/s" if workload == "maml" else "task-batches/s"
+        med = {w: statistics.median(v) for w, v in rates.items()}
+        detail = "; ".join(f"{w} proc: " + ", ".join(f"{r:.0f}" for r in v) for w, v in rates.items())
+        size = f"meta-batch {args.meta_batch}" if workload == "maml" else f"{args.joint_tasks} tasks, {args.weighting}"
+        print(f"{workload} ({size}): 1 proc {med[1]:.0f} {unit}, {args.nproc} procs {med[args.nproc]:.0f} {unit}, "
+              f"ratio {med[args.nproc] / med[1]:.2f}x   [{detail}]", flush=True)
+    if args.e2e:
+        with tempfile.TemporaryDirectory() as tmp:
+            secs: dict[int, list[float]] = {w: [] for w in worlds}
+            for i in range(args.repeats):
+                for w in worlds:
+                    secs[w].append(e2e(w, args, Path(tmp), i))
+        med = {w: statistics.median(v) for w, v in secs.items()}
+        print(f"mtml train ({args.e2e_steps} MAML steps, meta-batch {args.meta_batch}, wall incl. start-up): "
+              f"1 proc {med[1]:.1f} s, {args.nproc} procs {med[args.nproc]:.1f} s, speed-up "
+              f"{med[1] / med[args.nproc]:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

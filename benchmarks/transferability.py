@@ -50,11 +50,12 @@ def _source(rho: float, p_target: torch.Tensor, seed: int, steps: int) -> MultiT
     return model.eval()
 
 
-def _probe_accuracy(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor) -> float:
+def _probe_accuracy(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
+                    classes: int) -> float:
     """Test accuracy of a softmax head fitted (L-BFGS, small L2) on frozen features."""
     mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
     a, b = (f_train - mean) / std, (f_test - mean) / std
-    head = torch.nn.Linear(a.shape[1], CLASSES).double()
+    head = torch.nn.Linear(a.shape[1], classes).double()
     opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -63,7 +64,8 @@ def _probe_accuracy(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():
+        opt.step(closure)
     with torch.no_grad():
         return float((head(b).argmax(1) == y_test).double().mean())
 
@@ -92,59 +94,96 @@ def _bootstrap_ci(values: torch.Tensor, seed: int, reps: int = 10000) -> tuple[f
     return float(means[int(0.025 * reps)]), float(means[int(0.975 * reps) - 1])
 
 
+NAMES = ("logme", "leep", "nce", "hscore")
+Source = tuple[str, MultiTaskModel, str, str]  # label, model, head giving the source probabilities, its kind
+
+
+def study(sources: list[Source], pool: Split, test: Split, *, splits: int, n_target: int, seed: int) -> None:
+    """Estimators vs linear-probe accuracy on ``splits`` resampled target training sets; prints the table."""
+    g = torch.Generator().manual_seed(seed)
+    classes = int(pool.y.max()) + 1
+    corr: dict[str, list[float]] = {n: [] for n in NAMES}
+    accs = []
+    with torch.no_grad():
+        test_feats = [m.features(test.x).double() for _, m, _, _ in sources]
+    for _ in range(splits):
+        idx = torch.randperm(len(pool), generator=g)[:n_target]
+        x, y = pool.x[idx], pool.y[idx]
+        scores: dict[str, list[float]] = {n: [] for n in NAMES}
+        actual = []
+        for (_, model, head, kind), f_test in zip(sources, test_feats, strict=True):
+            with torch.no_grad():
+                feats = model.features(x).double()
+                probs = head_probs(model.heads[head](feats.float()), kind)
+            est = estimate_all(feats, probs, y, "multiclass")
+            for n in NAMES:
+                scores[n].append(float(est[n]))  # type: ignore[arg-type]
+            actual.append(_probe_accuracy(feats, y, f_test, test.y, classes))
+        accs.append(actual)
+        for n in NAMES:
+            corr[n].append(spearman(torch.tensor(scores[n]), torch.tensor(actual)))
+    acc = torch.tensor(accs).mean(0).tolist()
+    print(f"\nlinear-probe test accuracy per source (mean over {splits} splits of {n_target} examples):")
+    print("  " + "  ".join(f"{s[0]}: {a:.3f}" for s, a in zip(sources, acc, strict=True)))
+    print(f"\nSpearman correlation with the probe accuracy across {len(sources)} sources, over {splits} splits")
+    print("| estimator | mean Spearman | 95% CI (bootstrap over splits) | splits with Spearman > 0 |")
+    print("|---|---|---|---|")
+    for i, n in enumerate(NAMES):
+        v = torch.tensor(corr[n], dtype=torch.float64)
+        lo, hi = _bootstrap_ci(v, seed + i)
+        print(f"| {n} | {float(v.mean()):+.3f} | [{lo:+.3f}, {hi:+.3f}] | {int((v > 0).sum())}/{len(v)} |")
+
+
+def synthetic_setup(args: argparse.Namespace) -> tuple[list[Source], Split, Split]:
+    g = torch.Generator().manual_seed(args.seed)
+    p_target = torch.randn(CLASSES, D, generator=g)
+    x = torch.randn(6000, D, generator=g)
+    y = _labels(p_target, x, g)
+    rhos = torch.linspace(args.r_min, args.r_max, args.sources).tolist()
+    sources = [(f"r={rho:.2f}", _source(rho, p_target, args.seed * 100 + i, args.steps), "s0", "multiclass")
+               for i, rho in enumerate(rhos)]
+    return sources, Split(x[2000:], y[2000:]), Split(x[:2000], y[:2000])
+
+
+def movies_setup(args: argparse.Namespace) -> tuple[list[Source], Split, Split]:
+    """Real data: IMDb films. Target = one genre flag; sources = models trained on one other genre each
+    (trunk ``d → 32 → 4``), so each source keeps what its own genre needed."""
+    from mtml.datasets import movies
+
+    tasks = {t.name: t for t in movies(seed=args.seed, n=8000)}
+    target = tasks.pop(args.target_task)
+    sources = []
+    for i, (name, task) in enumerate(tasks.items()):
+        if task.kind is not TaskKind.BINARY:
+            continue
+        torch.manual_seed(args.seed * 100 + i)
+        model = build_multitask_model([task], trunk_hidden=[32, 4])
+        train_multitask(model, [task], lr=3e-3, batch_size=128, seed=args.seed,
+                        stop=StopRule(max_steps=args.steps, eval_every=100, patience=0))
+        sources.append((name.removeprefix("genre_"), model.eval(), name, "binary"))
+    pool = Split(target.train.x, target.train.y.long())
+    assert target.test is not None
+    return sources, pool, Split(target.test.x, target.test.y.long())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sources", type=int, default=8)
+    ap.add_argument("--setup", choices=["synthetic", "movies"], default="synthetic")
+    ap.add_argument("--sources", type=int, default=8, help="synthetic: number of sources")
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--n-target", type=int, default=200)
     ap.add_argument("--steps", type=int, default=400, help="training steps of each source")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--r-min", type=float, default=0.0, help="relatedness of the least related source")
-    ap.add_argument("--r-max", type=float, default=1.0, help="relatedness of the most related source")
+    ap.add_argument("--r-min", type=float, default=0.0, help="synthetic: relatedness of the least related source")
+    ap.add_argument("--r-max", type=float, default=1.0, help="synthetic: relatedness of the most related source")
+    ap.add_argument("--target-task", default="genre_drama", help="movies: the target genre")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    g = torch.Generator().manual_seed(args.seed)
-    p_target = torch.randn(CLASSES, D, generator=g)
-    pool_x = torch.randn(6000, D, generator=g)
-    pool_y = _labels(p_target, pool_x, g)
-    test_x, test_y, pool_x, pool_y = pool_x[:2000], pool_y[:2000], pool_x[2000:], pool_y[2000:]
-    rhos = torch.linspace(args.r_min, args.r_max, args.sources).tolist()
-    sources = [_source(rho, p_target, args.seed * 100 + i, args.steps) for i, rho in enumerate(rhos)]
-    print(f"trained {len(sources)} sources (relatedness r = {', '.join(f'{r:.2f}' for r in rhos)}) in "
-          f"{time.perf_counter() - start:.0f} s")
-    names = ["logme", "leep", "nce", "hscore"]
-    corr: dict[str, list[float]] = {n: [] for n in names}
-    accs = []
-    with torch.no_grad():
-        test_feats = [m.features(test_x).double() for m in sources]
-    for _ in range(args.splits):
-        idx = torch.randperm(len(pool_x), generator=g)[: args.n_target]
-        x, y = pool_x[idx], pool_y[idx]
-        scores: dict[str, list[float]] = {n: [] for n in names}
-        actual = []
-        for model, f_test in zip(sources, test_feats, strict=True):
-            with torch.no_grad():
-                feats = model.features(x).double()
-                probs = head_probs(model.heads["s0"](feats.float()), "multiclass")
-            est = estimate_all(feats, probs, y, "multiclass")
-            for n in names:
-                scores[n].append(float(est[n]))  # type: ignore[arg-type]
-            with torch.enable_grad():
-                actual.append(_probe_accuracy(feats, y, f_test, test_y))
-        accs.append(actual)
-        for n in names:
-            corr[n].append(spearman(torch.tensor(scores[n]), torch.tensor(actual)))
-    acc = torch.tensor(accs)
-    print(f"\nlinear-probe test accuracy per source (mean over {args.splits} splits of {args.n_target} examples):")
-    print("  " + "  ".join(f"r={r:.2f}: {a:.3f}" for r, a in zip(rhos, acc.mean(0).tolist(), strict=True)))
-    print(f"\nSpearman correlation with the probe accuracy across {len(sources)} sources, over {args.splits} splits")
-    print("| estimator | mean Spearman | 95% CI (bootstrap over splits) | splits with Spearman > 0 |")
-    print("|---|---|---|---|")
-    for i, n in enumerate(names):
-        v = torch.tensor(corr[n], dtype=torch.float64)
-        lo, hi = _bootstrap_ci(v, args.seed + i)
-        print(f"| {n} | {float(v.mean()):+.3f} | [{lo:+.3f}, {hi:+.3f}] | {int((v > 0).sum())}/{len(v)} |")
+    sources, pool, test = (synthetic_setup if args.setup == "synthetic" else movies_setup)(args)
+    print(f"trained {len(sources)} sources ({', '.join(s[0] for s in sources)}) in "
+          f"{time.perf_counter() - start:.0f} s; target pool {len(pool)}, test {len(test)} examples")
+    study(sources, pool, test, splits=args.splits, n_target=args.n_target, seed=args.seed + 1)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -175,3 +175,20 @@ def test_leep_rejects_logits() -> None:
     f, y = _data()
     with pytest.raises(DataError, match="softmax"):
         leep(f[:, :3], y)
+
+
+def test_head_probs() -> None:
+    from mtml.transfer import head_probs
+
+    logit = torch.tensor([[0.0], [2.0]])
+    p = head_probs(logit, "binary")
+    assert p is not None and p.shape == (2, 2)
+    torch.testing.assert_close(p[:, 1], torch.sigmoid(logit[:, 0]).double())
+    torch.testing.assert_close(p.sum(1), torch.ones(2, dtype=F64))
+    q = head_probs(torch.randn(5, 3), "multiclass")
+    assert q is not None and q.shape == (5, 3)
+    assert head_probs(torch.randn(5, 2), "regression") is None
+    with pytest.raises(DataError, match="kind='binary'"):
+        head_probs(logit, "multiclass")  # a single logit read as one class would make every estimate constant
+    with pytest.raises(DataError, match="one logit"):
+        head_probs(torch.randn(5, 3), "binary")

@@ -290,6 +290,11 @@ def head_probs(outputs: Tensor, kind: str) -> Tensor | None:
     """Class probabilities ``[n, c_s]`` from a source head's outputs: softmax of multiclass logits, ``[1 − p, p]``
     for a binary logit ``[n, 1]``; ``None`` for regression and multilabel heads (no class distribution)."""
     _kind(kind)
+    if kind == "multiclass" and (outputs.ndim != 2 or outputs.shape[1] < 2):
+        raise DataError(f"a multiclass head gives [n, classes >= 2] logits; got shape {tuple(outputs.shape)}. "
+                        "Pass kind='binary' for a single logit.")
+    if kind == "binary" and outputs.reshape(outputs.shape[0], -1).shape[1] != 1:
+        raise DataError(f"a binary head gives one logit per row; got shape {tuple(outputs.shape)}.")
     if kind == "multiclass":
         return torch.softmax(outputs.to(_F64), 1)
     if kind == "binary":

@@ -195,3 +195,33 @@ def test_texts_real_data_tiny_subsets(tmp_path: Path) -> None:
     assert tasks[0].num_outputs <= 8 and len(tasks[1].train) + len(tasks[1].val) + len(tasks[1].test) == 12
     tokens = texts(per_topic=4, reviews=12, tweets=12, inputs="tokens", progress=False)
     assert tokens[0].input_shape[0] <= 256 and bool((tokens[1].train.x[:, 0] == 101).all())  # [CLS]
+
+
+def test_shipped_config_validates() -> None:
+    from importlib import resources
+
+    import yaml
+
+    from mtml.config import Config
+
+    cfg = Config.from_dict(yaml.safe_load(resources.files("mtml").joinpath("configs", "texts.yaml").read_text()))
+    assert cfg.data.dataset == "texts" and cfg.threads == 1
+
+
+@pytest.mark.slow
+def test_fine_tuning_top_layer_on_token_inputs() -> None:
+    """The opt-in fine-tuning path: token-id tasks, encoder with its top layer trainable, a few joint steps."""
+    from mtml.datasets.text import load_sentence_encoder
+    from mtml.engine import StopRule, train_multitask
+    from mtml.nn import build_text_model
+
+    tasks = texts(tasks=["sentiment", "likes"], reviews=16, tweets=16, inputs="tokens", max_length=64,
+                  progress=False)
+    encoder, _ = load_sentence_encoder(trainable_top_layers=1)
+    model = build_text_model(tasks, encoder, trunk_hidden=[16])
+    layers = encoder.transformer.encoder.layer
+    top, low = layers[-1].output.dense.weight.clone(), layers[0].output.dense.weight.clone()
+    result = train_multitask(model, tasks, lr=1e-3, batch_size=8, stop=StopRule(max_steps=3, eval_every=3))
+    assert set(result.test) == {"sentiment", "likes"}
+    assert not torch.equal(layers[-1].output.dense.weight, top)
+    assert torch.equal(layers[0].output.dense.weight, low)

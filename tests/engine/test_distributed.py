@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from mtml.config import Config
@@ -160,7 +161,8 @@ def _helpers() -> dict[str, Any]:
                 drawn.append(i)
                 yield i
 
-        squares = map_ranks(lambda i: (i * i, rank()), lazily())
+        # the true rank, and what mtml sees inside a job: one process
+        squares = map_ranks(lambda i: (i * i, dist.get_rank(), world_size()), lazily())
         p = torch.nn.Parameter(torch.zeros(3))
         q = torch.nn.Parameter(torch.zeros(2))  # gets a gradient on rank 1 only
         r_ = torch.nn.Parameter(torch.zeros(1))  # on no rank
@@ -178,8 +180,9 @@ def test_map_ranks_shard_and_gradient_reduction_on_two_ranks() -> None:
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     for r, (_, got, _) in enumerate(ranks):
         assert got["world"] == 2
-        assert [s for s, _ in got["squares"]] == [i * i for i in range(7)]
-        assert [owner for _, owner in got["squares"]] == [i % 2 for i in range(7)]  # spread over both ranks
+        assert [s for s, _, _ in got["squares"]] == [i * i for i in range(7)]
+        assert [owner for _, owner, _ in got["squares"]] == [i % 2 for i in range(7)]  # spread over both ranks
+        assert {inside for _, _, inside in got["squares"]} == {1}  # a job runs alone on its rank
         assert got["drawn"] == list(range(7))  # every rank walked the whole iterable
         assert got["shards"] == ([slice(0, 1), slice(0, 3)] if r == 0 else [slice(1, 2), slice(3, 5)])
         assert got["p"] == [3.0, 3.0, 3.0] and got["q"] == [1.0, 1.0] and got["r"] is None

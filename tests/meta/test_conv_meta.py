@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import Tensor, nn
 
 import mtml.meta.functional as functional
@@ -253,3 +255,11 @@ def test_train_end_to_end_with_a_conv_backbone(tmp_path: Path, algorithm: str) -
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["test"]["fashion_fewshot"]["num_tasks"] == 2 and result.fit.steps == 2
     assert (run.path / "checkpoints" / "best.safetensors").is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml", "ridge"])
+def test_shipped_glyphs_configs_validate(algorithm: str) -> None:
+    text = resources.files("mtml").joinpath("configs", f"glyphs_{algorithm}_5w1s.yaml").read_text()
+    cfg = Config.from_dict(yaml.safe_load(text))
+    assert (cfg.data.dataset, cfg.model.backbone, cfg.training.algorithm) == ("glyphs", "conv4", algorithm)
+    assert (cfg.data.options["ways"], cfg.data.options["shots"]) == (5, 1)

@@ -282,7 +282,7 @@ def transfer_(
 
     import yaml
 
-    from mtml.report.transfer import rich_tables
+    from mtml.report.transfer import CAPTION, rich_tables
     from mtml.transfer_run import parse_sizes, transfer
 
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None
@@ -302,6 +302,7 @@ def transfer_(
                           options=options, out=out)
     for table in rich_tables(result):
         console.print(table)
+    console.print(CAPTION, markup=False, highlight=False)
     console.print(f"written to [bold]{out}[/] (transfer.json, transfer.md, plots/transfer.png)")
 
 

@@ -108,6 +108,31 @@ def new_head(model: MultiTaskModel, num_outputs: int, seed: int) -> nn.Module:
     return head
 
 
+def head_prior(source: Source, task: Task) -> nn.Module | None:
+    """The source's own task learner as a starting head for ``task``, or ``None`` when it has none that fits.
+
+    A meta-learned source's head is its meta-learned initialisation; a multi-task source contributes the mean
+    of its heads. Used for regression targets (the source heads predict the same kind of quantity) and for
+    meta-learned sources (their head was trained to start any task of the family), when the heads have the
+    target's output width; a classification target of a multi-task source gets a fresh head instead, since
+    its classes mean something else than the source tasks' classes.
+    """
+    if task.kind is not TaskKind.REGRESSION and source.algorithm is None:
+        return None
+    heads = list(source.model.heads.values())
+    shapes = [[tuple(p.shape) for p in h.parameters()] for h in heads]
+    if any(s != shapes[0] for s in shapes):
+        return None
+    out = copy.deepcopy(heads[0])
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(torch.stack([h.get_parameter(name) for h in heads]).mean(0))
+    probe = torch.zeros(1, *task.input_shape, device=task.train.x.device, dtype=task.train.x.dtype)
+    with torch.no_grad():
+        width = int(out(source.model.trunk.eval()(probe)).shape[-1])
+    return out if width == task.num_outputs else None
+
+
 def trunk_blocks(trunk: nn.Module) -> list[nn.Module]:
     """The trunk's blocks, input to output: the children that hold parameters.
 
@@ -179,6 +204,9 @@ def _check_source(source: Source, task: Task) -> None:
 class LinearProbe(Strategy):
     """Closed-form ridge regression on the frozen source trunk's features.
 
+    For a regression target whose source heads are linear, the ridge shrinks towards the source's mean head
+    (:func:`head_prior`) rather than towards 0: ``min ‖Y − F W − b‖² + l2·‖W − W₀‖²``.
+
     Args:
         l2: a fixed ridge penalty; ``None`` (default) picks it from ``grid`` by exact leave-one-out error.
         grid: candidate penalties for the leave-one-out choice.
@@ -196,8 +224,11 @@ class LinearProbe(Strategy):
         trunk = copy.deepcopy(source.model.trunk)
         feats = _features(trunk, task.train.x)
         y = _targets(task, task.train.y)
+        w0 = _linear_prior(source, task, feats)
+        y = y - feats.double() @ w0
         l2 = self.l2 if self.l2 is not None else loo_ridge(feats, y, self.grid)[0]
         w, b = ridge_fit(feats, y, l2)
+        w = w + w0
         head = nn.Linear(feats.shape[1], w.shape[1]).to(feats.device, feats.dtype)
         with torch.no_grad():
             head.weight.copy_(w.T)
@@ -205,8 +236,18 @@ class LinearProbe(Strategy):
         return nn.Sequential(trunk, head).eval()
 
 
+def _linear_prior(source: Source, task: Task, feats: Tensor) -> Tensor:
+    """``W₀ [d, o]``: the source's mean head when it is one ``nn.Linear`` and the target is a regression, else 0."""
+    prior = head_prior(source, task) if task.kind is TaskKind.REGRESSION else None
+    layers = [m for m in prior.modules() if isinstance(m, nn.Linear)] if prior is not None else []
+    parametrised = [m for m in prior.modules() if any(True for _ in m.parameters(recurse=False))] if prior else []
+    if len(layers) == 1 and parametrised == layers:
+        return layers[0].weight.detach().double().T
+    return torch.zeros(feats.shape[1], task.num_outputs, dtype=torch.float64, device=feats.device)
+
+
 class FineTune(Strategy):
-    """A fresh head on the source trunk, trained with Adam on the target examples.
+    """A head on the source trunk (from :func:`head_prior`, else fresh), trained with Adam on the target examples.
 
     Args:
         part: what trains besides the head: ``"head"`` (nothing: the trunk is frozen), ``"last"`` (the last
@@ -216,13 +257,13 @@ class FineTune(Strategy):
             examples).
     """
 
-    def __init__(self, *, part: str = "all", k: int = 1, steps: int = 200, lr: float = 0.01,
+    def __init__(self, *, part: str = "all", k: int = 1, steps: int = 100, lr: float = 0.01,
                  batch_size: int = 64, weight_decay: float = 0.0) -> None:
         if part not in ("head", "last", "all"):
             raise ConfigError(f"`part` must be 'head', 'last' or 'all'. Got {part!r}.")
         self.part = part
         self.k = check_int("k", k, 1, "Train at least the last block (k=1).")
-        self.steps = check_int("steps", steps, 1, "Use at least one training step, e.g. 200.")
+        self.steps = check_int("steps", steps, 1, "Use at least one training step, e.g. 100.")
         self.lr = check_positive("lr", lr, "Use a step size such as 0.01.")
         self.batch_size = check_int("batch_size", batch_size, 1, "Use a batch size such as 64.")
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or not weight_decay >= 0:
@@ -244,14 +285,21 @@ class FineTune(Strategy):
                               f"{len(blocks)} (or finetune_all).")
         return blocks[len(blocks) - self.k :]
 
-    def penalty(self, trunk: nn.Module, head: nn.Module, source: Source) -> Tensor | None:
-        """An extra term added to the training loss (none here; L2-SP overrides it)."""
+    def _head(self, source: Source, task: Task, seed: int) -> tuple[nn.Module, bool]:
+        """The starting head, and whether it comes from the source (:func:`head_prior`)."""
+        prior = head_prior(source, task)
+        return (prior, True) if prior is not None else (new_head(source.model, task.num_outputs, seed), False)
+
+    def penalty(self, trunk: nn.Module, head: nn.Module, source: Source, head0: list[Tensor]) -> Tensor | None:
+        """An extra term added to the training loss (none here; L2-SP overrides it). ``head0``: the head's
+        starting weights when they come from the source, else zeros."""
         return None
 
     def fit(self, source: Source, task: Task, *, generator: torch.Generator) -> nn.Module:
         _check_source(source, task)
         trunk = self._trunk(source, _seed(generator))
-        head = new_head(source.model, task.num_outputs, _seed(generator))
+        head, from_source = self._head(source, task, _seed(generator))
+        head0 = [p.detach().clone() if from_source else torch.zeros_like(p) for p in head.parameters()]
         train = self._trainable(trunk)
         trunk.requires_grad_(False).eval()
         for module in train:
@@ -262,7 +310,7 @@ class FineTune(Strategy):
         else:
             model = nn.Sequential(trunk, head)
             params = [p for p in model.parameters() if p.requires_grad]
-            _train(model, params, task, task.train, self, generator, lambda: self.penalty(trunk, head, source))
+            _train(model, params, task, task.train, self, generator, lambda: self.penalty(trunk, head, source, head0))
         return nn.Sequential(trunk, head).requires_grad_(False).eval()
 
 
@@ -290,7 +338,7 @@ def _train(module: nn.Module, params: list[nn.Parameter], task: Task, data: Spli
 class Scratch(FineTune):
     """The baseline: the source architecture re-initialised (source weights unused), trained on the target."""
 
-    def __init__(self, *, steps: int = 200, lr: float = 0.01, batch_size: int = 64,
+    def __init__(self, *, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
                  weight_decay: float = 0.0) -> None:
         super().__init__(part="all", steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
 
@@ -299,19 +347,23 @@ class Scratch(FineTune):
         _reset(trunk, seed)
         return trunk
 
+    def _head(self, source: Source, task: Task, seed: int) -> tuple[nn.Module, bool]:
+        return new_head(source.model, task.num_outputs, seed), False
+
 
 class L2SP(FineTune):
-    """Fine-tune everything with ``α/2·‖θ_trunk − θ_source‖² + β/2·‖θ_head‖²`` added to the loss.
+    """Fine-tune everything with ``α/2·‖θ_trunk − θ_source‖² + β/2·‖θ_head − θ_head⁰‖²`` added to the loss.
 
     Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks",
     ICML 2018: the shared weights are pulled towards the source (the starting point), the new head towards 0.
+    Here a head that starts from the source's heads (:func:`head_prior`) is pulled towards that start instead.
 
     Args:
         alpha: strength of the pull to the source weights (paper: 0.1).
         beta: weight decay of the new head (paper: 0.01).
     """
 
-    def __init__(self, *, alpha: float = 0.1, beta: float = 0.01, steps: int = 200, lr: float = 0.01,
+    def __init__(self, *, alpha: float = 0.1, beta: float = 0.01, steps: int = 100, lr: float = 0.01,
                  batch_size: int = 64) -> None:
         super().__init__(part="all", steps=steps, lr=lr, batch_size=batch_size)
         self.alpha = check_positive("alpha", alpha, "Use a pull to the source such as 0.1.")
@@ -319,10 +371,10 @@ class L2SP(FineTune):
             raise ConfigError(f"`beta` must be a finite number >= 0. Got {beta!r}. Use 0.01, or 0 for none.")
         self.beta = float(beta)
 
-    def penalty(self, trunk: nn.Module, head: nn.Module, source: Source) -> Tensor:
+    def penalty(self, trunk: nn.Module, head: nn.Module, source: Source, head0: list[Tensor]) -> Tensor:
         anchor = source.model.trunk.parameters()  # the source is never trained, so its weights are the anchor
         pull = sum((p - a.detach()).square().sum() for p, a in zip(trunk.parameters(), anchor, strict=True))
-        decay = sum(p.square().sum() for p in head.parameters())
+        decay = sum((p - a).square().sum() for p, a in zip(head.parameters(), head0, strict=True))
         return 0.5 * self.alpha * pull + 0.5 * self.beta * decay  # type: ignore[return-value]
 
 
@@ -369,17 +421,17 @@ class MetaAdapt(Strategy):
         return _Adapted(alg, model, adapted).eval()
 
 
-def _finetune_head(*, steps: int = 200, lr: float = 0.01, batch_size: int = 64,
+def _finetune_head(*, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
                    weight_decay: float = 0.0) -> FineTune:
     return FineTune(part="head", steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
 
 
-def _finetune_last(*, k: int = 1, steps: int = 200, lr: float = 0.01, batch_size: int = 64,
+def _finetune_last(*, k: int = 1, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
                    weight_decay: float = 0.0) -> FineTune:
     return FineTune(part="last", k=k, steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
 
 
-def _finetune_all(*, steps: int = 200, lr: float = 0.01, batch_size: int = 64,
+def _finetune_all(*, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
                   weight_decay: float = 0.0) -> FineTune:
     return FineTune(part="all", steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
 

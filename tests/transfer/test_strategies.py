@@ -155,3 +155,24 @@ def test_hyperparameters_are_validated_at_construction_and_widths_at_fit() -> No
     wide = Task("w", "regression", Split(torch.randn(4, D_IN + 1), torch.randn(4, 1)))
     with pytest.raises(ConfigError, match=r"shape \(6,\).*\(5,\)"):
         STRATEGIES.create("finetune_all").fit(Source(_source()), wide, generator=g)
+
+
+def test_linear_probe_with_a_huge_penalty_is_the_source_mean_head_with_its_own_intercept() -> None:
+    model = _source(out=2)
+    task = _task("regression", n=20)
+    predictor = _fit("linear_probe", Source(model), task, l2=1e12)
+    with torch.no_grad():
+        w0 = torch.stack([h[0].weight for h in model.heads.values()]).mean(0).double()  # [2, 8]
+        f, ft = model.trunk(task.train.x).double(), model.trunk(task.test.x).double()
+        b = (task.train.y.double() - f @ w0.T).mean(0)
+        torch.testing.assert_close(predictor(task.test.x).double(), ft @ w0.T + b, atol=1e-4, rtol=1e-4)
+
+
+def test_heads_start_from_the_source_for_regression_and_fresh_for_new_classes() -> None:
+    model = _source(out=2)
+    head = _fit("finetune_head", Source(model), _task("regression"), steps=1, lr=1e-9)[1]
+    mean = torch.stack([h[0].weight for h in model.heads.values()]).mean(0)
+    torch.testing.assert_close(head[0].weight, mean, atol=1e-6, rtol=0)
+    three = _source(out=3)
+    head = _fit("finetune_head", Source(three), _task("multiclass"), steps=1, lr=1e-9)[1]
+    assert not any(torch.allclose(head[0].weight, h[0].weight, atol=1e-3) for h in three.heads.values())

@@ -185,6 +185,7 @@ def test_notdef_and_empty_glyphs_are_dropped() -> None:
     ({"alphabets": ["RUNNIC"]}, "Did you mean 'RUNIC'"),
     ({"alphabets": "RUNIC"}, "non-empty list"),
     ({"max_characters": 5}, "max_characters"),
+    ({"alphabets": ["OGHAM"], "min_characters": 30, "max_characters": 30}, "min_characters = 30"),
 ])
 def test_bad_options_name_the_fix(cache: Path, options: dict[str, Any], message: str) -> None:
     base = {k: v for k, v in SMALL.items() if k != "progress"} | {"fractions": [0.5, 0.25, 0.25], "query_shots": 2}

@@ -26,7 +26,7 @@ from torch import Tensor
 from mtml.datasets.glyphs_augment import GlyphAugment, augment
 from mtml.datasets.glyphs_cache import cache_dir_for, cache_key, read_entry, write_entry
 from mtml.datasets.glyphs_fonts import FontInfo, alphabet_letters, discover_fonts
-from mtml.datasets.glyphs_render import render_alphabets
+from mtml.datasets.glyphs_render import Prototypes, render_alphabets
 from mtml.errors import ConfigError
 from mtml.meta.base import check_int
 
@@ -103,45 +103,58 @@ def _fingerprint(fonts: list[FontInfo]) -> list[list[Any]]:
     return [[f.path.name, f.path.stat().st_size] for f in fonts]
 
 
-def _progress_bar() -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    from rich.console import Console
-    from rich.progress import Progress
+class _Progress:
+    """A two-phase progress bar on stderr (rendering, then distorting), or nothing when ``show`` is false."""
 
-    bar = Progress(console=Console(stderr=True), transient=True)
-    task = bar.add_task("rendering glyphs (once, then cached)", total=None)
-    bar.start()
+    def __init__(self, show: bool) -> None:
+        from rich.console import Console
+        from rich.progress import Progress
 
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
+        self._bar = Progress(console=Console(stderr=True), transient=True, disable=not show)
+        self._task = self._bar.add_task("glyphs: rendering letters (once, then cached)", total=None)
 
-    return update, bar.stop
+    def __enter__(self) -> _Progress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def update(self, done: int, total: int) -> None:
+        self._bar.update(self._task, completed=done, total=total)
+
+    def next_phase(self, description: str) -> None:
+        self._bar.update(self._task, description=description, completed=0, total=None)
 
 
 def _build(fonts: list[FontInfo], table: dict[str, dict[str, list[int]]], *, seed: int, examples: int,
            size: int, max_characters: int, min_characters: int, aug: GlyphAugment, progress: bool,
            ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     gen = torch.Generator().manual_seed(seed)
-    update, stop = _progress_bar() if progress else (None, lambda: None)
-    try:
+    with _Progress(progress) as bar:
         protos = render_alphabets(fonts, table, canvas=2 * size, max_characters=max_characters,
-                                  min_characters=min_characters, generator=gen, progress=update)
-    finally:
-        stop()
-    if not protos.chars:
-        raise ConfigError(f"glyphs: no alphabet has >= min_characters = {min_characters} renderable letters "
-                          "in these fonts. Lower `min_characters` or choose other `alphabets`/fonts.")
+                                  min_characters=min_characters, generator=gen, progress=bar.update)
+        if not protos.chars:
+            raise ConfigError(f"glyphs: no alphabet has >= min_characters = {min_characters} renderable letters "
+                              "in these fonts. Lower `min_characters` or choose other `alphabets`/fonts.")
+        bar.next_phase("glyphs: distorting examples (once, then cached)")
+        tensors = _examples(protos, examples, aug, gen, bar.update)
+    return tensors, {"characters": protos.chars, "alphabets": protos.alphabets}
+
+
+def _examples(protos: Prototypes, examples: int, aug: GlyphAugment, gen: torch.Generator,
+              progress: Callable[[int, int], None]) -> dict[str, Tensor]:
+    """``examples`` distorted images per character, each from a random one of its prototypes."""
     proto_char = torch.from_numpy(protos.proto_char)
     counts = torch.bincount(proto_char, minlength=len(protos.chars))
     starts = torch.cumsum(counts, 0) - counts
     character = torch.arange(len(protos.chars)).repeat_interleave(examples)
     pick = (torch.rand(len(character), generator=gen) * counts[character]).long().clamp_max(counts[character] - 1)
     proto = starts[character] + pick
-    images = augment(torch.from_numpy(protos.images), proto, aug, gen)
+    images = augment(torch.from_numpy(protos.images), proto, aug, gen, progress=progress)
     proto_font = torch.from_numpy(protos.proto_font)
-    tensors = {"images": images, "character": character, "font": proto_font[proto],
-               "character_alphabet": torch.from_numpy(protos.char_alphabet)}
-    meta = {"characters": protos.chars, "alphabets": protos.alphabets}
-    return tensors, meta
+    return {"images": images, "character": character, "font": proto_font[proto],
+            "character_alphabet": torch.from_numpy(protos.char_alphabet)}
 
 
 def load_glyphs(

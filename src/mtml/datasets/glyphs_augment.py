@@ -10,6 +10,7 @@ pixel noise: the character stays whole, only its pose, shape and weight vary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -110,9 +111,10 @@ def _distort(x: Tensor, aug: GlyphAugment, g: torch.Generator) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def augment(prototypes: Tensor, index: Tensor, aug: GlyphAugment, generator: torch.Generator) -> Tensor:
+def augment(prototypes: Tensor, index: Tensor, aug: GlyphAugment, generator: torch.Generator, *,
+            progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Distorted examples of ``prototypes: uint8 [P, C, C]`` (``C`` even): example ``i`` starts from prototype
-    ``index[i]``. Returns ``uint8 [len(index), C // 2, C // 2]``."""
+    ``index[i]``. Returns ``uint8 [len(index), C // 2, C // 2]``; ``progress(done, total)`` after each batch."""
     side = prototypes.shape[-1]
     if side % 2:
         raise ConfigError(f"glyphs: prototype canvas must be even (2 × image_size). Got {side}.")
@@ -122,4 +124,6 @@ def augment(prototypes: Tensor, index: Tensor, aug: GlyphAugment, generator: tor
         x = prototypes[chunk].unsqueeze(1).float() / 255.0
         y = F.avg_pool2d(_distort(x, aug, generator), 2)
         out[start : start + len(chunk)] = (y.squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8)
+        if progress is not None:
+            progress(start + len(chunk), len(index))
     return out

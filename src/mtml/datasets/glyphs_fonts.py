@@ -96,7 +96,7 @@ def discover_fonts(font_dir: str | os.PathLike[str] | None = None) -> tuple[list
     fallback = _font_files(matplotlib_font_dir())
     warnings.warn(
         f"glyphs: no font files (.ttf/.otf) in {chosen}; falling back to the {len(fallback)} fonts matplotlib "
-        "ships (DejaVu, STIX, Computer Modern), which cover only a few scripts. For the full ~120 scripts "
+        "ships (DejaVu, STIX, Computer Modern), which cover only a few scripts. For the full ~140 scripts "
         "install Debian's Noto fonts (`apt-get install fonts-noto-core`) or point the `font_dir` option "
         f"(or ${FONT_DIR_ENV}) at a directory of Noto .ttf files.",
         GlyphsFontWarning, stacklevel=2,

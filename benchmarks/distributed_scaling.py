@@ -35,11 +35,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def maml_config(meta_batch: int, steps: int) -> dict[str, Any]:
+def maml_config(meta_batch: int, steps: int, inner_steps: int = 1) -> dict[str, Any]:
     return {"name": "scaling-maml", "seed": 0, "threads": 1,
             "data": {"dataset": "sinusoid", "options": {"shots": 5, "query_shots": 10, "meta_batch": meta_batch}},
             "model": {"trunk_hidden": [40, 40]},
-            "training": {"algorithm": "maml", "algorithm_options": {"inner_lr": 0.01, "inner_steps": 1},
+            "training": {"algorithm": "maml", "algorithm_options": {"inner_lr": 0.01, "inner_steps": inner_steps},
                          "lr": 0.001, "max_steps": steps, "eval_every": steps, "patience": 0,
                          "meta_val_tasks": 100, "meta_test_tasks": 100}}
 
@@ -51,7 +51,7 @@ def _maml_worker(args: argparse.Namespace) -> float:
     from mtml.experiment_meta import build_meta
     from mtml.meta import meta_parameters
 
-    exp = build_meta(Config.from_dict(maml_config(args.meta_batch, args.steps)))
+    exp = build_meta(Config.from_dict(maml_config(args.meta_batch, args.steps, args.inner_steps)))
     opt = make_optimizer("adam", meta_parameters(exp.algorithm, exp.model), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     seconds = _time(lambda: sharded_meta_step(exp.algorithm, exp.model, exp.source.train.sample(gen), opt),
@@ -111,7 +111,8 @@ def measure(workload: str, world: int, args: argparse.Namespace) -> float:
     for r in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        # each worker in its own session, as torchrun and `mtml train --nproc` start them
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"{workload} with {world} processes failed: {[p.returncode for p in procs]}")
@@ -119,14 +120,15 @@ def measure(workload: str, world: int, args: argparse.Namespace) -> float:
 
 
 def _shared(args: argparse.Namespace) -> list[str]:
-    return ["--meta-batch", str(args.meta_batch), "--joint-tasks", str(args.joint_tasks), "--weighting",
+    return ["--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
+            "--joint-tasks", str(args.joint_tasks), "--weighting",
             args.weighting, "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
 def e2e(world: int, args: argparse.Namespace, root: Path, i: int) -> float:
     """Wall seconds of ``mtml train`` (start-up, meta-training, validation, meta-test, plots)."""
     cfg = root / "maml.yaml"
-    cfg.write_text(yaml.safe_dump(maml_config(args.meta_batch, args.e2e_steps)))
+    cfg.write_text(yaml.safe_dump(maml_config(args.meta_batch, args.e2e_steps, args.inner_steps)))
     cmd = [sys.executable, "-m", "mtml", "train", str(cfg), "--quiet", "--out", str(root / f"run-{world}-{i}")]
     t0 = time.perf_counter()
     subprocess.run([*cmd, *(["--nproc", str(world)] if world > 1 else [])], check=True, capture_output=True,
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=["maml", "joint"])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--meta-batch", type=int, default=100)
+    ap.add_argument("--inner-steps", type=int, default=1, help="MAML inner steps (the sinusoid protocol: 1)")
     ap.add_argument("--joint-tasks", type=int, default=100)
     ap.add_argument("--weighting", default="equal")
     ap.add_argument("--steps", type=int, default=60)
@@ -163,7 +166,8 @@ def main() -> None:
         unit = "tasks/s" if workload == "maml" else "task-batches/s"
         med = {w: statistics.median(v) for w, v in rates.items()}
         detail = "; ".join(f"{w} proc: " + ", ".join(f"{r:.0f}" for r in v) for w, v in rates.items())
-        size = f"meta-batch {args.meta_batch}" if workload == "maml" else f"{args.joint_tasks} tasks, {args.weighting}"
+        size = (f"meta-batch {args.meta_batch}, {args.inner_steps} inner" if workload == "maml"
+                else f"{args.joint_tasks} tasks, {args.weighting}")
         print(f"{workload} ({size}): 1 proc {med[1]:.0f} {unit}, {args.nproc} procs {med[args.nproc]:.0f} {unit}, "
               f"ratio {med[args.nproc] / med[1]:.2f}x   [{detail}]", flush=True)
     if args.e2e:

@@ -23,6 +23,7 @@ from mtml.errors import ConfigError
 __all__ = ["free_port", "launch"]
 
 GRACE_S = 5.0  # how long a stopped rank gets to exit after SIGTERM before SIGKILL
+SETTLE_S = 0.5  # ranks that saw the failure themselves get this long to exit with their own message
 
 
 def free_port() -> int:
@@ -53,7 +54,11 @@ def _describe(rank: int, code: int) -> str:
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[int]:
-    """SIGTERM every rank still running, SIGKILL those still there after :data:`GRACE_S`; their ranks."""
+    """SIGTERM every rank still running after :data:`SETTLE_S`, SIGKILL those still there after
+    :data:`GRACE_S`; returns the ranks it had to stop."""
+    settle = time.monotonic() + SETTLE_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < settle:
+        time.sleep(0.05)
     stopped = [r for r, p in enumerate(procs) if p.poll() is None]
     for r in stopped:
         procs[r].terminate()
@@ -91,10 +96,13 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: flo
     cmd = [sys.executable, "-m", "mtml", *args]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for r in range(nproc):
-            procs.append(subprocess.Popen(cmd, env=_worker_env(r, nproc, port, timeout)))
+        for r in range(nproc):  # own sessions, as torchrun starts its workers: signals come from here
+            procs.append(subprocess.Popen(cmd, env=_worker_env(r, nproc, port, timeout), start_new_session=True))
         codes, stopped = _watch(procs)
     except KeyboardInterrupt:
+        for p in procs:  # pass Ctrl-C on, so each rank stops the way one process would
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         _stop(procs)
         raise
     if all(c == 0 for c in codes):

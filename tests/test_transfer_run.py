@@ -152,3 +152,34 @@ def test_cli_writes_json_and_png_and_fails_cleanly(source: Path, target: Path, t
         assert needle in " ".join(proc.stderr.split()) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = _cli(source, "--target", wide, "--sizes", "2", "--repeats", "1", "--out", tmp_path / "y")
     assert proc.returncode == 2 and "shape (9,)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+META: dict[str, Any] = {
+    "name": "tr-meta", "seed": 0, "threads": 1,
+    "data": {"dataset": "gaussian_classes", "options": {"classes": 30, "dim": 6, "examples": 12, "ways": 3,
+                                                        "shots": 1, "query_shots": 4, "meta_batch": 2}},
+    "model": {"trunk_hidden": [8]},
+    "training": {"algorithm": "protonet", "lr": 0.01, "max_steps": 20, "eval_every": 10, "patience": 0,
+                 "meta_val_tasks": 4, "meta_test_tasks": 4},
+}
+
+
+def test_meta_source_to_a_task_family_runs_meta_adapt_on_test_episodes(tmp_path: Path) -> None:
+    train(Config.from_dict(META), tmp_path / "meta")
+    target = _config(tmp_path / "family.yaml", {**META, "name": "family-target", "seed": 3})
+    result = transfer(tmp_path / "meta", target, strategies=["meta_adapt", "linear_probe"], sizes=[1, 2],
+                      repeats=2, options={"scratch": {"steps": 5}})
+    acc = result.scores["accuracy"]
+    assert set(acc) == {"scratch", "meta_adapt", "linear_probe"}
+    assert acc["meta_adapt"]["2"]["n_train"] == 6 and all(0 <= v <= 1 for v in acc["meta_adapt"]["1"]["values"])
+    with pytest.raises(ConfigError, match="'all' has no meaning"):
+        transfer(tmp_path / "meta", target, sizes=[1, "all"])
+
+
+@pytest.mark.parametrize("name", ["schools_source", "schools_target", "texts_source", "texts_target",
+                                  "glyphs_source", "fashion_target"])
+def test_shipped_transfer_configs_validate(name: str) -> None:
+    from mtml.config import load_config
+
+    path = Path(__file__).parents[1] / "src" / "mtml" / "configs" / f"transfer_{name}.yaml"
+    assert load_config(path).name.startswith("transfer-")

@@ -1,14 +1,20 @@
-"""Knowledge transfer: transferability estimates, task affinity (TAG) and task grouping. Pure torch, no I/O."""
+"""Knowledge transfer: transferability estimates, task affinity (TAG), task grouping and transfer strategies.
+
+Pure torch, no I/O."""
 
 from mtml.transfer.affinity import AffinityAccumulator, TagRecorder, lookahead_affinity, negative_transfer
 from mtml.transfer.estimators import ESTIMATORS, Estimator, estimate_all, head_probs, hscore, leep, logme, nce
 from mtml.transfer.grouping import Grouping, group_tasks, grouping_score
+from mtml.transfer.strategies import STRATEGIES, Source, Strategy
 
 __all__ = [
     "ESTIMATORS",
+    "STRATEGIES",
     "AffinityAccumulator",
     "Estimator",
     "Grouping",
+    "Source",
+    "Strategy",
     "TagRecorder",
     "estimate_all",
     "group_tasks",

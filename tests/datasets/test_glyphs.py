@@ -17,7 +17,14 @@ from mtml.datasets import FAMILIES, glyphs_render
 from mtml.datasets.glyphs import STYLES, GlyphAugment, GlyphSet, load_glyphs
 from mtml.datasets.glyphs_cache import GlyphsCacheWarning
 from mtml.datasets.glyphs_fewshot import glyph_splits, pixel_nn_accuracy
-from mtml.datasets.glyphs_fonts import NOTO_DIR, GlyphsFontWarning, discover_fonts, matplotlib_font_dir, script_of
+from mtml.datasets.glyphs_fonts import (
+    NOTO_DIR,
+    GlyphsFontWarning,
+    _font_info,
+    discover_fonts,
+    matplotlib_font_dir,
+    script_of,
+)
 from mtml.errors import ConfigError
 from mtml.sampling import split_groups
 
@@ -168,6 +175,16 @@ def test_script_of() -> None:
     assert script_of("\u1a20") == "TAI THAM"
     assert script_of("A") == "LATIN" and script_of("\u0391") == "GREEK"
     assert script_of("\uffff") is None
+
+
+@pytest.mark.parametrize(("name", "style", "bold", "italic"), [
+    ("NotoSerifArmenian-Bold", "serif", True, False), ("NotoSansOldItalic-Regular", "sans", False, False),
+    ("NotoNaskhArabic-Regular", "other", False, False), ("DejaVuSansMono-BoldOblique", "mono", True, True),
+    ("STIXGeneralBolIta", "serif", True, True), ("NotoSans-Italic", "sans", False, True),
+])
+def test_font_style_labels_from_file_names(name: str, style: str, bold: bool, italic: bool) -> None:
+    info = _font_info(Path(f"/fonts/{name}.ttf"))
+    assert (info.style, info.bold, info.italic) == (style, bold, italic)
 
 
 def test_notdef_and_empty_glyphs_are_dropped() -> None:

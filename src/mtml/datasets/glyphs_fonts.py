@@ -64,8 +64,10 @@ def _font_info(path: Path) -> FontInfo:
         style = "sans"
     else:
         style = "other"
-    bold = "Bold" in stem or "Bol" in stem or stem.startswith("cmb")
-    italic = any(w in stem for w in ("Italic", "Oblique", "Ita")) or stem.startswith(("cmti", "cmmi"))
+    weight = stem.rsplit("-", 1)[-1]  # "NotoSansOldItalic-Regular": the script name is no slant
+    bold = "Bold" in weight or stem.endswith(("Bol", "BolIta")) or stem.startswith("cmb")
+    italic = any(w in weight for w in ("Italic", "Oblique")) or stem.endswith("Ita") or stem.startswith(
+        ("cmti", "cmmi"))
     return FontInfo(path, style, bold, italic)
 
 

@@ -82,7 +82,7 @@ def _start_from_env(device: torch.device) -> bool:
                           "the ranks with `torchrun` or `mtml train --nproc N`.")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(local_device(device))  # NCCL's object collectives use the current device
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=env_timeout()))
     except (RuntimeError, ValueError) as exc:

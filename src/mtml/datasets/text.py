@@ -244,14 +244,17 @@ def texts(
         x, start = x_all[start : start + len(xs)], start + len(xs)
         if inputs == "tokens":  # trim padding columns no text of this task uses
             x = x[:, : int((x != 0).any(0).nonzero().max()) + 1]
-        parts = split_indices(len(xs), fractions, split_gen)
-        xs_split = [x[p] for p in parts]
-        if name == "topic":
-            labels = {s: [ys[i] for i in p.tolist()] for s, p in zip(("train", "val", "test"), parts, strict=True)}
-            classes, idx = encode_labels(labels, "topic")
-            out.append(make_task(name, "multiclass", xs_split, list(idx.values()), num_outputs=len(classes)))
-        elif name == "sentiment":
-            out.append(make_task(name, "binary", xs_split, [ys[p] for p in parts]))
-        else:
-            out.append(make_task(name, "regression", xs_split, standardize(*(ys[p][:, None] for p in parts))))
+        out.append(_task(name, x, ys, split_indices(len(xs), fractions, split_gen)))
     return out
+
+
+def _task(name: str, x: Tensor, ys: Any, parts: list[Tensor]) -> Task:
+    """One suite task from inputs ``x: [n, ...]``, its targets and train/val/test index ``parts``."""
+    xs = [x[p] for p in parts]
+    if name == "topic":
+        labels = {s: [ys[i] for i in p.tolist()] for s, p in zip(("train", "val", "test"), parts, strict=True)}
+        classes, idx = encode_labels(labels, "topic")
+        return make_task(name, "multiclass", xs, list(idx.values()), num_outputs=len(classes))
+    if name == "sentiment":
+        return make_task(name, "binary", xs, [ys[p] for p in parts])
+    return make_task(name, "regression", xs, standardize(*(ys[p][:, None] for p in parts)))

@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workload", choices=["maml", "joint"], default="maml")
-    ap.add_argument("--workloads", nargs="+", default=["maml", "joint"])
+    ap.add_argument("--workloads", nargs="*", default=["maml", "joint"])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--meta-batch", type=int, default=100)
     ap.add_argument("--inner-steps", type=int, default=1, help="MAML inner steps (the sinusoid protocol: 1)")

@@ -64,6 +64,10 @@ PCGRAD: dict[str, Any] = {
     "training": {"weighting": {"name": "pcgrad"}, "lr": 0.01, "batch_size": 11, "max_steps": 8, "eval_every": 4,
                  "patience": 0},
 }
+# one task on two ranks: each task's rows are split (with more tasks than ranks, whole tasks are)
+ROWS: dict[str, Any] = {**PCGRAD, "name": "dist-rows",
+                        "data": {"dataset": "synthetic", "options": {**PCGRAD["data"]["options"], "num_tasks": 1}},
+                        "training": {**PCGRAD["training"], "weighting": {"name": "uncertainty"}}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
 
@@ -137,7 +141,8 @@ def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 # -- equivalence -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [MAML, PROTONET, PCGRAD], ids=["maml", "protonet", "joint-pcgrad"])
+@pytest.mark.parametrize("config", [MAML, PROTONET, PCGRAD, ROWS],
+                         ids=["maml", "protonet", "joint-pcgrad", "joint-rows-uncertainty"])
 def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any]) -> None:
     one = _train(config, str(tmp_path / "one"))
     ranks = run_ranks(_train, config, str(tmp_path / "two"))

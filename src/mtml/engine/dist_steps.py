@@ -72,6 +72,31 @@ def _jacobian_backend(weighting: Weighting, gramian: str | None, device: torch.d
     return "batched" if device.type == "cuda" else "loop"
 
 
+def _local_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch,
+                  names: list[str]) -> tuple[Tensor, list[int]]:
+    """This rank's contribution to the ``[m]`` global task losses, and the tasks it contributes to.
+
+    With at least as many tasks as ranks each rank takes whole tasks (its heads, stems and losses: per-task
+    work is split too); otherwise each task's rows, scaled by the rank's share of them.
+    """
+    m = len(names)
+    if m >= world_size():
+        own = list(range(m))[shard(m, "tasks")]
+        mine = [names[i] for i in own]
+        values = task_losses(model, tasks, {n: batch[n] for n in mine}, mine)
+        index = torch.tensor(own, device=values.device)
+        return values.new_zeros(m).index_add(0, index, values), own
+    local: Batch = {}
+    shares = []
+    for name in names:
+        x, y = batch[name]
+        part = shard(x.shape[0], f"rows in the batch of task '{name}'")
+        local[name] = (x[part], y[part])
+        shares.append((part.stop - part.start) / x.shape[0])
+    losses = task_losses(model, tasks, local, names)
+    return losses * torch.tensor(shares, dtype=losses.dtype, device=losses.device), list(range(m))
+
+
 def sharded_joint_step(
     model: MultiTaskModel,
     tasks: Mapping[str, Task],
@@ -81,30 +106,24 @@ def sharded_joint_step(
     *,
     gramian: str | None = None,
 ) -> StepResult:
-    """:func:`~mtml.engine.joint.joint_step` on the global ``batch``, each task's rows split over the ranks.
+    """:func:`~mtml.engine.joint.joint_step` on the global ``batch``, split over the ranks.
 
-    Task losses are means over rows, so rank r's loss of task i is scaled by its share of that task's rows;
-    the sum over ranks is the global loss. Weightings see the global (all-reduced) losses and, when they need
-    it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix ``J [m, shared parameters]`` — the
-    same numbers on every rank, so every rank computes the same weights. Weightings may use the losses' values
-    only (all built-in ones do); their penalty is split evenly over the ranks.
+    With at least as many tasks as ranks, each rank takes whole tasks; otherwise each task's rows are split,
+    and as task losses are means over rows, rank r's loss of task i is scaled by its share of that task's
+    rows. Either way the sum over ranks is the global loss vector. Weightings see the global (all-reduced)
+    losses and, when they need it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix
+    ``J [m, shared parameters]`` — the same numbers on every rank, so every rank computes the same weights.
+    Weightings may use the losses' values only (all built-in ones do); their penalty is split evenly.
     """
     if not is_distributed():
         return joint_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
     names = weighting.task_names
-    local: Batch = {}
-    shares = []
-    for name in names:
-        x, y = batch[name]
-        part = shard(x.shape[0], f"rows in the batch of task '{name}'")
-        local[name] = (x[part], y[part])
-        shares.append((part.stop - part.start) / x.shape[0])
-    losses = task_losses(model, tasks, local, names)
-    losses = losses * torch.tensor(shares, dtype=losses.dtype, device=losses.device)
+    losses, own = _local_losses(model, tasks, batch, names)
     m = len(names)
     if weighting.needs_gramian:
         backend = _jacobian_backend(weighting, gramian, losses.device)
-        jac = task_jacobian(losses, list(model.shared_parameters()), backend=backend)
+        jac = losses.new_zeros(m, sum(p.numel() for p in model.shared_parameters()))
+        jac[own] = task_jacobian(losses[own], list(model.shared_parameters()), backend=backend)
         packed = all_reduce_(torch.cat([losses.detach()[:, None], jac], 1), "the per-task gradient all-reduce")
         global_losses, jac = packed[:, 0], packed[:, 1:]
         gram: Tensor | None = jac @ jac.T

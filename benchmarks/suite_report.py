@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import statistics
 import tempfile
@@ -49,6 +50,13 @@ class Suite:
     title: str
     notes: str
     extra_costs: Callable[[Config, list[Task]], CostRows] | None = None
+    inputs: str = "embedded texts"  # what one input is, in the cost table
+    setup: str = "embeddings already cached"  # the state the timed regeneration ran in
+
+    @property
+    def page_notes(self) -> str:
+        """``notes``, or when empty the hand-written ``benchmarks/suite_notes/<config>.md``."""
+        return self.notes or (Path(__file__).parent / "suite_notes" / f"{self.config}.md").read_text()
 
 
 def _texts_costs(config: Config, tasks: list[Task]) -> CostRows:
@@ -137,6 +145,11 @@ SUITES: dict[str, Suite] = {
         notes=TEXTS_NOTES,
         extra_costs=_texts_costs,
     ),
+    "images": Suite(config="images", title="Images: glyph script, character and font style, Fashion-MNIST category "
+                    "and group, and faces on one Conv-4 trunk", notes="", inputs="images of each size",
+                    setup="glyphs already rendered and cached"),
+    "tables": Suite(config="tables", title="Tables: penguins and movies in one model with per-task stems", notes="",
+                    inputs="rows of each width", setup="no cache needed"),
 }
 
 
@@ -150,27 +163,38 @@ def _timeit(fn: Callable[[], object], repeat: int = 20) -> float:
     return best
 
 
-def _all_heads(model: MultiTaskModel, x: torch.Tensor, shared: bool) -> list[torch.Tensor]:
-    """Every task's output for the same inputs ``x: [n, *input]``: trunk once (shared) or once per task."""
-    if shared and not len(model.stems):
-        feats = model.trunk(x)
-        return [head(feats) for head in model.heads.values()]
-    return [model(x, name) for name in model.task_names]
+def _all_heads(model: MultiTaskModel, inputs: dict[tuple[int, ...], torch.Tensor], shared: bool,
+               ) -> list[torch.Tensor]:
+    """Every task's output for the inputs of its shape (``inputs``: shape → ``[n, *shape]``): the trunk once per
+    shape for the stem-less tasks of a shared model, else once per task."""
+    outs = []
+    for shape, x in inputs.items():
+        names = [n for n in model.task_names if model.input_shapes.get(n, shape) == shape]
+        plain = [n for n in names if n not in model.stems] if shared else []
+        if plain:
+            feats = model.trunk(x)
+            outs += [model.heads[n](feats) for n in plain]
+        outs += [model(x, n) for n in names if n not in plain]
+    return outs
 
 
-def model_costs(config: Config, tasks: list[Task]) -> CostRows:
-    """Parameter counts and the time to predict every task for 256 inputs, one model vs separate ones."""
+def model_costs(config: Config, tasks: list[Task], what: str = "embedded texts") -> CostRows:
+    """Parameter counts and the time to predict every task for 256 inputs (of each input shape), one model vs
+    separate ones."""
     params, times = [], []
-    x = tasks[0].split("test").x[:256]
+    inputs: dict[tuple[int, ...], torch.Tensor] = {}
+    for t in tasks:
+        inputs.setdefault(t.input_shape, t.split("test").x[:256])
+    x = next(iter(inputs.values()))
     for share in (True, False):
         cfg = config.model_copy(deep=True)
         cfg.model.share_trunk = share
         model = build(cfg).model.eval()
         params.append(float(sum(p.numel() for p in model.parameters() if p.requires_grad)))
         with torch.no_grad():
-            times.append(1000 * _timeit(functools.partial(_all_heads, model, x, share)))
+            times.append(1000 * _timeit(functools.partial(_all_heads, model, inputs, share)))
     return [("trained parameters", params[0], params[1]),
-            (f"predict all {len(tasks)} tasks for {len(x)} embedded texts, ms (1 thread)", times[0], times[1])]
+            (f"predict all {len(tasks)} tasks for {len(x)} {what}, ms (1 thread)", times[0], times[1])]
 
 
 def _ci(values: list[float]) -> tuple[float, float]:
@@ -260,7 +284,7 @@ def page(suite: Suite, tasks: list[Task], scores: Scores, costs: CostRows, seeds
     """The suite's Markdown page."""
     rows, summary = metric_table(tasks, scores)
     lines = [f"# {suite.title}", "", f"Regenerate: `{command}` ({len(seeds)} seeds × 2 models in "
-             f"{seconds:.0f} s on this machine, embeddings already cached).", "",
+             f"{seconds:.0f} s on this machine, {suite.setup}).", "",
              f"Config: `src/mtml/configs/{suite.config}.yaml` (`mtml train src/mtml/configs/{suite.config}.yaml`). "
              f"Single-task = the same config with `model.share_trunk: false`. Seeds {', '.join(map(str, seeds))}; "
              "each seed re-draws the split and the initialisation. Cells: mean ± 95% t-interval over seeds. "
@@ -269,7 +293,7 @@ def page(suite: Suite, tasks: list[Task], scores: Scores, costs: CostRows, seeds
              "Times are the best of several repeats on this machine (2 shared cores), so they are noisy.", "",
              "| | one multi-task model | separate single-task models | ratio |", "|---|---|---|---|"]
     lines += [f"| {what} | {_fmt(a)} | {_fmt(b)} | {b / a:.2f}× |" for what, a, b in costs]
-    lines += ["", suite.notes.strip(), ""]
+    lines += ["", suite.page_notes.strip(), ""]
     return "\n".join(lines)
 
 
@@ -279,15 +303,24 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("docs/suites"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as for mtml train")
+    ap.add_argument("--reuse", action="store_true", help="re-render the page from the scores saved in "
+                    "<out>/<suite>.json by an earlier run (no training; costs are measured again)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     suite = SUITES[args.suite]
     config = Config.from_dict(apply_overrides(embedded_config(suite.config).to_dict(), args.set))
-    t0 = time.perf_counter()
-    scores = run_seeds(config, args.seeds, Path(tempfile.mkdtemp(prefix=f"mtml-suite-{args.suite}-")))
-    seconds = time.perf_counter() - t0
+    saved = args.out / f"{args.suite}.json"
+    if args.reuse:
+        record = json.loads(saved.read_text())
+        scores, seconds, args.seeds = record["scores"], record["seconds"], record["seeds"]
+    else:
+        t0 = time.perf_counter()
+        scores = run_seeds(config, args.seeds, Path(tempfile.mkdtemp(prefix=f"mtml-suite-{args.suite}-")))
+        seconds = time.perf_counter() - t0
+        args.out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"seeds": args.seeds, "seconds": seconds, "scores": scores}, indent=1))
     tasks = build(config).tasks
-    costs = model_costs(config, tasks) + (suite.extra_costs(config, tasks) if suite.extra_costs else [])
+    costs = model_costs(config, tasks, suite.inputs) + (suite.extra_costs(config, tasks) if suite.extra_costs else [])
     args.out.mkdir(parents=True, exist_ok=True)
     plot(tasks, scores, args.out / f"{args.suite}.png")
     command = f"python benchmarks/suite_report.py --suite {args.suite} --seeds {' '.join(map(str, args.seeds))}"

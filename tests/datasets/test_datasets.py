@@ -13,6 +13,9 @@ from mtml.tasks import SPLITS, Task, TaskKind
 SMALL: dict[str, dict] = {
     "schools": {"max_schools": 12},
     "movies": {"n": 600},
+    "images": {"alphabets": ["GREEK", "LATIN"], "characters_per_alphabet": 4, "examples_per_character": 10,
+               "fashion_train": 64, "fashion_val": 32, "fashion_test": 32, "flatten": True},
+    "tables": {"movies_n": 600},
     "synthetic": {"num_tasks": 4, "n_train": 30, "n_val": 20, "n_test": 20},
     "table": {"targets": {"price": {"column": "price", "kind": "regression"}, "colour": "colour"}},
 }

@@ -162,7 +162,7 @@ def test_hps_conv_single_task_baseline_and_errors() -> None:
     assert isinstance(separate.trunk, nn.Identity) and all(isinstance(s, ResNet12) for s in separate.stems.values())
     assert separate(tasks[0].train.x[:2], "group").shape == (2, 4)
     with pytest.raises(ConfigError, match="one input shape"):
-        build_model([tasks[0], _image_tasks((1, 32, 32))[1]], "hps", backbone="conv4")
+        build_model([tasks[0], _image_tasks((784,))[1]], "hps", backbone="conv4")  # flat: no image stem
     with pytest.raises(ConfigError, match="Remove stem_width"):
         build_model(tasks, "hps", backbone="conv4", stem_width=8)
     with pytest.raises(ConfigError, match=r"model\.backbone: conv4"):

@@ -10,11 +10,13 @@ from mtml.datasets.fashion import fashion, fashion_fewshot
 from mtml.datasets.folders import image_folder, miniimagenet, omniglot
 from mtml.datasets.glyphs import GlyphSet, load_glyphs
 from mtml.datasets.glyphs_fewshot import glyphs, pixel_nn_accuracy
+from mtml.datasets.image_suite import images
 from mtml.datasets.movies import movies
 from mtml.datasets.penguins import penguins
 from mtml.datasets.schools import schools
 from mtml.datasets.synthetic import synthetic_linear
 from mtml.datasets.table import table
+from mtml.datasets.tables_suite import tables
 from mtml.datasets.text import texts
 from mtml.registry import Registry
 from mtml.tasks import Task
@@ -28,6 +30,10 @@ DATASETS.register("texts", texts, help="fortune topic (8 classes) + food-review 
                   "MiniLM sentence encoder (cached embeddings)")
 DATASETS.register("fashion", fashion, help="Fashion-MNIST: 10 categories + 4 coarse groups on the same 28×28 images "
                   "(Debian dataset-fashion-mnist)")
+DATASETS.register("images", images, help="image suite: glyph script/character/font style, Fashion-MNIST "
+                  "category/group, faces vs non-faces (25×25, own stem); [1, 28, 28] inputs for a conv trunk")
+DATASETS.register("tables", tables, help="tabular suite: penguins (species, body mass) + movies (rating, 7 genres) "
+                  "(+ option schools); use model.stem_width for per-task stems")
 DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets)")
 
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
@@ -45,7 +51,8 @@ FAMILIES.register("fashion_fewshot", fashion_fewshot, help="N-way K-shot over th
 
 __all__ = [
     "DATASETS", "FAMILIES", "EpisodeSource", "GlyphSet", "fashion", "fashion_fewshot", "gaussian_classes", "glyphs",
-    "image_folder", "lfw_faces", "load_glyphs", "miniimagenet", "movies", "omniglot", "penguins", "pixel_nn_accuracy",
+    "image_folder", "images", "lfw_faces", "load_glyphs", "miniimagenet", "movies", "omniglot", "penguins",
+    "pixel_nn_accuracy",
     "schools", "sinusoid",
-    "synthetic_linear", "table", "texts",
+    "synthetic_linear", "table", "tables", "texts",
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mtml.errors import ConfigError
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 
-__all__ = ["build_multitask_model", "mlp"]
+__all__ = ["ImageStem", "build_multitask_model", "mlp"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "linear": nn.Identity,
@@ -81,7 +82,8 @@ def build_multitask_model(
     baseline with the same architecture, trainable in the same loop.
 
     ``backbone`` other than ``"mlp"`` (a name in :data:`mtml.nn.BACKBONES`, e.g. ``"conv4"``) makes the trunk that
-    backbone, built with ``backbone_options``, for tasks that all share one image shape ``(C, H, W)``; each head
+    backbone, built with ``backbone_options``, for the first task's image shape ``(C, H, W)``; an image task of
+    another shape gets an :class:`ImageStem` (1×1 conv, then centred zero padding or a resize) into it. Each head
     is then an MLP (``head_hidden``) on the backbone's feature vector, and ``trunk_hidden`` is not used.
     """
     if not tasks:
@@ -109,26 +111,59 @@ def build_multitask_model(
     return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})
 
 
+class ImageStem(nn.Module):
+    """Adapts images of one shape to a conv trunk's input shape: a learned 1×1 convolution (channels in → out,
+    started as the identity when they match), then zero padding centred to the trunk's height and width, or, for
+    a larger image, an antialiased bilinear resize to it.
+
+    ``x: [batch, *in_shape] → [batch, *out_shape]`` with shapes ``(channels, height, width)``. Padding (rather
+    than resizing) keeps a small image's pixels as they are, the way the trunk sees every other task's pixels.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+        super().__init__()
+        if len(in_shape) != 3 or len(out_shape) != 3:
+            raise ConfigError(f"an image stem maps (channels, height, width) to (channels, height, width); got "
+                              f"{tuple(in_shape)} → {tuple(out_shape)}. Give image inputs as [batch, C, H, W].")
+        self.in_shape, self.out_shape = tuple(map(int, in_shape)), tuple(map(int, out_shape))
+        self.mix = nn.Conv2d(self.in_shape[0], self.out_shape[0], 1)
+        if self.in_shape[0] == self.out_shape[0]:
+            nn.init.dirac_(self.mix.weight)
+            nn.init.zeros_(self.mix.get_parameter("bias"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mix(x)
+        (h, w), (th, tw) = self.in_shape[1:], self.out_shape[1:]
+        if h <= th and w <= tw:
+            return F.pad(x, ((tw - w) // 2, tw - w - (tw - w) // 2, (th - h) // 2, th - h - (th - h) // 2))
+        return F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+
+
 def _backbone_model(tasks: Sequence[Task], backbone: str, options: Mapping[str, Any], *, head_hidden: Sequence[int],
                     activation: str, share_trunk: bool, stem_width: int | None) -> MultiTaskModel:
     """A multi-task model whose trunk is the backbone ``backbone`` (see :func:`build_multitask_model`)."""
     from mtml.nn.backbones import build_backbone, feature_dim  # backbones imports this module
 
-    shapes = {t.input_shape for t in tasks}
-    if len(shapes) != 1:
-        raise ConfigError(f"backbone '{backbone}' is shared by every task, so they need one input shape; got "
+    shape = tasks[0].input_shape
+    odd = [t for t in tasks if t.input_shape != shape]
+    if odd and (len(shape) != 3 or any(len(t.input_shape) != 3 for t in odd)):
+        raise ConfigError(f"backbone '{backbone}' is shared by every task, so they need one input shape (image tasks "
+                          "of other sizes get an image stem); got "
                           f"{', '.join(f'{t.name} {t.input_shape}' for t in tasks)}. Resize the inputs to one shape.")
     if stem_width is not None:
         raise ConfigError(f"model.stem_width adapts flat inputs to an MLP trunk; backbone '{backbone}' takes the "
                           "images directly. Remove stem_width.")
-    shape = next(iter(shapes))
 
     def trunk() -> nn.Module:
         return build_backbone(backbone, shape, options)
 
-    # share_trunk=False: every task's own backbone is its stem, in front of an identity trunk
-    stems = {} if share_trunk else {t.name: trunk() for t in tasks}
+    adapters: dict[str, nn.Module] = {t.name: ImageStem(t.input_shape, shape) for t in odd}
+    # share_trunk=False: every task's own backbone is its stem (after its image stem), in front of an identity trunk
     shared = trunk() if share_trunk else nn.Identity()
+    stems = dict(adapters)
+    if not share_trunk:
+        stems = {t.name: nn.Sequential(adapters[t.name], trunk()) if t.name in adapters else trunk() for t in tasks}
+    # without sharing, the first task's own backbone (its shape is the trunk's, so it has no image stem)
     width = feature_dim(shared if share_trunk else stems[tasks[0].name])
     heads = {t.name: mlp(width, head_hidden, t.num_outputs, activation=activation) for t in tasks}
     return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})

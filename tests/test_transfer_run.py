@@ -132,6 +132,7 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           text=True, env=ENV, timeout=300)
 
 
+@pytest.mark.slow  # six subprocesses, each importing torch
 def test_cli_writes_json_and_png_and_fails_cleanly(source: Path, target: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     proc = _cli(source, "--target", target, "--strategies", "linear_probe,finetune_head", "--sizes", "2,all",

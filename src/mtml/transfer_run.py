@@ -87,10 +87,15 @@ def _dataset_tasks(config: Config) -> list[Task]:
     return DATASETS.create(config.data.dataset, where="data.options", **opts)
 
 
-def _family_tasks(config: Config, shots: int, generator: torch.Generator) -> list[Task]:
-    """The tasks of one test episode of a task family, support → train, query → test."""
+def _family(config: Config, shots: int) -> Any:
+    """The task family of a meta-learning ``config`` with ``shots`` support examples per class."""
     opts = {"seed": config.seed, **config.data.options, "shots": shots}
-    episode = FAMILIES.create(config.data.dataset, where="data.options", **opts).test.sample(generator)
+    return FAMILIES.create(config.data.dataset, where="data.options", **opts)
+
+
+def _episode_tasks(family: Any, generator: torch.Generator) -> list[Task]:
+    """The tasks of one test episode of ``family``, support → train, query → test."""
+    episode = family.test.sample(generator)
     kind = "multiclass" if episode.is_classification else "regression"
     s, q = episode.support, episode.query
     return [Task(f"episode_task_{i}", TaskKind(kind), Split(s.x[i], s.y[i]), test=Split(q.x[i], q.y[i]),
@@ -197,46 +202,61 @@ def transfer(
     sizes = parse_sizes(sizes)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be an integer >= 1. Got {repeats!r}.")
-    names = list(strategies) if strategies is not None else None
-    for name in names or []:
+    for name in strategies or []:
         STRATEGIES.get(name)  # unknown names: the nearest valid one, before any work
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise RunExistsError(f"output directory {out_path} exists and is not empty; choose another --out.")
     source, _ = load_source(source_run)
     target = target_config if isinstance(target_config, Config) else load_config(target_config)
-    if names is None:
-        names = [n for n in STRATEGIES.names() if n != "meta_adapt" or source.algorithm is not None]
-    names = ["scratch", *[n for n in dict.fromkeys(names) if n != "scratch"]]
-    opts = dict(options or {})
-    chosen = {n: STRATEGIES.create(n, where=f"strategy '{n}'", **dict(opts.pop(n, {}))) for n in names}
-    if opts:
-        raise ConfigError(f"options given for strategies not run: {', '.join(opts)}; add them to the strategies.")
+    chosen = _choose(strategies, source, options)
     if target.is_meta and "all" in sizes:
         raise ConfigError(f"target '{target.data.dataset}' is a task family (episodes of a few shots); size "
                           "'all' has no meaning there, use numbers of shots such as 1,5,20.")
     fixed = None if target.is_meta else _dataset_tasks(target)
-    probe = fixed if fixed is not None else _family_tasks(target, int(sizes[0]), torch.Generator().manual_seed(0))
+    probe = fixed or _episode_tasks(_family(target, int(sizes[0])), torch.Generator().manual_seed(0))
     _check(source, probe, chosen)
-    result = TransferResult(str(source_run), target.name, sizes, names, repeats, seed, {})
+    result = TransferResult(str(source_run), target.name, sizes, list(chosen), repeats, seed, {})
     for task in probe:
         result.higher_is_better.setdefault(task.primary_metric, task.metrics[task.primary_metric].higher_is_better)
-    runs: dict[tuple[str, str, str], list[float]] = {}
-    sizes_n: dict[str, list[float]] = {}
-    for si, size in enumerate(sizes):
-        for r in range(repeats):
-            g = torch.Generator().manual_seed(seed * 100003 + si * 1009 + r)
-            tasks = ([subsample(t, size, g) for t in fixed] if fixed is not None
-                     else _family_tasks(target, int(size), g))
-            sizes_n.setdefault(str(size), []).append(sum(len(t.train) for t in tasks) / len(tasks))
-            for name, strategy in chosen.items():
-                for metric, value in _score(strategy, source, tasks, seed * 100003 + si * 1009 + r).items():
-                    runs.setdefault((metric, name, str(size)), []).append(value)
+    runs, sizes_n = _grid(chosen, source, target, fixed, sizes, repeats, seed)
     _summarise(result, runs, sizes_n)
     result.seconds = round(time.time() - started, 2)
     if out_path is not None:
         write_outputs(result, out_path)
     return result
+
+
+def _choose(names: Sequence[str] | None, source: Source,
+            options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Strategy]:
+    """``scratch`` first, then ``names`` (default: every strategy that fits the source), built with options."""
+    if names is None:
+        names = [n for n in STRATEGIES.names() if n != "meta_adapt" or source.algorithm is not None]
+    ordered = ["scratch", *[n for n in dict.fromkeys(names) if n != "scratch"]]
+    opts = dict(options or {})
+    chosen = {n: STRATEGIES.create(n, where=f"strategy '{n}'", **dict(opts.pop(n, {}))) for n in ordered}
+    if opts:
+        raise ConfigError(f"options given for strategies not run: {', '.join(opts)}; add them to the strategies.")
+    return chosen
+
+
+def _grid(chosen: Mapping[str, Strategy], source: Source, target: Config, fixed: list[Task] | None,
+          sizes: list[Size], repeats: int, seed: int) -> tuple[dict[tuple[str, str, str], list[float]],
+                                                              dict[str, list[float]]]:
+    """Every strategy on the same draws: ``{(metric, strategy, size): [per repeat]}`` and realised sizes."""
+    runs: dict[tuple[str, str, str], list[float]] = {}
+    sizes_n: dict[str, list[float]] = {}
+    for si, size in enumerate(sizes):
+        family = _family(target, int(size)) if fixed is None else None
+        for r in range(repeats):
+            draw = seed * 100003 + si * 1009 + r
+            g = torch.Generator().manual_seed(draw)
+            tasks = [subsample(t, size, g) for t in fixed] if fixed is not None else _episode_tasks(family, g)
+            sizes_n.setdefault(str(size), []).append(sum(len(t.train) for t in tasks) / len(tasks))
+            for name, strategy in chosen.items():
+                for metric, value in _score(strategy, source, tasks, draw).items():
+                    runs.setdefault((metric, name, str(size)), []).append(value)
+    return runs, sizes_n
 
 
 def _summarise(result: TransferResult, runs: dict[tuple[str, str, str], list[float]],

@@ -7,8 +7,9 @@ examples — into a predictor ``x: [n, *input] → [n, outputs]`` scored with th
 - ``scratch`` — the baseline: the source's architecture re-initialised, trained on the target examples only;
 - ``linear_probe`` — closed-form ridge regression on frozen source features (one-hot ±1 targets for classes),
   λ chosen by exact leave-one-out error over a grid;
-- ``finetune_head`` / ``finetune_last`` / ``finetune_all`` — a fresh head trained on frozen features, with the
-  last ``k`` trunk blocks, or with the whole trunk;
+- ``finetune_head`` / ``finetune_last`` / ``finetune_all`` — the head trained alone on frozen features, with
+  the last ``k`` trunk blocks, or with the whole trunk (the head starts from the source's heads where they fit
+  the target, see :func:`~mtml.transfer.parts.head_prior`, else fresh);
 - ``l2sp`` — fine-tuning everything with the L2-SP penalty towards the source weights (Li, Grandvalet &
   Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018);
 - ``meta_adapt`` — the source meta-algorithm's own test-time adaptation on the target examples.
@@ -302,8 +303,8 @@ def _finetune_all(*, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 STRATEGIES.register("scratch", Scratch, help="baseline: the source architecture re-initialised, target data only")
 STRATEGIES.register("linear_probe", LinearProbe, help="closed-form ridge on frozen source features (λ by LOO)")
-STRATEGIES.register("finetune_head", _finetune_head, help="a new head trained on the frozen source trunk")
-STRATEGIES.register("finetune_last", _finetune_last, help="a new head + the last k trunk blocks trained")
-STRATEGIES.register("finetune_all", _finetune_all, help="a new head + the whole source trunk trained")
-STRATEGIES.register("l2sp", L2SP, help="fine-tune all with α‖θ−θ_source‖² + β‖θ_head‖² (Li et al. 2018)")
+STRATEGIES.register("finetune_head", _finetune_head, help="the head alone trained, on the frozen source trunk")
+STRATEGIES.register("finetune_last", _finetune_last, help="the head + the last k trunk blocks trained")
+STRATEGIES.register("finetune_all", _finetune_all, help="the head + the whole source trunk trained")
+STRATEGIES.register("l2sp", L2SP, help="fine-tune all with α‖θ−θ_source‖² + β‖θ_head−θ_head⁰‖² (Li et al. 2018)")
 STRATEGIES.register("meta_adapt", MetaAdapt, help="the source meta-algorithm's own test-time adaptation")

@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from mtml.atomic import atomic_write_text
 from mtml.config import Config
 from mtml.engine import ProgressHook, Run, StopRule, TrainResult, train_multitask
-from mtml.engine.atomic import atomic_write_text
 from mtml.errors import ConfigError
 from mtml.experiment import build, default_run_dir, resolve_device
 from mtml.report.plots import plot_learning_curves

@@ -243,8 +243,8 @@ def rank(
 
     from rich.table import Table
 
+    from mtml.atomic import atomic_write_text
     from mtml.config import load_config
-    from mtml.engine.atomic import atomic_write_text
     from mtml.rank_run import rank_sources
 
     ranking = rank_sources(load_config(target, []), runs, task=task, source_task=source_task, split=split, by=by)

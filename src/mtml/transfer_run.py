@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from mtml.atomic import atomic_write_text
 from mtml.config import Config, load_config
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.engine import Run, load_checkpoint, restore
-from mtml.engine.atomic import atomic_write_text
 from mtml.errors import ConfigError, RunExistsError
 from mtml.experiment import build
 from mtml.experiment_meta import build_meta

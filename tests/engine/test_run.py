@@ -10,8 +10,8 @@ import pytest
 import yaml
 from torch import nn
 
+from mtml.atomic import append_jsonl, atomic_write_bytes, atomic_write_text
 from mtml.engine import Run, save_checkpoint
-from mtml.engine.atomic import append_jsonl, atomic_write_bytes, atomic_write_text
 from mtml.errors import CheckpointError, RunExistsError
 
 

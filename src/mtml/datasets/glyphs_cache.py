@@ -10,16 +10,16 @@ rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from mtml.atomic import atomic_write_bytes
 
 __all__ = ["GlyphsCacheWarning", "cache_dir_for", "cache_key", "read_entry", "write_entry"]
 
@@ -51,29 +51,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_entry(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Store ``tensors`` (contiguous CPU tensors) and ``meta`` (JSON) as one cache entry."""
     from safetensors.torch import save
 
     blob = save({k: v.contiguous() for k, v in tensors.items()})
-    _atomic_write(directory / _TENSORS, blob)
+    atomic_write_bytes(directory / _TENSORS, blob)
     record = {**meta, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
-    _atomic_write(directory / _META, json.dumps(record, indent=1, ensure_ascii=False).encode())
+    atomic_write_bytes(directory / _META, json.dumps(record, indent=1, ensure_ascii=False).encode())
 
 
 def _corrupt(directory: Path, reason: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
+from mtml.atomic import atomic_write_bytes
 from mtml.errors import DataError
 
 __all__ = ["EmbeddingCache", "EncodeFn", "default_cache_root", "text_key"]
@@ -46,19 +46,6 @@ def _checksum(keys: Tensor, emb: Tensor) -> str:
     h = hashlib.sha256(keys.contiguous().numpy().tobytes())
     h.update(emb.contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class EmbeddingCache:
@@ -117,7 +104,7 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"shard-{hashlib.sha256(k.numpy().tobytes()).hexdigest()[:24]}.safetensors"
         meta = {"model_id": self.model_id, "dim": str(self.dim), "sha256": _checksum(k, emb)}
-        _atomic_save({"keys": k, "embeddings": emb}, meta, path)
+        atomic_write_bytes(path, save({"keys": k, "embeddings": emb}, metadata=meta))
         return path
 
     def embed(

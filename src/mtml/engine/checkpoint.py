@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from mtml.engine.atomic import atomic_write_bytes
+from mtml.atomic import atomic_write_bytes
 from mtml.errors import CheckpointError
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]

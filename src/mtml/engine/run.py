@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from mtml._version import __version__
-from mtml.engine.atomic import append_jsonl, atomic_write_text
+from mtml.atomic import append_jsonl, atomic_write_text
 from mtml.errors import CheckpointError, RunExistsError
 
 __all__ = ["Run"]

@@ -1,4 +1,7 @@
-"""Crash-safe file writes: write a temporary file beside the target, fsync, then rename over it."""
+"""Crash-safe file writes: write a temporary file beside the target, fsync, then rename over it.
+
+Dependency-free, so every layer (data caches, engine runs and checkpoints, outer reports) uses the same writes.
+"""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def model_costs(config: Config, tasks: list[Task], what: str = "embedded texts")
         x = t.split("test").x[:256]
         if len(x) > len(inputs.get(t.input_shape, x[:0])):
             inputs[t.input_shape] = x
-    x = next(iter(inputs.values()))
+    sizes = " / ".join(str(n) for n in sorted({len(v) for v in inputs.values()}))
     for share in (True, False):
         cfg = config.model_copy(deep=True)
         cfg.model.share_trunk = share
@@ -135,7 +135,7 @@ def model_costs(config: Config, tasks: list[Task], what: str = "embedded texts")
         with torch.no_grad():
             times.append(1000 * _timeit(functools.partial(_all_heads, model, inputs, share)))
     return [("trained parameters", params[0], params[1]),
-            (f"predict all {len(tasks)} tasks for {len(x)} {what}, ms (1 thread)", times[0], times[1])]
+            (f"predict all {len(tasks)} tasks for {sizes} {what}, ms (1 thread)", times[0], times[1])]
 
 
 def _ci(values: list[float]) -> tuple[float, float]:
@@ -174,8 +174,12 @@ def _fmt(v: float) -> str:
 
 
 def plot(tasks: list[Task], scores: Scores, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2))
-    for ax, t in zip(list(axes) if len(tasks) > 1 else [axes], tasks, strict=True):
+    cols = min(len(tasks), 5)  # rows of at most five tasks
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, t in zip(axes.flat, tasks, strict=False):  # the grid may have spare axes
         metric = SHOWN[t.kind][0]
         for i, (label, vals) in enumerate(zip(("multi-task", "single-task"), scores[t.name][metric], strict=True)):
             mean, half = _ci(vals)

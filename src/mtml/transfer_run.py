@@ -209,6 +209,8 @@ def transfer(
         raise RunExistsError(f"output directory {out_path} exists and is not empty; choose another --out.")
     source, _ = load_source(source_run)
     target = target_config if isinstance(target_config, Config) else load_config(target_config)
+    if target.threads:  # as `mtml train` does: tiny models run fastest on one intra-op thread
+        torch.set_num_threads(target.threads)
     chosen = _choose(strategies, source, options)
     if target.is_meta and "all" in sizes:
         raise ConfigError(f"target '{target.data.dataset}' is a task family (episodes of a few shots); size "

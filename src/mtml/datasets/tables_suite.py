@@ -8,8 +8,8 @@
 
 The sources describe different things with different columns, so a model must not feed them to one first
 layer: use per-task stems (``model.stem_width``; the builder then gives every task a ``Linear → act`` stem into
-the shared trunk). :func:`tables` records each task's source in :data:`SOURCE_OF`-style names only through its
-return order; the sources' columns are documented in their own modules.
+the shared trunk). Tasks come source by source (penguins, movies, schools); the sources' columns are documented
+in their own modules.
 """
 
 from __future__ import annotations

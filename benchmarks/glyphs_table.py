@@ -128,7 +128,7 @@ def row_line(row: str, out: Path) -> str:
     run_dir = out / row
     if cfg is None or not completed(run_dir):
         why = "no config" if cfg is None else "not run / not completed"
-        return f"| {name} | {ways}-way {shots}-shot | — ({why}) | {published} | | | | `glyphs_{row}.yaml` |"
+        return f"| {name} | {ways}-way {shots}-shot | — ({why}) | {published} | | | | | `glyphs_{row}.yaml` |"
     summary = json.loads((run_dir / "summary.json").read_text())
     test = next(iter(summary["test"].values()))
     step = max(int(k.split("@")[1]) for k in test if k.startswith("accuracy@") and not k.endswith("_ci95"))
@@ -137,9 +137,11 @@ def row_line(row: str, out: Path) -> str:
     if timing_file.is_file():
         timing = json.loads(timing_file.read_text())
         wall, cpu = timing["wall_s"], timing.get("cpu_s")
+        where = f"{timing.get('host', '?')}, {timing.get('cpu_count', '?')}-core CPU"
     else:  # trained by hand: wall time from run.json
         times = json.loads((run_dir / "run.json").read_text())
         wall, cpu = times["finished"] - times["started"], None
+        where = "?"
     o, t = cfg["data"]["options"], cfg["training"]
     algo = t.get("algorithm_options", {})
     budget = (f"{summary['steps']} steps (best {summary['best_step']}) × {o.get('meta_batch', 4)} tasks, "
@@ -148,13 +150,13 @@ def row_line(row: str, out: Path) -> str:
         budget += f", {algo['inner_steps']} inner step(s) (test {algo.get('test_inner_steps', algo['inner_steps'])})"
     cpu_txt = f"{cpu / 60:.1f}" if cpu is not None else "n/a"
     return (f"| {name} | {ways}-way {shots}-shot | **{acc}** ({int(test['num_tasks'])} tasks) | {published} | "
-            f"{wall / 60:.1f} | {cpu_txt} | {budget} | `glyphs_{row}.yaml` |")
+            f"{wall / 60:.1f} | {cpu_txt} | {budget} | {where} | `glyphs_{row}.yaml` |")
 
 
 def table(rows: list[str], out: Path) -> str:
     head = ("| method | setting | glyphs meta-test accuracy, % (mean ± 95% CI) | Omniglot published, % | "
-            "wall-clock, min | CPU time, min | training budget | config |\n"
-            "|---|---|---|---|---|---|---|---|")
+            "wall-clock, min | CPU time, min | training budget | ran on | config |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     cites = "; ".join(f"{METHODS[m]}: {c}" for m, c in CITES.items())
     return head + "\n" + "\n".join(row_line(r, out) for r in rows) + f"\n\nPublished numbers: {cites}.\n"
 

@@ -189,13 +189,22 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(tmp_path / "nope.yaml") in str(info.value) and "does not exist" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["synthetic", "penguins", "schools", "movies"])
+_SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "src" / "mtml" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _SHIPPED)
 def test_shipped_configs_validate(name: str) -> None:
     from importlib import resources
 
     text = resources.files("mtml").joinpath("configs", f"{name}.yaml").read_text()
-    cfg = Config.from_dict(yaml.safe_load(text))
-    assert cfg.data.dataset == name
+    cfg = Config.from_dict(yaml.safe_load(text), source=name)
+    if name in ("synthetic", "penguins", "schools", "movies", "fashion", "images", "texts", "tables"):
+        assert cfg.data.dataset == name
+    assert cfg.threads is not None, "shipped configs set threads (1 keeps small models fast)"
+
+
+def test_every_shipped_config_is_checked() -> None:
+    assert len(_SHIPPED) >= 30 and "texts_finetune" in _SHIPPED
 
 
 def test_missing_required_dataset_options() -> None:

@@ -12,7 +12,7 @@ import torch
 from mtml.datasets import DATASETS
 from mtml.datasets.text import MODEL_ID, check_texts, clean_text, encode_labels, read_fortunes, texts
 from mtml.datasets.text_cache import EmbeddingCache, default_cache_root, text_key
-from mtml.errors import DataError
+from mtml.errors import ConfigError, DataError
 
 DIM = 8
 
@@ -225,3 +225,22 @@ def test_fine_tuning_top_layer_on_token_inputs() -> None:
     assert set(result.test) == {"sentiment", "likes"}
     assert not torch.equal(layers[-1].output.dense.weight, top)
     assert torch.equal(layers[0].output.dense.weight, low)
+
+
+@pytest.mark.slow
+def test_minilm_architecture_from_a_config() -> None:
+    """``model.architecture: minilm`` fine-tunes the encoder's top layer from a config (token inputs)."""
+    from mtml.config import Config
+    from mtml.experiment import build
+
+    cfg = Config.from_dict({
+        "data": {"dataset": "texts", "options": {"tasks": ["sentiment", "likes"], "reviews": 16, "tweets": 16,
+                                                 "inputs": "tokens", "max_length": 32, "progress": False}},
+        "model": {"architecture": "minilm", "options": {"trainable_top_layers": 2}, "trunk_hidden": [8]},
+    })
+    model = build(cfg).model
+    trainable = {n.split(".layer.")[-1].split(".")[0] for n, p in model.named_parameters()
+                 if p.requires_grad and ".layer." in n}
+    assert trainable == {"4", "5"}  # the top two of six transformer layers
+    with pytest.raises(ConfigError, match="stem_width"):
+        build(Config.from_dict({**cfg.model_dump(), "model": {"architecture": "minilm", "stem_width": 8}}))

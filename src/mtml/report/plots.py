@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["plot_learning_curves"]
+from mtml.atomic import atomic_write_bytes
+
+__all__ = ["plot_learning_curves", "save_figure"]
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it as PNG to ``path`` atomically (a crash leaves the old file or none), close it."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def _curves(records: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
@@ -61,9 +74,7 @@ def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path,
         ax.set(title="validation loss per task", xlabel="step", ylabel="loss")
         _mark_best(ax, best)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return [path]
 
 

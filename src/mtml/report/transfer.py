@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 from rich.markup import escape
 from rich.table import Table
 
+from mtml.report.plots import save_figure
+
 if TYPE_CHECKING:
     from mtml.transfer_run import TransferResult
 
@@ -103,9 +105,4 @@ def plot_transfer(result: TransferResult, path: str | Path) -> Path:
                ylabel=f"test {metric} ({better} is better)", title=f"{result.target}: {metric} vs size")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +14,7 @@ from torch.func import functional_call
 
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, MetaSGD
 from mtml.nn import MultiTaskModel
+from mtml.tasks import Split
 
 from .conftest import make_episode, make_model
 
@@ -125,12 +128,80 @@ def assert_same_objective(algorithm: MetaAlgorithm, model: nn.Module, episode: E
 
 @pytest.mark.parametrize("name", GRADIENT_BASED)
 @pytest.mark.parametrize("steps", [1, 3])
-def test_gradient_based_equals_loop(name: str, steps: int, model_kind: str, episode_kind: str) -> None:
+@pytest.mark.parametrize("factored", [False, True], ids=["stacked", "factored"])
+def test_gradient_based_equals_loop(name: str, steps: int, factored: bool, model_kind: str,
+                                    episode_kind: str) -> None:
     model = make_model(model_kind)
     episode = make_episode(episode_kind)
     algorithm = ALGORITHMS.create(name, model, inner_lr=0.3, inner_steps=steps).double()
+    algorithm.factored_rank = 10**6 if factored else 0  # type: ignore[attr-defined]
     spec = {"anil": "heads", "boil": "trunk"}.get(name, "all")
     assert_same_objective(algorithm, model, episode, loop_maml(algorithm, model, episode, spec))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("which", ["biases", "weights", "middle"])
+def test_factored_inner_loop_with_partial_adaptation_equals_loop(which: str, steps: int, episode_kind: str) -> None:
+    """Layers whose bias adapts but not their weight, weights without their biases, a fast layer between shared
+    ones: every case of the factored form against the textbook loop."""
+    model = make_model("mlp")
+    episode = make_episode(episode_kind)
+    keep = {"biases": lambda n: n.endswith("bias"), "weights": lambda n: n.endswith("weight"),
+            "middle": lambda n: n.startswith("2.")}[which]
+    for factored in (0, 10**6):
+        algorithm = ALGORITHMS.create("maml", model, inner_lr=0.3, inner_steps=steps, adapt=keep)
+        algorithm.factored_rank = factored  # type: ignore[attr-defined]
+        names = [n for n, _ in model.named_parameters() if keep(n)]
+        losses = []
+        for t in range(episode.num_tasks):
+            params = loop_inner(model, episode.support.x[t], episode.support.y[t], names, lambda n: 0.3, steps,
+                                second_order=True)
+            losses.append(loss_of(call(model, params, episode.query.x[t]), episode.query.y[t]))
+        assert_same_objective(algorithm, model, episode, torch.stack(losses).mean())
+
+
+def test_factored_path_is_taken_by_default_for_one_step_on_a_wide_mlp() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).double()
+    episode = Episode(*(Split(torch.randn(5, 10, 1, dtype=torch.float64), torch.randn(5, 10, 1, dtype=torch.float64))
+                        for _ in range(2)))
+    one, five = (ALGORITHMS.create("maml", model, inner_lr=0.01, inner_steps=s) for s in (1, 5))
+    chain, names = one._prepare(model)[1:]  # type: ignore[attr-defined]
+    assert one._factored(chain, names, episode.support)  # type: ignore[attr-defined]
+    assert not five._factored(chain, names, episode.support)  # type: ignore[attr-defined]
+    assert_same_objective(one, model, episode, loop_maml(one, model, episode, "all"))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil"])
+@pytest.mark.parametrize("factored", [0, 10**6], ids=["stacked", "factored"])
+def test_zero_head_equals_loop_from_a_zeroed_head(name: str, factored: int, model_kind: str,
+                                                 episode_kind: str) -> None:
+    model = make_model(model_kind)
+    episode = make_episode(episode_kind)
+    algorithm = ALGORITHMS.create(name, model, inner_lr=0.3, inner_steps=2, zero_head=True)
+    algorithm.factored_rank = factored  # type: ignore[attr-defined]
+    zeroed = copy.deepcopy(model)
+    head = adapted_names(zeroed, "heads")
+    with torch.no_grad():
+        for n, p in zeroed.named_parameters():
+            if n in head:
+                p.zero_()
+    spec = "heads" if name == "anil" else "all"
+    reference = loop_maml(algorithm, zeroed, episode, spec)
+    ours = algorithm.meta_objective(model, episode).objective
+    torch.testing.assert_close(ours, reference, **TOL)
+    trunk = [n for n, _ in model.named_parameters() if n not in head]
+    mine = dict(zip(trunk, torch.autograd.grad(ours, [dict(model.named_parameters())[n] for n in trunk]),
+                    strict=True))
+    want = dict(zip(trunk, torch.autograd.grad(reference, [dict(zeroed.named_parameters())[n] for n in trunk]),
+                    strict=True))
+    for n in trunk:
+        torch.testing.assert_close(mine[n], want[n], **TOL)
+    before = algorithm.evaluate(model, episode, [0])[0]["loss"]  # a zero head predicts zeros before adapting
+    y = episode.query.y
+    expected = (torch.full((episode.num_tasks,), math.log(episode.ways), dtype=torch.float64)
+                if episode.is_classification else y.square().mean((1, 2)))
+    torch.testing.assert_close(before, expected, **TOL)
 
 
 def test_metasgd_learned_rates_equal_loop(model_kind: str) -> None:

@@ -23,6 +23,7 @@ def ANIL(
     test_inner_steps: int | None = None,
     first_order: bool = False,
     checkpoint_inner: bool = False,
+    zero_head: bool = False,
 ) -> MAML:
     """Almost No Inner Loop (Raghu et al., ICLR 2020): MAML adapting the head, meta-learning the trunk.
 
@@ -32,4 +33,4 @@ def ANIL(
     """
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_lr=test_inner_lr,
                 test_inner_steps=test_inner_steps, first_order=first_order, adapt="heads",
-                checkpoint_inner=checkpoint_inner)
+                checkpoint_inner=checkpoint_inner, zero_head=zero_head)

@@ -15,6 +15,7 @@ from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
 from mtml.meta.episode import Episode, mean_task_loss, task_losses
 from mtml.meta.functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
+from mtml.meta.mlp import Linear, lowrank_adapt, lowrank_forward, supports_gradients
 from mtml.tasks import Split
 
 __all__ = ["FOMAML", "MAML"]
@@ -45,9 +46,18 @@ class MAML(MetaAlgorithm):
         checkpoint_inner: bound memory for long inner loops: keep only each step's adapted parameters and
             recompute the step's activations during the backward pass (activation memory stops growing with
             ``inner_steps`` at the cost of about one extra forward and backward per step).
+        zero_head: the "zeroing trick" (Kao et al., "MAML is a Noisy Contrastive Learner in Classification",
+            ICLR 2022): every task's inner loop starts its head (the parameters ``adapt="heads"`` would select)
+            at zero instead of at a meta-learned value, in training and at test time. One inner step from a
+            zero classifier head gives each class a weight vector proportional to its support features minus
+            their mean, so adaptation works from the first meta-step and the label permutation of each episode
+            no longer fights a learned head. The head must be adapted (``adapt`` "all" or "heads").
     """
 
     uses_inner_steps = True
+    #: the largest inner-loop update rank (steps × support rows) to run in factored form (``None``: the
+    #: measured default rule of :meth:`_factored`; ``0`` never)
+    factored_rank: int | None = None
 
     def __init__(
         self,
@@ -61,6 +71,7 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
         adapt: str | ParameterFilter = "all",
         checkpoint_inner: bool = False,
+        zero_head: bool = False,
     ) -> None:
         super().__init__()
         self.inner_lr = check_positive("inner_lr", inner_lr, "Use a small step size such as 0.01.")
@@ -69,14 +80,17 @@ class MAML(MetaAlgorithm):
             "test_inner_lr", test_inner_lr, "Use a step size such as 0.01, or omit it to reuse inner_lr.")
         self.test_inner_steps = self.inner_steps if test_inner_steps is None else check_int(
             "test_inner_steps", test_inner_steps, 0, "Use 0 or more steps, or omit it to reuse inner_steps.")
-        if not isinstance(first_order, bool) or not isinstance(checkpoint_inner, bool):
-            raise ConfigError(f"`first_order` and `checkpoint_inner` must be true or false. "
-                              f"Got {first_order!r} and {checkpoint_inner!r}.")
+        for flag, value in (("first_order", first_order), ("checkpoint_inner", checkpoint_inner),
+                            ("zero_head", zero_head)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"`{flag}` must be true or false. Got {value!r}.")
         self.first_order = first_order
         self.checkpoint_inner = checkpoint_inner
+        self.zero_head = zero_head
         self.adapt_spec = adapt
         self._plan_key: tuple[object, ...] = ()
-        self._plan: tuple[Plan, list[str]] = (None, [])
+        self._plan: tuple[Plan, list[str], frozenset[str]] = (None, [], frozenset())
+        self._plan_params: Params = {}
         self.fast_names(model)  # validates the filter now rather than at the first step
 
     def _prepare(self, model: nn.Module) -> tuple[Params, Plan, list[str]]:
@@ -93,8 +107,18 @@ class MAML(MetaAlgorithm):
             if not names:
                 raise ConfigError(f"`adapt={self.adapt_spec!r}` selects none of the model's trainable "
                                   f"parameters ({', '.join(params)}); choose a filter matching one or more.")
-            self._plan_key, self._plan = key, (model_plan(model), names)
-        return params, *self._plan
+            zeroed: frozenset[str] = frozenset()
+            if self.zero_head:
+                head = parameter_filter(model, "heads")
+                zeroed = frozenset(n for n in params if head(n))
+                if not zeroed or not zeroed <= set(names):
+                    raise ConfigError(f"`zero_head` starts every task's head at zero, so the inner loop must adapt "
+                                      f"the head, but `adapt={self.adapt_spec!r}` leaves "
+                                      f"{', '.join(sorted(zeroed - set(names))) or 'it'} fixed; use adapt "
+                                      "'all' or 'heads', or drop zero_head.")
+            self._plan_key, self._plan = key, (model_plan(model), names, zeroed)
+            self._plan_params = {n: p for n, p in params.items()}
+        return params, *self._plan[:2]
 
     def fast_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters the inner loop adapts (per task)."""
@@ -105,11 +129,13 @@ class MAML(MetaAlgorithm):
         return self.inner_lr if train else self.test_inner_lr
 
     # -- inner loop ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _start(params: Params, names: list[str], differentiable: bool) -> tuple[Params, Params]:
-        """``(shared, fast)``: fast parameters start tied across tasks (their own shape) at ``θ``."""
+    def _start(self, params: Params, names: list[str], differentiable: bool) -> tuple[Params, Params]:
+        """``(shared, fast)``: fast parameters start tied across tasks (their own shape) at ``θ`` (the head at
+        zero with ``zero_head``)."""
         params = dict(params) if differentiable else {n: p.detach() for n, p in params.items()}
         fast = {n: params.pop(n) for n in names}
+        for n in self._plan[2]:  # a fresh leaf: differentiable inner loops take gradients with respect to it
+            fast[n] = torch.zeros_like(fast[n]).requires_grad_(differentiable)
         return params, fast
 
     def _update(self, name: str, w: Tensor, grad: Tensor, train: bool) -> Tensor:
@@ -170,10 +196,41 @@ class MAML(MetaAlgorithm):
         shared = {n: p for n, p in params.items() if n not in adapted}
         return batched_forward(model, shared, adapted, x, chain=chain)
 
+    def _factored(self, chain: Plan, names: list[str], support: Split) -> bool:
+        """Whether the training inner loop runs in factored form (:class:`~mtml.meta.mlp.LowRank`).
+
+        It needs an MLP chain differentiable by hand, one scalar step size (not Meta-SGD's) and no
+        checkpointing; then it is used when the update rank (inner steps × support rows) is at most
+        :attr:`factored_rank`, by default at most 32 and half the widest adapted layer's smaller side. Measured
+        on the sinusoid MLP 1-40-40-1 with 25 tasks of 10 rows on one thread: rank 10 (one step) 1.4× faster
+        per meta-step than stacking per-task weights, rank 20 even, ranks 30 and 50 slower.
+        """
+        if not (isinstance(chain, list) and support.x.ndim == 3 and not self.checkpoint_inner
+                and supports_gradients(chain)):
+            return False
+        if any(isinstance(self.rate(n, True), Tensor) for n in names):
+            return False
+        rank = self.inner_steps * int(support.x.shape[1])
+        if self.factored_rank is not None:
+            return rank <= self.factored_rank
+        wanted = set(names)
+        widths = [min(self._plan_params[layer.weight].shape) for layer in chain
+                  if isinstance(layer, Linear) and layer.weight in wanted]
+        return bool(widths) and rank <= min(32, max(widths) // 2)
+
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
-        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
-        pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+        params, chain, names = self._prepare(model)
+        if self._factored(chain, names, episode.support):
+            assert isinstance(chain, list)
+            shared, fast = self._start(params, names, differentiable=True)
+            with torch.set_grad_enabled(not self.first_order and torch.is_grad_enabled()):
+                state = lowrank_adapt(chain, {**shared, **fast}, names, episode.support.x, episode.support.y,
+                                      lr=float(self.rate(names[0], True)), steps=self.inner_steps)
+            pred = lowrank_forward(chain, state, episode.query.x)
+        else:
+            shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
+            pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
         with torch.no_grad():
             losses = task_losses(pred, episode.query.y)
         return MetaOutput(mean_task_loss(pred, episode.query.y), losses, self._accuracy(pred, episode))
@@ -204,7 +261,8 @@ def FOMAML(
     test_inner_lr: float | None = None,
     test_inner_steps: int | None = None,
     adapt: str | ParameterFilter = "all",
+    zero_head: bool = False,
 ) -> MAML:
     """First-order MAML (Finn et al., ICML 2017, section 5.2): MAML without the second-order terms."""
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_lr=test_inner_lr,
-                test_inner_steps=test_inner_steps, first_order=True, adapt=adapt)
+                test_inner_steps=test_inner_steps, first_order=True, adapt=adapt, zero_head=zero_head)

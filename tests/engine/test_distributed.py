@@ -141,11 +141,13 @@ def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 # -- equivalence -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [MAML, PROTONET, PCGRAD, ROWS],
-                         ids=["maml", "protonet", "joint-pcgrad", "joint-rows-uncertainty"])
-def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("config", "mode"), [(MAML, "shm"), (MAML, "process-group"), (PROTONET, "auto"),
+                                             (PCGRAD, "auto"), (ROWS, "auto")],
+                         ids=["maml-shm", "maml-gloo", "protonet", "joint-pcgrad", "joint-rows-uncertainty"])
+def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any],
+                                                          mode: str) -> None:
     one = _train(config, str(tmp_path / "one"))
-    ranks = run_ranks(_train, config, str(tmp_path / "two"))
+    ranks = run_ranks(_train, config, str(tmp_path / "two"), env={"MTML_DIST_REDUCE": mode})
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     assert_same_checkpoints(tmp_path / "one", tmp_path / "two")
     for _, scores, _ in ranks:  # every rank gets the gathered meta-test / test scores
@@ -180,8 +182,9 @@ def _helpers() -> dict[str, Any]:
                 "r": r_.grad, "extra": extra.tolist() if extra is not None else None}
 
 
-def test_map_ranks_shard_and_gradient_reduction_on_two_ranks() -> None:
-    ranks = run_ranks(_helpers)
+@pytest.mark.parametrize("mode", ["auto", "shm", "process-group"])
+def test_map_ranks_shard_and_gradient_reduction_on_two_ranks(mode: str) -> None:
+    ranks = run_ranks(_helpers, env={"MTML_DIST_REDUCE": mode})
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     for r, (_, got, _) in enumerate(ranks):
         assert got["world"] == 2
@@ -218,11 +221,61 @@ def test_too_few_items_for_the_ranks_is_a_config_error() -> None:
     assert all(r[0] == "ok" and "meta_batch" in r[1] and "2 ranks" in r[1] for r in ranks), ranks
 
 
+# -- the shared-memory all-reduce ------------------------------------------------------------------------
+def _sums() -> dict[str, Any]:
+    """Many all-reduces of changing sizes and dtypes (both buffers reused many times), one above the shared
+    slot size (the process group's path), each checked against the exact sum on every rank."""
+    import mtml.engine.distributed as d
+
+    with session():
+        shared = d._shared()
+        w, r = world_size(), rank()
+        exact, bits = True, []
+        for k in range(200):
+            n = 1 + (k * 37) % 3000
+            dtype = torch.float64 if k % 3 == 0 else torch.float32
+            g = torch.Generator().manual_seed(k)
+            parts = [torch.randn(n, generator=g, dtype=dtype) for _ in range(w)]
+            got = d.all_reduce_(parts[r].clone())
+            want = parts[0].clone()
+            for p in parts[1:]:
+                want += p
+            exact &= torch.equal(got, want)
+            bits.append(float(got.double().sum()))
+        big = torch.full((100_000,), float(r + 1))  # 400 kB: more than a slot
+        d.all_reduce_(big)
+        leftover = sorted(p.name for p in Path("/dev/shm").glob("mtml-reduce-*")) if Path("/dev/shm").is_dir() else []
+        return {"shared": shared is not None, "exact": exact, "bits": bits, "big": float(big[0]),
+                "leftover": leftover}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_all_reduce_is_exact_and_leaves_no_file(world: int) -> None:
+    ranks = run_ranks(_sums, world=world, env={"MTML_DIST_REDUCE": "shm"})
+    assert [r[0] for r in ranks] == ["ok"] * world, ranks
+    results = [r[1] for r in ranks]
+    assert all(x["shared"] and x["exact"] for x in results)
+    assert all(x["bits"] == results[0]["bits"] for x in results)  # the same bits on every rank
+    assert all(x["big"] == world * (world + 1) / 2 and x["leftover"] == [] for x in results)
+
+
+def _reduce_once() -> float:
+    with session():
+        return float(reduce_gradients([], torch.ones(1))[0])  # type: ignore[index]
+
+
+def test_a_bad_reduce_mode_is_a_config_error() -> None:
+    ranks = run_ranks(_reduce_once, env={"MTML_DIST_REDUCE": "fast"})
+    assert all(r[0] == "ConfigError" and "MTML_DIST_REDUCE" in r[1] and "process-group" in r[1]
+               for r in ranks), ranks
+
+
 # -- faults ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["shm", "process-group"])
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path: Path, mode: str) -> None:
     config = {**MAML, "training": {**MAML["training"], "max_steps": 30}}
-    env = {"MTML_FAULT_AT_STEP": "3", "MTML_FAULT_MODE": "hang", "MTML_DIST_TIMEOUT": "3"}
+    env = {"MTML_FAULT_AT_STEP": "3", "MTML_FAULT_MODE": "hang", "MTML_DIST_TIMEOUT": "3", "MTML_DIST_REDUCE": mode}
     t0 = time.monotonic()
     ranks = run_ranks(_train, config, str(tmp_path / "run"), env=env, timeout=60, needed=[0])
     status, message, seconds = ranks[0]

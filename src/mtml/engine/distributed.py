@@ -5,6 +5,12 @@ Every helper is a no-op when no process group is running (or it has one rank), s
 are unchanged. The group is started from the environment ``torchrun`` (or ``mtml train --nproc N``) sets:
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; gloo on CPU, NCCL on GPU. Collectives time out
 after ``MTML_DIST_TIMEOUT`` seconds (default 120) instead of PyTorch's 30 minutes.
+
+Ranks that share one x86-64 machine sum their tensors (up to 256 KiB: gradients, metrics) through shared memory
+(:mod:`mtml.engine.shm_reduce`) rather than gloo's loopback sockets, whose fixed ~1 ms per call here is as
+long as a small model's whole step. ``MTML_DIST_REDUCE`` chooses: ``auto`` (default: shared memory when every
+rank can map the same file, else the process group), ``shm`` (required: an error if not possible) or
+``process-group`` (always gloo/NCCL).
 """
 
 from __future__ import annotations
@@ -13,15 +19,18 @@ import os
 import re
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from mtml.engine.shm_reduce import SharedReducer, supported_here
 from mtml.errors import ConfigError, MtmlError
 
 __all__ = [
@@ -40,6 +49,11 @@ _RESUME_HINT = "The run's checkpoints are kept: continue it with `mtml train --r
 
 class DistributedError(MtmlError, RuntimeError):
     """A rank failed, vanished or timed out; the others stop instead of waiting forever."""
+
+
+#: each process group's shared-memory reducer (``None``: that group uses its own all-reduce)
+_REDUCERS: weakref.WeakKeyDictionary[Any, SharedReducer | None] = weakref.WeakKeyDictionary()
+REDUCE_MODES = ("auto", "shm", "process-group")
 
 
 def is_distributed() -> bool:
@@ -137,10 +151,68 @@ def shard(n: int, what: str = "items") -> slice:
     return slice(start, start + base + (1 if r < extra else 0))
 
 
+def reduce_mode() -> str:
+    """``MTML_DIST_REDUCE``: how tensors are summed over ranks (see the module docstring)."""
+    mode = os.environ.get("MTML_DIST_REDUCE", "auto")
+    if mode not in REDUCE_MODES:
+        raise ConfigError(f"MTML_DIST_REDUCE must be one of {', '.join(REDUCE_MODES)}. Got {mode!r}.")
+    return mode
+
+
+def _set_up_shared() -> SharedReducer | None:
+    """Collective, once per process group: a shared-memory reducer if every rank can map rank 0's file."""
+    mode = reduce_mode()
+    if mode == "process-group" or dist.get_backend() != "gloo":
+        if mode == "shm":
+            raise ConfigError("MTML_DIST_REDUCE=shm needs CPU ranks (the gloo backend); use auto on GPUs.")
+        return None
+    w, r = world_size(), rank()
+    reducer: SharedReducer | None = None
+    problem = "" if supported_here() else f"{os.uname().machine} is not x86-64"
+    offer: tuple[str, bytes] | None = None
+    if r == 0 and not problem:
+        try:
+            reducer, path, token = SharedReducer.create(w)
+            offer = (path, token)
+        except OSError as exc:
+            problem = f"rank 0 could not create its file ({exc})"
+    box: list[Any] = [offer]
+    _collective("setting up the shared-memory all-reduce", lambda: dist.broadcast_object_list(box, src=0))
+    offer = box[0]
+    if r != 0 and offer is not None and not problem:
+        try:
+            reducer = SharedReducer.attach(offer[0], r, w, offer[1])
+        except (OSError, RuntimeError, ValueError) as exc:
+            problem = f"rank {r} could not map {offer[0]} ({exc})"
+    if offer is None and not problem:
+        problem = "rank 0 offered no file"
+    problems = [p for p in all_gather_objects(problem, "setting up the shared-memory all-reduce") if p]
+    if r == 0 and offer is not None:
+        Path(offer[0]).unlink(missing_ok=True)  # every rank has mapped it (or given up): no file outlives the run
+    if problems:
+        if mode == "shm":
+            raise DistributedError(f"MTML_DIST_REDUCE=shm, but the ranks cannot share memory: {problems[0]}. Use "
+                                   "auto (falls back to the process group's all-reduce).")
+        return None
+    return reducer
+
+
+def _shared() -> SharedReducer | None:
+    group = dist.group.WORLD
+    if group not in _REDUCERS:
+        _REDUCERS[group] = _set_up_shared()
+    return _REDUCERS[group]
+
+
 def all_reduce_(tensor: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
-    """Sum ``tensor`` over ranks, in place (no-op on one rank)."""
+    """Sum ``tensor`` over ranks, in place (no-op on one rank); through shared memory when the ranks share a
+    machine and the tensor fits (see the module docstring), else the process group's all-reduce."""
     if is_distributed():
-        _collective(what, lambda: dist.all_reduce(tensor))
+        shared = _shared()
+        if shared is not None and shared.fits(tensor):
+            _collective(what, lambda: shared.all_reduce_(tensor, env_timeout()))
+        else:
+            _collective(what, lambda: dist.all_reduce(tensor))
     return tensor
 
 

@@ -88,7 +88,8 @@ class SharedReducer:
 
     @staticmethod
     def fits(tensor: torch.Tensor) -> bool:
-        return (tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_complex()
+        return (tensor.device.type == "cpu" and tensor.is_contiguous()
+                and (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64))
                 and tensor.numel() * tensor.element_size() <= SLOT_BYTES)
 
     def all_reduce_(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:

@@ -148,6 +148,8 @@ def row_line(row: str, out: Path) -> str:
               f"{o.get('query_shots', 15)} queries/class")
     if "inner_steps" in algo:
         budget += f", {algo['inner_steps']} inner step(s) (test {algo.get('test_inner_steps', algo['inner_steps'])})"
+        if algo.get("zero_head"):
+            budget += ", zero head"
     cpu_txt = f"{cpu / 60:.1f}" if cpu is not None else "n/a"
     return (f"| {name} | {ways}-way {shots}-shot | **{acc}** ({int(test['num_tasks'])} tasks) | {published} | "
             f"{wall / 60:.1f} | {cpu_txt} | {budget} | {where} | `glyphs_{row}.yaml` |")

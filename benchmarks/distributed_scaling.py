@@ -11,7 +11,9 @@ which are the plain steps on one process):
 
 Every process uses one torch thread. Worlds run in interleaved rounds (``--repeats``) so a change in machine
 load hits both alike; the median per world and the ratio N/1 are printed. ``--e2e`` also times whole
-``mtml train --nproc N`` runs (start-up included) of the same MAML setting.
+``mtml train --nproc N`` runs (start-up included) of the same MAML setting. ``--independent`` also times N
+processes that each train on 1/N of the meta-batch with no process group at all: the upper bound that
+splitting the batch can reach on this machine, whatever the communication costs.
 
     .venv/bin/python benchmarks/distributed_scaling.py --repeats 3
 """
@@ -96,6 +98,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     with session():
+        if "MTML_BENCH_START_AT" in os.environ:  # independent processes: start timing together
+            time.sleep(max(0.0, float(os.environ["MTML_BENCH_START_AT"]) - time.time()))
         rate = _maml_worker(args) if args.workload == "maml" else _joint_worker(args)
         if is_main():
             print(json.dumps({"rate": rate}), flush=True)
@@ -117,6 +121,22 @@ def measure(workload: str, world: int, args: argparse.Namespace) -> float:
     if any(p.returncode for p in procs):
         raise SystemExit(f"{workload} with {world} processes failed: {[p.returncode for p in procs]}")
     return float(json.loads(outs[0].strip().splitlines()[-1])["rate"])
+
+
+def measure_independent(workload: str, world: int, args: argparse.Namespace) -> float:
+    """Summed throughput of ``world`` processes that each train on ``1/world`` of the batch with NO process
+    group (nothing is synchronised): the most that splitting the batch can give on this machine, whatever the
+    communication. Only the MAML workload (the joint one splits tasks, not a batch size)."""
+    part = argparse.Namespace(**{**vars(args), "meta_batch": args.meta_batch // world})
+    cmd = [sys.executable, __file__, "--worker", "--workload", workload, *_shared(part)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MTML_BENCH_START_AT=str(time.time() + 8.0))
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+             for _ in range(world)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"independent {workload} processes failed: {[p.returncode for p in procs]}")
+    return sum(float(json.loads(o.strip().splitlines()[-1])["rate"]) for o in outs)
 
 
 def _shared(args: argparse.Namespace) -> list[str]:
@@ -150,6 +170,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--e2e", action="store_true", help="also time whole `mtml train` runs")
+    ap.add_argument("--independent", action="store_true",
+                    help="also time N unsynchronised processes on 1/N of the meta-batch each (the upper bound)")
     ap.add_argument("--e2e-steps", type=int, default=300)
     args = ap.parse_args()
     if args.worker:
@@ -170,6 +192,12 @@ def main() -> None:
                 else f"{args.joint_tasks} tasks, {args.weighting}")
         print(f"{workload} ({size}): 1 proc {med[1]:.0f} {unit}, {args.nproc} procs {med[args.nproc]:.0f} {unit}, "
               f"ratio {med[args.nproc] / med[1]:.2f}x   [{detail}]", flush=True)
+        if args.independent and workload == "maml":
+            free = [measure_independent(workload, args.nproc, args) for _ in range(args.repeats)]
+            print(f"  bound: {args.nproc} independent processes of meta-batch {args.meta_batch // args.nproc}, no "
+                  f"synchronisation: {statistics.median(free):.0f} {unit} together, "
+                  f"{statistics.median(free) / med[1]:.2f}x one process  [{', '.join(f'{r:.0f}' for r in free)}]",
+                  flush=True)
     if args.e2e:
         with tempfile.TemporaryDirectory() as tmp:
             secs: dict[int, list[float]] = {w: [] for w in worlds}

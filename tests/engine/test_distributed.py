@@ -264,6 +264,21 @@ def _reduce_once() -> float:
         return float(reduce_gradients([], torch.ones(1))[0])  # type: ignore[index]
 
 
+def _mixed_modes() -> tuple[float, bool]:
+    import mtml.engine.distributed as d
+
+    os.environ["MTML_DIST_REDUCE"] = "process-group" if os.environ["RANK"] == "0" else "shm"
+    with session():
+        total = _reduce_once()
+        return total, d._shared() is None
+
+
+def test_ranks_started_with_different_reduce_modes_follow_rank_0() -> None:
+    ranks = run_ranks(_mixed_modes, timeout=30)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    assert all(r[1] == (2.0, True) for r in ranks), ranks  # both summed through the process group
+
+
 def test_a_bad_reduce_mode_is_a_config_error() -> None:
     ranks = run_ranks(_reduce_once, env={"MTML_DIST_REDUCE": "fast"})
     assert all(r[0] == "ConfigError" and "MTML_DIST_REDUCE" in r[1] and "process-group" in r[1]

@@ -10,7 +10,7 @@ Ranks that share one x86-64 machine sum their tensors (up to 256 KiB: gradients,
 (:mod:`mtml.engine.shm_reduce`) rather than gloo's loopback sockets, whose fixed ~1 ms per call here is as
 long as a small model's whole step. ``MTML_DIST_REDUCE`` chooses: ``auto`` (default: shared memory when every
 rank can map the same file, else the process group), ``shm`` (required: an error if not possible) or
-``process-group`` (always gloo/NCCL).
+``process-group`` (always gloo/NCCL); rank 0's setting applies to every rank.
 """
 
 from __future__ import annotations
@@ -162,9 +162,14 @@ def reduce_mode() -> str:
 def _set_up_shared() -> SharedReducer | None:
     """Collective, once per process group: a shared-memory reducer if every rank can map rank 0's file."""
     mode = reduce_mode()
-    if mode == "process-group" or dist.get_backend() != "gloo":
+    if dist.get_backend() != "gloo":
         if mode == "shm":
             raise ConfigError("MTML_DIST_REDUCE=shm needs CPU ranks (the gloo backend); use auto on GPUs.")
+        return None
+    box: list[Any] = [mode]  # rank 0's setting decides for all, so ranks started with different ones agree
+    _collective("setting up the all-reduce", lambda: dist.broadcast_object_list(box, src=0))
+    mode = box[0]
+    if mode == "process-group":
         return None
     w, r = world_size(), rank()
     reducer: SharedReducer | None = None
@@ -176,7 +181,7 @@ def _set_up_shared() -> SharedReducer | None:
             offer = (path, token)
         except OSError as exc:
             problem = f"rank 0 could not create its file ({exc})"
-    box: list[Any] = [offer]
+    box = [offer]
     _collective("setting up the shared-memory all-reduce", lambda: dist.broadcast_object_list(box, src=0))
     offer = box[0]
     if r != 0 and offer is not None and not problem:

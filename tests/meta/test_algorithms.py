@@ -201,3 +201,12 @@ def test_episode_checks_shapes() -> None:
         Episode(Split(x, torch.zeros(2, 3, 1)), Split(torch.zeros(3, 3, 1), torch.zeros(3, 3, 1)))
     with pytest.raises(ShapeError, match="ways"):
         Episode(Split(x, torch.zeros(2, 3, dtype=torch.long)), Split(x, torch.zeros(2, 3, dtype=torch.long)))
+
+
+def test_zero_head_needs_an_adapted_head() -> None:
+    model = make_model("multitask")
+    with pytest.raises(ConfigError, match="zero_head") as err:
+        ALGORITHMS.create("maml", model, adapt="trunk", zero_head=True)
+    assert "heads.task" in str(err.value) and "adapt" in str(err.value)
+    with pytest.raises(ConfigError, match="true or false"):
+        MAML(model, zero_head="yes")  # type: ignore[arg-type]

@@ -166,9 +166,9 @@ def test_factored_path_is_taken_by_default_for_one_step_on_a_wide_mlp() -> None:
     episode = Episode(*(Split(torch.randn(5, 10, 1, dtype=torch.float64), torch.randn(5, 10, 1, dtype=torch.float64))
                         for _ in range(2)))
     one, five = (ALGORITHMS.create("maml", model, inner_lr=0.01, inner_steps=s) for s in (1, 5))
-    chain, names = one._prepare(model)[1:]  # type: ignore[attr-defined]
-    assert one._factored(chain, names, episode.support)  # type: ignore[attr-defined]
-    assert not five._factored(chain, names, episode.support)  # type: ignore[attr-defined]
+    names = one._prepare(model)[2]  # type: ignore[attr-defined]
+    assert one._factored(names, episode.support)  # type: ignore[attr-defined]
+    assert not five._factored(names, episode.support)  # type: ignore[attr-defined]
     assert_same_objective(one, model, episode, loop_maml(one, model, episode, "all"))
 
 

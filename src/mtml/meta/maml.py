@@ -6,6 +6,7 @@ Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,23 @@ from mtml.tasks import Split
 __all__ = ["FOMAML", "MAML"]
 
 Params = dict[str, Tensor]
+
+
+class _ModelPlan(NamedTuple):
+    """What MAML reads off a model once (see :meth:`MAML._prepare`)."""
+
+    chain: Plan  # the speed path (MLP chain, conv chain or None)
+    names: list[str]  # the adapted parameters
+    zeroed: frozenset[str]  # the head parameters that start at zero (``zero_head``)
+    factor_width: int  # widest adapted Linear's smaller side if the chain factors (see ``_factored``), else 0
+
+
+def _factor_width(chain: Plan, params: Params, names: list[str]) -> int:
+    if not (isinstance(chain, list) and supports_gradients(chain)):
+        return 0
+    wanted = set(names)
+    return max((min(params[layer.weight].shape) for layer in chain
+                if isinstance(layer, Linear) and layer.weight in wanted), default=0)
 
 
 class MAML(MetaAlgorithm):
@@ -89,8 +107,7 @@ class MAML(MetaAlgorithm):
         self.zero_head = zero_head
         self.adapt_spec = adapt
         self._plan_key: tuple[object, ...] = ()
-        self._plan: tuple[Plan, list[str], frozenset[str]] = (None, [], frozenset())
-        self._plan_params: Params = {}
+        self._plan = _ModelPlan(None, [], frozenset(), 0)
         self.fast_names(model)  # validates the filter now rather than at the first step
 
     def _prepare(self, model: nn.Module) -> tuple[Params, Plan, list[str]]:
@@ -116,9 +133,10 @@ class MAML(MetaAlgorithm):
                                       f"the head, but `adapt={self.adapt_spec!r}` leaves "
                                       f"{', '.join(sorted(zeroed - set(names))) or 'it'} fixed; use adapt "
                                       "'all' or 'heads', or drop zero_head.")
-            self._plan_key, self._plan = key, (model_plan(model), names, zeroed)
-            self._plan_params = {n: p for n, p in params.items()}
-        return params, *self._plan[:2]
+            chain = model_plan(model)
+            self._plan_key = key
+            self._plan = _ModelPlan(chain, names, zeroed, _factor_width(chain, params, names))
+        return params, self._plan.chain, self._plan.names
 
     def fast_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters the inner loop adapts (per task)."""
@@ -134,7 +152,7 @@ class MAML(MetaAlgorithm):
         zero with ``zero_head``)."""
         params = dict(params) if differentiable else {n: p.detach() for n, p in params.items()}
         fast = {n: params.pop(n) for n in names}
-        for n in self._plan[2]:  # a fresh leaf: differentiable inner loops take gradients with respect to it
+        for n in self._plan.zeroed:  # a fresh leaf: differentiable inner loops take gradients with respect to it
             fast[n] = torch.zeros_like(fast[n]).requires_grad_(differentiable)
         return params, fast
 
@@ -196,7 +214,7 @@ class MAML(MetaAlgorithm):
         shared = {n: p for n, p in params.items() if n not in adapted}
         return batched_forward(model, shared, adapted, x, chain=chain)
 
-    def _factored(self, chain: Plan, names: list[str], support: Split) -> bool:
+    def _factored(self, names: list[str], support: Split) -> bool:
         """Whether the training inner loop runs in factored form (:class:`~mtml.meta.mlp.LowRank`).
 
         It needs an MLP chain differentiable by hand, one scalar step size (not Meta-SGD's) and no
@@ -206,23 +224,20 @@ class MAML(MetaAlgorithm):
         one step of 10 rows 1.70 → 1.52 ms, of 5 rows 1.88 → 1.56 ms, two steps of 5 rows 2.66 → 2.35 ms, one
         step of 20 rows 1.90 → 1.83 ms, but two steps of 10 rows 2.76 → 2.94 ms (slower).
         """
-        if not (isinstance(chain, list) and support.x.ndim == 3 and not self.checkpoint_inner
-                and supports_gradients(chain)):
+        width = self._plan.factor_width  # read off the model once, in _prepare
+        if not width or support.x.ndim != 3 or self.checkpoint_inner:
             return False
         if any(isinstance(self.rate(n, True), Tensor) for n in names):
             return False
         rank = self.inner_steps * int(support.x.shape[1])
         if self.factored_rank is not None:
             return rank <= self.factored_rank
-        wanted = set(names)
-        widths = [min(self._plan_params[layer.weight].shape) for layer in chain
-                  if isinstance(layer, Linear) and layer.weight in wanted]
-        return bool(widths) and rank <= min(16, max(widths) // 2)
+        return rank <= min(16, width // 2)
 
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
         params, chain, names = self._prepare(model)
-        if self._factored(chain, names, episode.support):
+        if self._factored(names, episode.support):
             assert isinstance(chain, list)
             shared, fast = self._start(params, names, differentiable=True)
             with torch.set_grad_enabled(not self.first_order and torch.is_grad_enabled()):

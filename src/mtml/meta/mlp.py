@@ -133,10 +133,16 @@ def chain_forward(chain: list[Layer], params: Mapping[str, Tensor], x: Tensor,
     Each parameter is shared (its own shape) or per task (``[tasks, *shape]``), told apart by its number of
     dimensions. ``trace`` (if given) collects every step's input and, last, the output.
     """
-    for layer in chain:
+    return _run(chain, x, lambda z, i, layer: _linear(z, layer, params), trace)
+
+
+def _run(chain: list[Layer], x: Tensor, linear: Callable[[Tensor, int, Linear], Tensor],
+         trace: list[Tensor] | None) -> Tensor:
+    """The chain on ``x`` with ``linear(x, index, layer)`` for its Linear steps (see :func:`chain_forward`)."""
+    for i, layer in enumerate(chain):
         if trace is not None:
             trace.append(x)
-        x = _linear(x, layer, params) if isinstance(layer, Linear) else layer.forward(x)
+        x = linear(x, i, layer) if isinstance(layer, Linear) else layer.forward(x)
     if trace is not None:
         trace.append(x)
     return x
@@ -229,13 +235,7 @@ def _lowrank_linear(x: Tensor, i: int, layer: Linear, state: LowRank) -> Tensor:
 
 def lowrank_forward(chain: list[Layer], state: LowRank, x: Tensor, trace: list[Tensor] | None = None) -> Tensor:
     """The adapted chain on ``x: [tasks, n, in]`` → ``[tasks, n, out]`` (``trace`` as in :func:`chain_forward`)."""
-    for i, layer in enumerate(chain):
-        if trace is not None:
-            trace.append(x)
-        x = _lowrank_linear(x, i, layer, state) if isinstance(layer, Linear) else layer.forward(x)
-    if trace is not None:
-        trace.append(x)
-    return x
+    return _run(chain, x, lambda z, i, layer: _lowrank_linear(z, i, layer, state), trace)
 
 
 def lowrank_adapt(chain: list[Layer], params: Mapping[str, Tensor], names: list[str], x: Tensor, y: Tensor,

@@ -192,6 +192,43 @@ def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
     assert len(list((out / "checkpoints").glob("step-*.safetensors"))) <= 2
 
 
+def _processes_with(tag: str) -> list[int]:
+    """Pids of this machine's processes whose environment holds ``tag`` (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, nproc: int) -> None:
+    data = {**SMALL, "threads": 1, "training": {**SMALL["training"], "max_steps": 100_000, "eval_every": 50,
+                                                "checkpoint_every": 10}}
+    cfg = write_config(tmp_path / "long.yaml", data)
+    out, tag = tmp_path / "run", f"MTML_TEST_TAG={os.getpid()}-{nproc}-{time.monotonic_ns()}"
+    proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet",
+                             "--nproc", str(nproc)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, tag.split("=")[0]: tag.split("=")[1]})
+    deadline = time.monotonic() + 60
+    while not list((out / "checkpoints").glob("step-*.safetensors")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    assert len(_processes_with(tag)) == 1 + (nproc if nproc > 1 else 0)  # the launcher and its ranks
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.count("interrupted") == 1 and "mtml train --resume" in err, err
+    assert _processes_with(tag) == []  # no rank outlives the launcher
+    assert list((out / "checkpoints").glob("step-*.safetensors"))  # the run can be continued
+
+
 def test_demo_quick(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = mtml("demo", "--quick", "--out", out, timeout=300)

@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="mtml: multi-task learning, meta-learning and knowledge transfer on PyTorch.")
 console = Console()
 err_console = Console(stderr=True)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT)
 
 
 @app.command()
@@ -112,7 +113,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
             raise RunExistsError(f"run directory {run_dir} already exists and is not empty; refusing to overwrite "
                                  f"it. Choose another --out, or continue it with --resume {run_dir}.")
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
-    launch(args, nproc, run_dir=run_dir, timeout=timeout)
+    launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main)
 
 
 def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
@@ -308,18 +309,18 @@ def transfer_(
     console.print(f"written to [bold]{out}[/] (transfer.json, transfer.md, plots/transfer.png)")
 
 
-def main() -> None:
-    """Entry point: runs the app, turning mtml's errors into one-line messages without a traceback."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
+    into one-line messages without a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MtmlError as exc:
         if getattr(exc, "echo_of_rank", None) is not None:
             sys.exit(2)  # rank 0 printed this error already
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -331,6 +332,18 @@ def main() -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
+    # typer answers Ctrl-C (and typer.Exit) in non-standalone mode with a returned exit code, not an exception
+    if isinstance(code, int) and code:
+        if code == INTERRUPTED:
+            _interrupted()
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit status 130."""
+    if "MTML_LAUNCHED" not in os.environ and os.environ.get("RANK", "0") == "0":
+        err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
+    sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

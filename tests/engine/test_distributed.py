@@ -4,7 +4,8 @@ Equivalence: 2 ranks end with the same parameters (and optimiser state, and meta
 the same global batch, for MAML, ProtoNets and joint training with PCGrad. Faults: a rank that dies or hangs
 makes the others stop within a bound with one clear error; the run resumes on another number of ranks.
 Workers are forked from the test process (torch is already imported) except for the CLI tests, which start
-``mtml train --nproc 2`` for real.
+``mtml train --nproc 2`` for real (workers forked by the launcher, and fresh interpreters with
+``MTML_LAUNCH=spawn``).
 """
 
 from __future__ import annotations
@@ -336,10 +337,11 @@ def test_cli_rank_killed_then_resume_on_one_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_nproc_two_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_cli_nproc_two_end_to_end(tmp_path: Path, method: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(PCGRAD))
-    proc = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet")
+    proc = mtml("train", path, "--nproc", "2", "--out", tmp_path / "run", "--quiet", env={"MTML_LAUNCH": method})
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
     for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "plots/learning_curves.png"):

@@ -1,26 +1,41 @@
 """``mtml train --nproc N``: start N worker processes on this machine (gloo over loopback, or one GPU each)
 and watch them; when one fails, stop the others at once and say which rank failed and how.
 
-The workers are plain ``python -m mtml train …`` processes with the environment ``torchrun`` would give
-them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a
-run started here and one started by ``torchrun --nproc-per-node N -m mtml train …`` are the same run.
+Each worker runs the same ``mtml train …`` command with the environment ``torchrun`` would give it
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a run
+started here and one started by ``torchrun --nproc-per-node N -m mtml train …`` are the same run.
+
+How workers start (``MTML_LAUNCH``): ``fork`` (the default on Linux, when the launcher runs no Python thread
+besides the main one) forks them from the launcher, which has already imported torch, torch's compiler
+front end (``torch.optim`` imports it on first use) and mtml: about 3 s of imports each worker would
+otherwise repeat, as long as a short run's training. ``spawn`` (the default elsewhere) starts fresh
+``python -m mtml …`` interpreters. The launcher itself never touches a tensor, so the forked workers start
+with no thread pool or device state to inherit.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn, Protocol
 
 from mtml.engine.distributed import DistributedError
 from mtml.errors import ConfigError
 
-__all__ = ["free_port", "launch"]
+__all__ = ["LAUNCH_METHODS", "free_port", "launch", "launch_method"]
+
+LAUNCH_METHODS = ("auto", "fork", "spawn")
+#: imported by the launcher before it forks, so that no worker imports them again
+PRELOAD = ("torch", "torch.optim", "torch._dynamo", "torch.distributed")
 
 GRACE_S = 5.0  # how long a stopped rank gets to exit after SIGTERM before SIGKILL
 SETTLE_S = 0.5  # ranks that saw the failure themselves get this long to exit with their own message
@@ -35,10 +50,98 @@ def free_port() -> int:
 
 def _worker_env(rank: int, nproc: int, port: int, timeout: float | None) -> dict[str, str]:
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "MTML_LAUNCHED": "1"}  # a worker of this launcher: Ctrl-C is reported once, by the launcher
     if timeout is not None:
         env["MTML_DIST_TIMEOUT"] = str(timeout)
     return env
+
+
+def launch_method() -> str:
+    """``MTML_LAUNCH`` resolved: ``fork`` or ``spawn`` (see the module docstring)."""
+    method = os.environ.get("MTML_LAUNCH", "auto")
+    if method not in LAUNCH_METHODS:
+        raise ConfigError(f"MTML_LAUNCH must be one of {', '.join(LAUNCH_METHODS)}. Got {method!r}.")
+    can_fork = hasattr(os, "fork") and sys.platform.startswith("linux")
+    if method == "fork" and not can_fork:
+        raise ConfigError(f"MTML_LAUNCH=fork needs Linux; this is {sys.platform}. Use spawn (or auto).")
+    if method == "auto":
+        return "fork" if can_fork and threading.active_count() == 1 else "spawn"
+    return method
+
+
+class _Worker(Protocol):
+    """What the watcher needs of a worker: the part of ``subprocess.Popen``'s interface it uses."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+class _Forked:
+    """A worker forked from this process that runs ``entry(args)`` in a session of its own and exits with
+    its status (``SystemExit`` codes as given, 1 on any other exception, whose traceback it prints)."""
+
+    def __init__(self, entry: Callable[[list[str]], object], args: Sequence[str], env: dict[str, str]) -> None:
+        self.returncode: int | None = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_forked(entry, list(args), env)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"forked rank (pid {self.pid})", timeout or 0.0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _run_forked(entry: Callable[[list[str]], object], args: list[str], env: dict[str, str]) -> NoReturn:
+    """The body of a forked worker: never returns (``os._exit``, so the launcher's exit handlers do not run
+    twice)."""
+    code = 1
+    try:
+        os.setsid()  # its own session, as torchrun starts its workers: signals come from the launcher
+        os.environ.clear()
+        os.environ.update(env)
+        entry(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a worker reports any failure through its exit status
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def _describe(rank: int, code: int) -> str:
@@ -53,7 +156,7 @@ def _describe(rank: int, code: int) -> str:
     return f"rank {rank} exited with code {code}"
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[int]:
+def _stop(procs: Sequence[_Worker]) -> list[int]:
     """SIGTERM every rank still running after :data:`SETTLE_S`, SIGKILL those still there after
     :data:`GRACE_S`; returns the ranks it had to stop."""
     settle = time.monotonic() + SETTLE_S
@@ -72,32 +175,41 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[int]:
     return stopped
 
 
-def _watch(procs: Sequence[subprocess.Popen[bytes]], poll_s: float = 0.05) -> tuple[list[int], list[int]]:
+def _watch(procs: Sequence[_Worker], poll_s: float = 0.05) -> tuple[list[int], list[int]]:
     """Wait for every rank; on the first failure stop the rest. Returns exit codes and the stopped ranks."""
     while True:
         codes = [p.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
             stopped = _stop(procs)
-            return [int(p.returncode) for p in procs], stopped
+            return [p.wait() for p in procs], stopped  # _stop left none running
         if all(c == 0 for c in codes):
             return [0] * len(procs), []
         time.sleep(poll_s)
 
 
-def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: float | None = None) -> None:
-    """Run ``python -m mtml <args>`` as ``nproc`` ranks of one process group on this machine.
+def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: float | None = None,
+           entry: Callable[[list[str]], object] | None = None) -> None:
+    """Run ``mtml <args>`` as ``nproc`` ranks of one process group on this machine.
 
-    Returns when every rank finished; raises :class:`DistributedError` naming the failed rank(s) when any
-    exits non-zero (the others are stopped within :data:`GRACE_S` seconds).
+    ``entry(args)`` is the command line's entry point, called in each forked worker (see the module
+    docstring); without it, or with ``MTML_LAUNCH=spawn``, workers are fresh ``python -m mtml <args>``
+    interpreters. Returns when every rank finished; raises :class:`DistributedError` naming the failed
+    rank(s) when any exits non-zero (the others are stopped within :data:`GRACE_S` seconds).
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1. Got {nproc}.")
+    fork = entry is not None and launch_method() == "fork"
+    if fork:
+        for name in PRELOAD:
+            importlib.import_module(name)
     port = free_port()
     cmd = [sys.executable, "-m", "mtml", *args]
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[_Worker] = []
     try:
         for r in range(nproc):  # own sessions, as torchrun starts its workers: signals come from here
-            procs.append(subprocess.Popen(cmd, env=_worker_env(r, nproc, port, timeout), start_new_session=True))
+            env = _worker_env(r, nproc, port, timeout)
+            procs.append(_Forked(entry, args, env) if fork and entry is not None else
+                         subprocess.Popen(cmd, env=env, start_new_session=True))
         codes, stopped = _watch(procs)
     except KeyboardInterrupt:
         for p in procs:  # pass Ctrl-C on, so each rank stops the way one process would

@@ -94,11 +94,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
     from mtml.errors import RunExistsError
     from mtml.experiment import default_run_dir
 
-    if "WORLD_SIZE" in os.environ:
-        raise MtmlError("--nproc and --dist-timeout start ranks themselves; under torchrun leave them out (set "
-                        "MTML_DIST_TIMEOUT for the timeout).")
-    if timeout is not None and not timeout > 0:
-        raise MtmlError(f"--dist-timeout must be > 0 seconds. Got {timeout}.")
+    _check_launch(timeout)
     args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
     if resume is not None:
         if config is not None or set_:
@@ -114,6 +110,14 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
                                  f"it. Choose another --out, or continue it with --resume {run_dir}.")
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
     launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main)
+
+
+def _check_launch(timeout: float | None) -> None:
+    if "WORLD_SIZE" in os.environ:
+        raise MtmlError("--nproc and --dist-timeout start ranks themselves; under torchrun leave them out (set "
+                        "MTML_DIST_TIMEOUT for the timeout).")
+    if timeout is not None and not timeout > 0:
+        raise MtmlError(f"--dist-timeout must be > 0 seconds. Got {timeout}.")
 
 
 def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
@@ -279,6 +283,9 @@ def transfer_(
     option: Annotated[list[str] | None, typer.Option(help="strategy option: --option finetune_last.k=2")] = None,
     out: Annotated[Path | None, typer.Option(help="output directory (default: RUN/transfer-<target>-<time>)")]
     = None,
+    nproc: Annotated[int, typer.Option(help="ranks on this machine: the draws are spread over them")] = 1,
+    dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
+    = None,
 ) -> None:
     """Transfer a run to a target config with each strategy; metric and gain over scratch per size, with CIs."""
     import time
@@ -286,7 +293,7 @@ def transfer_(
     import yaml
 
     from mtml.report.transfer import CAPTION, rich_tables
-    from mtml.transfer_run import parse_sizes, transfer
+    from mtml.transfer_run import check_output_dir, parse_sizes, transfer
 
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None
     options: dict[str, dict[str, object]] = {}
@@ -300,6 +307,19 @@ def transfer_(
     if repeats < 1:
         raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")
     out = out or run / f"transfer-{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if nproc != 1 or dist_timeout is not None:  # the same command on N ranks, all writing to the one `out`
+        from mtml.engine.dist_launch import launch
+
+        _check_launch(dist_timeout)
+        check_output_dir(out)  # said once, here, rather than by every rank
+        args = ["transfer", str(run), "--target", str(target), "--sizes", sizes, "--repeats", str(repeats),
+                "--seed", str(seed), "--out", str(out), *(["--strategies", strategies] if strategies else []),
+                *[a for item in option or [] for a in ("--option", item)]]
+        launch(args, nproc, run_dir=None, timeout=dist_timeout, entry=main)
+        return
+    if os.environ.get("RANK", "0") != "0":  # under torchrun (or --nproc) only rank 0 prints
+        transfer(run, target, strategies=names, sizes=parsed, repeats=repeats, seed=seed, options=options, out=out)
+        return
     with console.status("transferring…"):
         result = transfer(run, target, strategies=names, sizes=parsed, repeats=repeats, seed=seed,
                           options=options, out=out)

@@ -25,6 +25,7 @@ from mtml.atomic import atomic_write_text
 from mtml.config import Config, load_config
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.engine import Run, load_checkpoint, restore
+from mtml.engine.distributed import broadcast_from_main, is_distributed, is_main, map_ranks, session
 from mtml.errors import ConfigError, RunExistsError
 from mtml.experiment import build
 from mtml.experiment_meta import build_meta
@@ -190,6 +191,10 @@ def transfer(
 ) -> TransferResult:
     """Evaluate transfer strategies from ``source_run`` to the tasks of ``target_config``.
 
+    Started by ``torchrun`` (or ``mtml transfer --nproc N``), the draws (``sizes × repeats``, every strategy
+    on each) are spread over the ranks with :func:`~mtml.engine.distributed.map_ranks`; the result is the
+    one a single process computes, every rank returns it and rank 0 writes ``out``.
+
     Args:
         strategies: names in :data:`~mtml.transfer.strategies.STRATEGIES` (default: all that fit the source);
             ``scratch`` is always included as the baseline.
@@ -199,34 +204,62 @@ def transfer(
         out: directory for ``transfer.json``, ``transfer.md`` and ``plots/transfer.png`` (none written if None).
     """
     started = time.time()
-    sizes = parse_sizes(sizes)
+    with session():
+        if is_distributed():  # a bad set-up fails on rank 0 first and is reported once, by every rank at once
+            broadcast_from_main(lambda: _prepare(source_run, target_config, strategies, sizes, repeats, options,
+                                                 out) and None, "checking the transfer set-up")
+        plan = _prepare(source_run, target_config, strategies, sizes, repeats, options, out)
+        if plan.target.threads:  # as `mtml train` does: tiny models run fastest on one intra-op thread
+            torch.set_num_threads(plan.target.threads)
+        result = TransferResult(str(source_run), plan.target.name, plan.sizes, list(plan.chosen), repeats, seed, {})
+        for task in plan.probe:
+            result.higher_is_better.setdefault(task.primary_metric,
+                                               task.metrics[task.primary_metric].higher_is_better)
+        runs, sizes_n = _grid(plan, repeats, seed)
+        _summarise(result, runs, sizes_n)
+        result.seconds = round(time.time() - started, 2)
+        if out is not None and is_main():
+            write_outputs(result, Path(out))
+    return result
+
+
+def check_output_dir(out: str | Path | None) -> None:
+    """:class:`RunExistsError` if ``out`` exists and is not an empty directory (results are never overwritten)."""
+    path = Path(out) if out is not None else None
+    if path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunExistsError(f"output directory {path} exists and is not empty; choose another --out.")
+
+
+@dataclass
+class _Plan:
+    source: Source
+    target: Config
+    sizes: list[Size]
+    chosen: dict[str, Strategy]
+    fixed: list[Task] | None  # the target's tasks (a dataset), or None for a task family (episodes)
+    probe: list[Task]
+
+
+def _prepare(source_run: str | Path, target_config: str | Path | Config, strategies: Sequence[str] | None,
+             sizes: Sequence[Size] | str, repeats: int, options: Mapping[str, Mapping[str, Any]] | None,
+             out: str | Path | None) -> _Plan:
+    """Check the arguments and load what every draw needs; every problem is raised before any work."""
+    parsed = parse_sizes(sizes)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be an integer >= 1. Got {repeats!r}.")
     for name in strategies or []:
         STRATEGIES.get(name)  # unknown names: the nearest valid one, before any work
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise RunExistsError(f"output directory {out_path} exists and is not empty; choose another --out.")
+    check_output_dir(out)
     source, _ = load_source(source_run)
     target = target_config if isinstance(target_config, Config) else load_config(target_config)
-    if target.threads:  # as `mtml train` does: tiny models run fastest on one intra-op thread
-        torch.set_num_threads(target.threads)
     chosen = _choose(strategies, source, options)
-    if target.is_meta and "all" in sizes:
+    if target.is_meta and "all" in parsed:
         raise ConfigError(f"target '{target.data.dataset}' is a task family (episodes of a few shots); size "
                           "'all' has no meaning there, use numbers of shots such as 1,5,20.")
     fixed = None if target.is_meta else _dataset_tasks(target)
-    probe = fixed or _episode_tasks(_family(target, int(sizes[0])), torch.Generator().manual_seed(0))
+    probe = fixed or _episode_tasks(_family(target, int(parsed[0])), torch.Generator().manual_seed(0))
     _check(source, probe, chosen)
-    result = TransferResult(str(source_run), target.name, sizes, list(chosen), repeats, seed, {})
-    for task in probe:
-        result.higher_is_better.setdefault(task.primary_metric, task.metrics[task.primary_metric].higher_is_better)
-    runs, sizes_n = _grid(chosen, source, target, fixed, sizes, repeats, seed)
-    _summarise(result, runs, sizes_n)
-    result.seconds = round(time.time() - started, 2)
-    if out_path is not None:
-        write_outputs(result, out_path)
-    return result
+    return _Plan(source, target, parsed, chosen, fixed, probe)
 
 
 def _choose(names: Sequence[str] | None, source: Source,
@@ -242,22 +275,34 @@ def _choose(names: Sequence[str] | None, source: Source,
     return chosen
 
 
-def _grid(chosen: Mapping[str, Strategy], source: Source, target: Config, fixed: list[Task] | None,
-          sizes: list[Size], repeats: int, seed: int) -> tuple[dict[tuple[str, str, str], list[float]],
-                                                              dict[str, list[float]]]:
-    """Every strategy on the same draws: ``{(metric, strategy, size): [per repeat]}`` and realised sizes."""
+def _grid(plan: _Plan, repeats: int, seed: int) -> tuple[dict[tuple[str, str, str], list[float]],
+                                                      dict[str, list[float]]]:
+    """Every strategy on the same draws: ``{(metric, strategy, size): [per repeat]}`` and realised sizes.
+
+    One job per draw (size, repeat), which runs every strategy on it; jobs are spread over the ranks of a
+    process group and gathered in order, so the result does not depend on the number of ranks."""
+    families = ({} if plan.fixed is not None else
+                {si: _family(plan.target, int(size)) for si, size in enumerate(plan.sizes)})
+
+    def draw(job: tuple[int, int]) -> tuple[float, dict[str, dict[str, float]]]:
+        si, r = job
+        key = seed * 100003 + si * 1009 + r
+        g = torch.Generator().manual_seed(key)
+        size = plan.sizes[si]
+        tasks = ([subsample(t, size, g) for t in plan.fixed] if plan.fixed is not None
+                 else _episode_tasks(families[si], g))
+        n_train = sum(len(t.train) for t in tasks) / len(tasks)
+        return n_train, {name: _score(strategy, plan.source, tasks, key) for name, strategy in plan.chosen.items()}
+
+    jobs = [(si, r) for si in range(len(plan.sizes)) for r in range(repeats)]
     runs: dict[tuple[str, str, str], list[float]] = {}
     sizes_n: dict[str, list[float]] = {}
-    for si, size in enumerate(sizes):
-        family = _family(target, int(size)) if fixed is None else None
-        for r in range(repeats):
-            draw = seed * 100003 + si * 1009 + r
-            g = torch.Generator().manual_seed(draw)
-            tasks = [subsample(t, size, g) for t in fixed] if fixed is not None else _episode_tasks(family, g)
-            sizes_n.setdefault(str(size), []).append(sum(len(t.train) for t in tasks) / len(tasks))
-            for name, strategy in chosen.items():
-                for metric, value in _score(strategy, source, tasks, draw).items():
-                    runs.setdefault((metric, name, str(size)), []).append(value)
+    for (si, _), (n_train, scores) in zip(jobs, map_ranks(draw, jobs), strict=True):
+        size = str(plan.sizes[si])
+        sizes_n.setdefault(size, []).append(n_train)
+        for name, by_metric in scores.items():
+            for metric, value in by_metric.items():
+                runs.setdefault((metric, name, size), []).append(value)
     return runs, sizes_n
 
 

@@ -39,6 +39,7 @@ from mtml.engine.distributed import (
 )
 from mtml.errors import ConfigError
 from mtml.experiment import resume_run, train, train_seeds
+from mtml.transfer_run import TransferResult, transfer
 
 MAML: dict[str, Any] = {
     "name": "dist-maml", "seed": 0, "threads": 1,
@@ -366,3 +367,55 @@ def test_seeds_spread_over_ranks_match_one_process(tmp_path: Path) -> None:
         assert Path(path_a).name == Path(path_b).name
         assert a["test"] == b["test"] and a["best_step"] == b["best_step"]
         assert_same_checkpoints(Path(path_a), Path(path_b), atol=0.0)  # each seed ran alone on one rank
+
+
+TRANSFER_SOURCE: dict[str, Any] = {
+    "name": "dist-tr-source", "seed": 0, "threads": 1,
+    "data": {"dataset": "synthetic", "options": {"num_tasks": 3, "in_dim": 8, "latent_dim": 2, "n_train": 30,
+                                                 "n_val": 20, "n_test": 40}},
+    "model": {"trunk_hidden": [6, 4]},
+    "training": {"lr": 0.01, "batch_size": 16, "max_steps": 20, "eval_every": 10, "patience": 0},
+}
+TRANSFER_FAST = {n: {"steps": 10} for n in ("scratch", "finetune_head", "l2sp")}
+
+
+def _transfer_target(root: Path) -> Path:
+    options = {**TRANSFER_SOURCE["data"]["options"], "num_tasks": 2, "seed": 5}
+    path = root / "target.yaml"
+    path.write_text(yaml.safe_dump({"name": "dist-tr-target", "seed": 1, "threads": 1,
+                                    "data": {"dataset": "synthetic", "options": options}}))
+    return path
+
+
+def _transfer(source: str, target: str, out: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    result: TransferResult = transfer(source, target, strategies=[*TRANSFER_FAST, "linear_probe"],
+                                      sizes=[2, 5, "all"], repeats=3, options=TRANSFER_FAST, out=out)
+    return result.scores, result.gains
+
+
+def test_transfer_draws_spread_over_ranks_match_one_process(tmp_path: Path) -> None:
+    train(Config.from_dict(TRANSFER_SOURCE), tmp_path / "source")
+    target = _transfer_target(tmp_path)
+    one = _transfer(str(tmp_path / "source"), str(target), str(tmp_path / "one"))
+    ranks = run_ranks(_transfer, str(tmp_path / "source"), str(target), str(tmp_path / "two"), timeout=120)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    assert ranks[0][1] == ranks[1][1] == one  # every rank returns the whole result, the same as one process
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert json.loads((tmp_path / "two" / "transfer.json").read_text())["scores"] == json.loads(
+        (tmp_path / "one" / "transfer.json").read_text())["scores"]
+
+
+@pytest.mark.slow
+def test_cli_transfer_nproc_two(tmp_path: Path) -> None:
+    train(Config.from_dict(TRANSFER_SOURCE), tmp_path / "source")
+    target = _transfer_target(tmp_path)
+    scores, _ = _transfer(str(tmp_path / "source"), str(target), str(tmp_path / "one"))
+    options = [a for name, opts in TRANSFER_FAST.items() for a in ("--option", f"{name}.steps={opts['steps']}")]
+    args = ["transfer", tmp_path / "source", "--target", target, "--strategies",
+            ",".join([*TRANSFER_FAST, "linear_probe"]), "--sizes", "2,5,all", "--repeats", "3", *options]
+    proc = mtml(*args, "--out", tmp_path / "two", "--nproc", "2")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("written to") == 1  # only rank 0 prints
+    assert json.loads((tmp_path / "two" / "transfer.json").read_text())["scores"] == scores
+    again = mtml(*args, "--out", tmp_path / "two", "--nproc", "2")
+    assert again.returncode == 2 and again.stderr.count("exists and is not empty") == 1, again.stderr

@@ -187,7 +187,7 @@ def _watch(procs: Sequence[_Worker], poll_s: float = 0.05) -> tuple[list[int], l
         time.sleep(poll_s)
 
 
-def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: float | None = None,
+def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeout: float | None = None,
            entry: Callable[[list[str]], object] | None = None) -> None:
     """Run ``mtml <args>`` as ``nproc`` ranks of one process group on this machine.
 
@@ -221,7 +221,9 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str, timeout: flo
         return
     failed = [_describe(r, c) for r, c in enumerate(codes) if c != 0 and r not in stopped]
     note = f"; stopped rank(s) {', '.join(map(str, stopped))}" if stopped else ""
-    if any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
+    if run_dir is None:  # a job with no checkpoints (e.g. `mtml transfer`)
+        hint = "Run the command again (its output directory was not written)."
+    elif any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
         hint = f"The run's checkpoints are kept: continue it with `mtml train --resume {run_dir}` (any --nproc)."
     else:
         hint = "No checkpoint was written, so there is nothing to resume."

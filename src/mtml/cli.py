@@ -140,6 +140,9 @@ def eval_(
     tasks: Annotated[int | None, typer.Option(help="meta-test tasks (meta-learning runs; default 600)")] = None,
     shots: Annotated[int | None, typer.Option(help="support examples per task/class (meta-learning runs)")] = None,
     steps: Annotated[int | None, typer.Option(help="inner steps at test time (meta-learning runs)")] = None,
+    nproc: Annotated[int, typer.Option(help="ranks on this machine: the episodes are spread over them")] = 1,
+    dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
+    = None,
 ) -> None:
     """Evaluate a run's best checkpoint: per-task metrics, or the meta-test protocol with 95% CIs."""
     from mtml.experiment import evaluate_run
@@ -151,8 +154,18 @@ def eval_(
             raise MtmlError(f"{name} must be >= 1. Got {value}.")
     if steps is not None and steps < 0:
         raise MtmlError(f"--steps must be >= 0. Got {steps}.")
+    if nproc != 1 or dist_timeout is not None:
+        from mtml.engine.dist_launch import launch
+
+        _check_launch(dist_timeout)
+        args = ["eval", str(run), "--split", split, *[a for name, value in (("--tasks", tasks), ("--shots", shots),
+                                                                           ("--steps", steps))
+                                                      if value is not None for a in (name, str(value))]]
+        launch(args, nproc, run_dir=None, timeout=dist_timeout, entry=main)
+        return
     scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
-    _print_scores(scores, f"{run} — {split}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (or --nproc) only rank 0 prints
+        _print_scores(scores, f"{run} — {split}")
 
 
 @app.command("list")

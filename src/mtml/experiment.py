@@ -203,9 +203,17 @@ def evaluate_run(
 
     Joint runs: per-task metrics on ``split``. Meta-learning runs: the meta-test protocol over ``num_tasks``
     held-out tasks with ``shots`` support examples, after 0, 1 and ``steps`` inner steps (mean and 95% CI).
+    Started by ``torchrun`` (or ``mtml eval --nproc N``), the episodes (or tasks) are spread over the ranks and
+    every rank returns the scores one process computes.
     """
     run = Run.open(path)
     config = _load_config(run)
+    with session(resolve_device(config.device)):
+        return _evaluate_run(run, config, split, num_tasks, shots, steps)
+
+
+def _evaluate_run(run: Run, config: Config, split: str, num_tasks: int | None, shots: int | None,
+                  steps: int | None) -> dict[str, dict[str, float]]:
     ckpt = load_checkpoint(run.best_checkpoint)
     if config.is_meta:
         mexp = build_meta(config, **({"shots": shots} if shots else {}))

@@ -38,7 +38,7 @@ from mtml.engine.distributed import (
     world_size,
 )
 from mtml.errors import ConfigError
-from mtml.experiment import resume_run, train, train_seeds
+from mtml.experiment import evaluate_run, resume_run, train, train_seeds
 from mtml.transfer_run import TransferResult, transfer
 
 MAML: dict[str, Any] = {
@@ -419,3 +419,27 @@ def test_cli_transfer_nproc_two(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "two" / "transfer.json").read_text())["scores"] == scores
     again = mtml(*args, "--out", tmp_path / "two", "--nproc", "2")
     assert again.returncode == 2 and again.stderr.count("exists and is not empty") == 1, again.stderr
+
+
+def _evaluate(path: str) -> dict[str, Any]:
+    return evaluate_run(path, "test", **({"num_tasks": 50, "steps": 3} if "maml" in path else {}))
+
+
+@pytest.mark.parametrize("config", [MAML, PCGRAD], ids=["meta-test", "joint-test"])
+def test_evaluate_run_spread_over_ranks_matches_one_process(tmp_path: Path, config: dict[str, Any]) -> None:
+    path = str(tmp_path / config["name"])
+    train(Config.from_dict(config), path)
+    one = _evaluate(path)
+    ranks = run_ranks(_evaluate, path)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    assert ranks[0][1] == ranks[1][1] == one  # the same numbers, gathered in episode (task) order
+
+
+@pytest.mark.slow
+def test_cli_eval_nproc_two(tmp_path: Path) -> None:
+    train(Config.from_dict(MAML), tmp_path / "run")
+    proc = mtml("eval", tmp_path / "run", "--tasks", "40", "--nproc", "2")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("meta-test over 40 held-out tasks") == 1  # only rank 0 prints
+    bad = mtml("eval", tmp_path / "run", "--tasks", "0", "--nproc", "2")
+    assert bad.returncode == 2 and bad.stderr.count("--tasks must be >= 1") == 1, bad.stderr

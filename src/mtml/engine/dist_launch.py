@@ -222,7 +222,7 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeo
     failed = [_describe(r, c) for r, c in enumerate(codes) if c != 0 and r not in stopped]
     note = f"; stopped rank(s) {', '.join(map(str, stopped))}" if stopped else ""
     if run_dir is None:  # a job with no checkpoints (e.g. `mtml transfer`)
-        hint = "Run the command again (its output directory was not written)."
+        hint = "Nothing was written; run the command again."
     elif any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
         hint = f"The run's checkpoints are kept: continue it with `mtml train --resume {run_dir}` (any --nproc)."
     else:

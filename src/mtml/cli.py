@@ -90,7 +90,6 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
                   nproc: int, timeout: float | None, seeds: str | None = None) -> None:
     """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
     from mtml.config import load_config
-    from mtml.engine.dist_launch import launch
     from mtml.errors import RunExistsError
     from mtml.experiment import default_run_dir
 
@@ -109,6 +108,14 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
             raise RunExistsError(f"run directory {run_dir} already exists and is not empty; refusing to overwrite "
                                  f"it. Choose another --out, or continue it with --resume {run_dir}.")
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
+    _start_ranks(args, nproc, timeout, run_dir)
+
+
+def _start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Path | None = None) -> None:
+    """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`)."""
+    from mtml.engine.dist_launch import launch
+
+    _check_launch(timeout)
     launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main)
 
 
@@ -155,13 +162,10 @@ def eval_(
     if steps is not None and steps < 0:
         raise MtmlError(f"--steps must be >= 0. Got {steps}.")
     if nproc != 1 or dist_timeout is not None:
-        from mtml.engine.dist_launch import launch
-
-        _check_launch(dist_timeout)
-        args = ["eval", str(run), "--split", split, *[a for name, value in (("--tasks", tasks), ("--shots", shots),
-                                                                           ("--steps", steps))
-                                                      if value is not None for a in (name, str(value))]]
-        launch(args, nproc, run_dir=None, timeout=dist_timeout, entry=main)
+        given = (("--tasks", tasks), ("--shots", shots), ("--steps", steps))
+        _start_ranks(["eval", str(run), "--split", split,
+                      *[a for name, value in given if value is not None for a in (name, str(value))]], nproc,
+                     dist_timeout)
         return
     scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun (or --nproc) only rank 0 prints
@@ -321,14 +325,10 @@ def transfer_(
         raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")
     out = out or run / f"transfer-{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if nproc != 1 or dist_timeout is not None:  # the same command on N ranks, all writing to the one `out`
-        from mtml.engine.dist_launch import launch
-
-        _check_launch(dist_timeout)
         check_output_dir(out)  # said once, here, rather than by every rank
-        args = ["transfer", str(run), "--target", str(target), "--sizes", sizes, "--repeats", str(repeats),
-                "--seed", str(seed), "--out", str(out), *(["--strategies", strategies] if strategies else []),
-                *[a for item in option or [] for a in ("--option", item)]]
-        launch(args, nproc, run_dir=None, timeout=dist_timeout, entry=main)
+        _start_ranks(["transfer", str(run), "--target", str(target), "--sizes", sizes, "--repeats", str(repeats),
+                      "--seed", str(seed), "--out", str(out), *(["--strategies", strategies] if strategies else []),
+                      *[a for item in option or [] for a in ("--option", item)]], nproc, dist_timeout)
         return
     if os.environ.get("RANK", "0") != "0":  # under torchrun (or --nproc) only rank 0 prints
         transfer(run, target, strategies=names, sizes=parsed, repeats=repeats, seed=seed, options=options, out=out)

@@ -1,16 +1,16 @@
-"""``mtml train --nproc N``: start N worker processes on this machine (gloo over loopback, or one GPU each)
-and watch them; when one fails, stop the others at once and say which rank failed and how.
+"""``mtml train|eval|transfer --nproc N``: start N worker processes on this machine (gloo over loopback, or
+one GPU each) and watch them; when one fails, stop the others at once and say which rank failed and how.
 
-Each worker runs the same ``mtml train …`` command with the environment ``torchrun`` would give it
+Each worker runs the same ``mtml …`` command with the environment ``torchrun`` would give it
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a run
 started here and one started by ``torchrun --nproc-per-node N -m mtml train …`` are the same run.
 
-How workers start (``MTML_LAUNCH``): ``fork`` (the default on Linux, when the launcher runs no Python thread
-besides the main one) forks them from the launcher, which has already imported torch, torch's compiler
-front end (``torch.optim`` imports it on first use) and mtml: about 3 s of imports each worker would
-otherwise repeat, as long as a short run's training. ``spawn`` (the default elsewhere) starts fresh
-``python -m mtml …`` interpreters. The launcher itself never touches a tensor, so the forked workers start
-with no thread pool or device state to inherit.
+How workers start (``MTML_LAUNCH``): ``fork`` (the default on Linux, when the launcher runs no Python
+thread besides the main one and has not started CUDA) forks them from the launcher, which has already
+imported torch, torch's compiler front end (``torch.optim`` imports it on first use) and mtml: about 3 s of
+imports each worker would otherwise repeat, as long as a short run's training. ``spawn`` (the default
+elsewhere) starts fresh ``python -m mtml …`` interpreters. The launcher itself never touches a tensor, so the
+forked workers start with no thread pool or device state to inherit.
 """
 
 from __future__ import annotations
@@ -66,8 +66,14 @@ def launch_method() -> str:
     if method == "fork" and not can_fork:
         raise ConfigError(f"MTML_LAUNCH=fork needs Linux; this is {sys.platform}. Use spawn (or auto).")
     if method == "auto":
-        return "fork" if can_fork and threading.active_count() == 1 else "spawn"
+        return "fork" if can_fork and threading.active_count() == 1 and not _cuda_started() else "spawn"
     return method
+
+
+def _cuda_started() -> bool:
+    """Whether this process has started CUDA (a forked child could not use it then)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
 
 
 class _Worker(Protocol):

@@ -229,6 +229,27 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, np
     assert list((out / "checkpoints").glob("step-*.safetensors"))  # the run can be continued
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked ranks and /proc are Linux's")
+def test_ranks_end_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    data = {**SMALL, "threads": 1, "training": {**SMALL["training"], "max_steps": 100_000, "eval_every": 50}}
+    cfg = write_config(tmp_path / "long.yaml", data)
+    out, tag = tmp_path / "run", f"{os.getpid()}-killed-{time.monotonic_ns()}"
+    proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet",
+                             "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**ENV, "MTML_TEST_TAG": tag, "MTML_LAUNCH": "fork"})
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+    assert len(_processes_with(tag)) == 3
+    proc.kill()  # SIGKILL: the launcher cannot pass anything on
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(tag) == []  # no orphaned rank keeps training
+
+
 def test_demo_quick(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = mtml("demo", "--quick", "--out", out, timeout=300)

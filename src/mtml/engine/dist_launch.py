@@ -15,6 +15,7 @@ forked workers start with no thread pool or device state to inherit.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import signal
@@ -34,6 +35,7 @@ from mtml.errors import ConfigError
 __all__ = ["LAUNCH_METHODS", "free_port", "launch", "launch_method"]
 
 LAUNCH_METHODS = ("auto", "fork", "spawn")
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 #: imported by the launcher before it forks, so that no worker imports them again
 PRELOAD = ("torch", "torch.optim", "torch._dynamo", "torch.distributed")
 
@@ -96,9 +98,10 @@ class _Forked:
         self.returncode: int | None = None
         sys.stdout.flush()
         sys.stderr.flush()
+        launcher = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _run_forked(entry, list(args), env)
+            _run_forked(entry, list(args), env, launcher)
         self.pid = pid
 
     def poll(self) -> int | None:
@@ -128,12 +131,25 @@ class _Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _run_forked(entry: Callable[[list[str]], object], args: list[str], env: dict[str, str]) -> NoReturn:
+def _end_with_launcher(launcher: int) -> None:
+    """Ask Linux to SIGTERM this process when the launcher dies (even by SIGKILL), so no rank is orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the request was made
+        os._exit(128 + signal.SIGTERM)
+
+
+def _run_forked(entry: Callable[[list[str]], object], args: list[str], env: dict[str, str],
+                launcher: int) -> NoReturn:
     """The body of a forked worker: never returns (``os._exit``, so the launcher's exit handlers do not run
     twice)."""
     code = 1
     try:
         os.setsid()  # its own session, as torchrun starts its workers: signals come from the launcher
+        _end_with_launcher(launcher)
         os.environ.clear()
         os.environ.update(env)
         entry(args)

@@ -158,3 +158,21 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path, 
     last = {r["step"]: r["weights"] for r in records if r["kind"] == "train"}
     full_last = {r["step"]: r["weights"] for r in Run.open(tmp_path / "full").records() if r["kind"] == "train"}
     assert last[max(full_last)] == full_last[max(full_last)]
+
+
+def test_steps_run_in_train_mode_and_validation_in_eval_mode() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5), nn.Linear(3, 1)).eval()  # starts in eval mode
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    modes: list[tuple[str, bool, bool]] = []
+
+    def step() -> dict[str, float]:
+        modes.append(("step", model.training, model[1].training))
+        return {"loss": 1.0}
+
+    def validate() -> dict[str, float]:
+        modes.append(("val", model.training, model[1].training))
+        return {"objective": 1.0}
+
+    fit(modules={"model": model}, optimizer=opt, train_step=step, validate=validate,
+        stop=StopRule(max_steps=6, eval_every=2, patience=0))
+    assert modes == [(kind, kind == "step", kind == "step") for kind in ["step", "step", "val"] * 3]

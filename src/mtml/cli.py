@@ -162,6 +162,9 @@ def eval_(
     if steps is not None and steps < 0:
         raise MtmlError(f"--steps must be >= 0. Got {steps}.")
     if nproc != 1 or dist_timeout is not None:
+        from mtml.engine import Run
+
+        Run.open(run)  # a wrong path is said once, here, rather than by every rank
         given = (("--tasks", tasks), ("--shots", shots), ("--steps", steps))
         _start_ranks(["eval", str(run), "--split", split,
                       *[a for name, value in given if value is not None for a in (name, str(value))]], nproc,
@@ -325,7 +328,12 @@ def transfer_(
         raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")
     out = out or run / f"transfer-{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if nproc != 1 or dist_timeout is not None:  # the same command on N ranks, all writing to the one `out`
-        check_output_dir(out)  # said once, here, rather than by every rank
+        from mtml.config import load_config
+        from mtml.engine import Run
+
+        Run.open(run)  # wrong paths and names are said once, here, rather than by every rank
+        load_config(target)
+        check_output_dir(out)
         _start_ranks(["transfer", str(run), "--target", str(target), "--sizes", sizes, "--repeats", str(repeats),
                       "--seed", str(seed), "--out", str(out), *(["--strategies", strategies] if strategies else []),
                       *[a for item in option or [] for a in ("--option", item)]], nproc, dist_timeout)

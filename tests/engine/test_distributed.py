@@ -443,3 +443,5 @@ def test_cli_eval_nproc_two(tmp_path: Path) -> None:
     assert proc.stdout.count("meta-test over 40 held-out tasks") == 1  # only rank 0 prints
     bad = mtml("eval", tmp_path / "run", "--tasks", "0", "--nproc", "2")
     assert bad.returncode == 2 and bad.stderr.count("--tasks must be >= 1") == 1, bad.stderr
+    missing = mtml("eval", tmp_path / "nope", "--nproc", "2")
+    assert missing.returncode == 2 and missing.stderr.count("is not an mtml run directory") == 1, missing.stderr

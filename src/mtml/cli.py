@@ -90,10 +90,9 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
                   nproc: int, timeout: float | None, seeds: str | None = None) -> None:
     """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
     from mtml.config import load_config
-    from mtml.errors import RunExistsError
+    from mtml.engine import Run
     from mtml.experiment import default_run_dir
 
-    _check_launch(timeout)
     args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
     if resume is not None:
         if config is not None or set_:
@@ -104,9 +103,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
         if config is None:
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
         run_dir = out or default_run_dir(load_config(config, set_))  # one name for every rank
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise RunExistsError(f"run directory {run_dir} already exists and is not empty; refusing to overwrite "
-                                 f"it. Choose another --out, or continue it with --resume {run_dir}.")
+        Run.check_new(run_dir)  # said once, here, rather than by every rank
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
     _start_ranks(args, nproc, timeout, run_dir)
 

@@ -205,10 +205,16 @@ def transfer(
     """
     started = time.time()
     with session():
+        ready: list[_Plan] = []  # rank 0's plan, made while checking the set-up
+
+        def prepare() -> None:
+            ready.append(_prepare(source_run, target_config, strategies, sizes, repeats, options, out))
+
         if is_distributed():  # a bad set-up fails on rank 0 first and is reported once, by every rank at once
-            broadcast_from_main(lambda: _prepare(source_run, target_config, strategies, sizes, repeats, options,
-                                                 out) and None, "checking the transfer set-up")
-        plan = _prepare(source_run, target_config, strategies, sizes, repeats, options, out)
+            broadcast_from_main(prepare, "checking the transfer set-up")
+        if not ready:
+            prepare()
+        plan = ready[0]
         if plan.target.threads:  # as `mtml train` does: tiny models run fastest on one intra-op thread
             torch.set_num_threads(plan.target.threads)
         result = TransferResult(str(source_run), plan.target.name, plan.sizes, list(plan.chosen), repeats, seed, {})

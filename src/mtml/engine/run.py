@@ -44,17 +44,23 @@ class Run:
     def create(cls, path: str | Path, config: dict[str, Any]) -> Run:
         """Make a new run directory; an existing non-empty directory raises :class:`RunExistsError`."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunExistsError(
-                f"run directory {path} already exists and is not empty; refusing to overwrite it. Choose "
-                f"another --out, or continue it with --resume {path}."
-            )
+        cls.check_new(path)
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         (path / "plots").mkdir(exist_ok=True)
         run = cls(path)
         atomic_write_text(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         run.set_status("running", started=time.time())
         return run
+
+    @staticmethod
+    def check_new(path: str | Path) -> None:
+        """:class:`RunExistsError` unless ``path`` is free for a new run (absent, or an empty directory)."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunExistsError(
+                f"run directory {path} already exists and is not empty; refusing to overwrite it. Choose "
+                f"another --out, or continue it with --resume {path}."
+            )
 
     @classmethod
     def open(cls, path: str | Path) -> Run:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mtml.atomic import atomic_write_text
+from mtml.atomic import atomic_write_text, is_free_dir
 from mtml.config import Config, load_config
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.engine import Run, load_checkpoint, restore
@@ -231,9 +231,8 @@ def transfer(
 
 def check_output_dir(out: str | Path | None) -> None:
     """:class:`RunExistsError` if ``out`` exists and is not an empty directory (results are never overwritten)."""
-    path = Path(out) if out is not None else None
-    if path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RunExistsError(f"output directory {path} exists and is not empty; choose another --out.")
+    if out is not None and not is_free_dir(out):
+        raise RunExistsError(f"output directory {out} exists and is not empty; choose another --out.")
 
 
 @dataclass

@@ -421,16 +421,18 @@ def test_cli_transfer_nproc_two(tmp_path: Path) -> None:
     assert again.returncode == 2 and again.stderr.count("exists and is not empty") == 1, again.stderr
 
 
-def _evaluate(path: str) -> dict[str, Any]:
-    return evaluate_run(path, "test", **({"num_tasks": 50, "steps": 3} if "maml" in path else {}))
+def _evaluate(path: str, options: dict[str, int]) -> dict[str, Any]:
+    return evaluate_run(path, "test", **options)
 
 
-@pytest.mark.parametrize("config", [MAML, PCGRAD], ids=["meta-test", "joint-test"])
-def test_evaluate_run_spread_over_ranks_matches_one_process(tmp_path: Path, config: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("config", "options"), [(MAML, {"num_tasks": 50, "steps": 3}), (PCGRAD, {})],
+                         ids=["meta-test", "joint-test"])
+def test_evaluate_run_spread_over_ranks_matches_one_process(tmp_path: Path, config: dict[str, Any],
+                                                            options: dict[str, int]) -> None:
     path = str(tmp_path / config["name"])
     train(Config.from_dict(config), path)
-    one = _evaluate(path)
-    ranks = run_ranks(_evaluate, path)
+    one = _evaluate(path, options)
+    ranks = run_ranks(_evaluate, path, options)
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     assert ranks[0][1] == ranks[1][1] == one  # the same numbers, gathered in episode (task) order
 

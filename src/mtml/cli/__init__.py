@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from mtml.cli import info, runs, transfer
-from mtml.cli.app import app, console, err_console
+from mtml.cli.app import app, console, err_console, prints
 from mtml.errors import MtmlError
 
 __all__ = ["INTERRUPTED", "app", "console", "err_console", "main"]
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _interrupted() -> None:
     """Ctrl-C: one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit status 130."""
-    if "MTML_LAUNCHED" not in os.environ and os.environ.get("RANK", "0") == "0":
+    if "MTML_LAUNCHED" not in os.environ and prints():
         err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
     sys.exit(INTERRUPTED)
 

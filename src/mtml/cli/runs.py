@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mtml.cli.app import console
+from mtml.cli.app import console, prints
 from mtml.errors import MtmlError
 
 
@@ -34,7 +34,7 @@ def train(
     if nproc != 1 or dist_timeout is not None:
         _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout, seeds)
         return
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    main_rank = prints()
     if seed_list is not None:
         _train_seeds(config, set_ or [], out, resume, seed_list, main_rank)
         return
@@ -99,13 +99,15 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
     start_ranks(args, nproc, timeout, run_dir)
 
 
-def start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Path | None = None) -> None:
-    """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`)."""
+def start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Path | None = None, *,
+                trains: bool = True) -> None:
+    """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`); ``trains``: the
+    workers build ``torch.optim`` optimisers, whose imports the launcher then makes once for all of them."""
     from mtml.cli import main
-    from mtml.engine.dist_launch import launch
+    from mtml.engine.dist_launch import OPTIMIZER_IMPORTS, launch
 
     _check_launch(timeout)
-    launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main)
+    launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main, preload=OPTIMIZER_IMPORTS if trains else ())
 
 
 def _check_launch(timeout: float | None) -> None:
@@ -155,9 +157,9 @@ def eval_(
         Run.open(run)  # a wrong path is said once, here, rather than by every rank
         given = (("--tasks", tasks), ("--shots", shots), ("--steps", steps))
         start_ranks(["eval", str(run), "--split", split,
-                      *[a for name, value in given if value is not None for a in (name, str(value))]], nproc,
-                     dist_timeout)
+                     *[a for name, value in given if value is not None for a in (name, str(value))]], nproc,
+                    dist_timeout, trains=False)
         return
     scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun (or --nproc) only rank 0 prints
+    if prints():
         _print_scores(scores, f"{run} — {split}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mtml.cli.app import console
+from mtml.cli.app import console, prints
 from mtml.cli.runs import start_ranks
 from mtml.errors import MtmlError
 
@@ -134,7 +133,7 @@ def transfer_(
                       "--seed", str(seed), "--out", str(out), *(["--strategies", strategies] if strategies else []),
                       *[a for item in option or [] for a in ("--option", item)]], nproc, dist_timeout)
         return
-    if os.environ.get("RANK", "0") != "0":  # under torchrun (or --nproc) only rank 0 prints
+    if not prints():
         transfer(run, target, strategies=names, sizes=parsed, repeats=repeats, seed=seed, options=options, out=out)
         return
     with console.status("transferring…"):

@@ -7,10 +7,10 @@ started here and one started by ``torchrun --nproc-per-node N -m mtml train …`
 
 How workers start (``MTML_LAUNCH``): ``fork`` (the default on Linux, when the launcher runs no Python
 thread besides the main one and has not started CUDA) forks them from the launcher, which has already
-imported torch, torch's compiler front end (``torch.optim`` imports it on first use) and mtml: about 3 s of
-imports each worker would otherwise repeat, as long as a short run's training. ``spawn`` (the default
-elsewhere) starts fresh ``python -m mtml …`` interpreters. The launcher itself never touches a tensor, so the
-forked workers start with no thread pool or device state to inherit.
+imported torch, mtml and, for commands that train, torch's compiler front end (``torch.optim`` imports it
+on first use): about 3 s of imports each worker would otherwise repeat, as long as a short run's training.
+``spawn`` (the default elsewhere) starts fresh ``python -m mtml …`` interpreters. The launcher itself never
+touches a tensor, so the forked workers start with no thread pool or device state to inherit.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from typing import NoReturn, Protocol
 from mtml.engine.distributed import DistributedError
 from mtml.errors import ConfigError
 
-__all__ = ["LAUNCH_METHODS", "free_port", "launch", "launch_method"]
+__all__ = ["LAUNCH_METHODS", "OPTIMIZER_IMPORTS", "PRELOAD", "free_port", "launch", "launch_method"]
 
 LAUNCH_METHODS = ("auto", "fork", "spawn")
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
-#: imported by the launcher before it forks, so that no worker imports them again
-PRELOAD = ("torch", "torch.optim", "torch._dynamo", "torch.distributed")
+#: imported by the launcher before it forks, so that no worker imports them again (callers add their own)
+PRELOAD = ("torch", "torch.distributed")
+#: what ``torch.optim`` imports on first use (1.3 s): preload it for commands whose workers train
+OPTIMIZER_IMPORTS = ("torch.optim", "torch._dynamo")
 
 GRACE_S = 5.0  # how long a stopped rank gets to exit after SIGTERM before SIGKILL
 SETTLE_S = 0.5  # ranks that saw the failure themselves get this long to exit with their own message
@@ -210,19 +212,20 @@ def _watch(procs: Sequence[_Worker], poll_s: float = 0.05) -> tuple[list[int], l
 
 
 def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeout: float | None = None,
-           entry: Callable[[list[str]], object] | None = None) -> None:
+           entry: Callable[[list[str]], object] | None = None, preload: Sequence[str] = ()) -> None:
     """Run ``mtml <args>`` as ``nproc`` ranks of one process group on this machine.
 
     ``entry(args)`` is the command line's entry point, called in each forked worker (see the module
-    docstring); without it, or with ``MTML_LAUNCH=spawn``, workers are fresh ``python -m mtml <args>``
-    interpreters. Returns when every rank finished; raises :class:`DistributedError` naming the failed
-    rank(s) when any exits non-zero (the others are stopped within :data:`GRACE_S` seconds).
+    docstring) after the launcher has imported :data:`PRELOAD` and ``preload``; without it, or with
+    ``MTML_LAUNCH=spawn``, workers are fresh ``python -m mtml <args>`` interpreters. Returns when every rank
+    finished; raises :class:`DistributedError` naming the failed rank(s) when any exits non-zero (the others
+    are stopped within :data:`GRACE_S` seconds).
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1. Got {nproc}.")
     fork = entry is not None and launch_method() == "fork"
     if fork:
-        for name in PRELOAD:
+        for name in (*PRELOAD, *preload):
             importlib.import_module(name)
     port = free_port()
     cmd = [sys.executable, "-m", "mtml", *args]

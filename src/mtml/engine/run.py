@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from mtml._version import __version__
-from mtml.atomic import append_jsonl, atomic_write_text
+from mtml.atomic import append_jsonl, atomic_write_text, is_free_dir
 from mtml.errors import CheckpointError, RunExistsError
 
 __all__ = ["Run"]
@@ -55,8 +55,7 @@ class Run:
     @staticmethod
     def check_new(path: str | Path) -> None:
         """:class:`RunExistsError` unless ``path`` is free for a new run (absent, or an empty directory)."""
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not is_free_dir(path):
             raise RunExistsError(
                 f"run directory {path} already exists and is not empty; refusing to overwrite it. Choose "
                 f"another --out, or continue it with --resume {path}."

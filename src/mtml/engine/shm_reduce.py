@@ -4,7 +4,7 @@ and sums everybody's slots.
 Why: a gloo all-reduce over loopback costs a fixed ~1.1-1.3 ms on the 2-core machines this project runs on,
 whatever the size (``benchmarks/gloo_allreduce_latency.py``). A meta-step of a small model takes about as
 long, so data parallelism over 2 processes made it slower. Through shared memory the same sum costs a few
-microseconds plus the copies (``benchmarks/gloo_allreduce_latency.py --shm``).
+microseconds plus the copies (``benchmarks/gloo_allreduce_latency.py --modes process-group shm``).
 
 How: the ranks map one file (created by rank 0 in ``/dev/shm``, unlinked as soon as every rank has mapped it,
 so nothing is left behind by a crash). It holds one sequence number per rank and, for each of two alternating
@@ -46,6 +46,10 @@ def supported_here() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def _file_size(world: int) -> int:
+    return _HEADER * world + _TOKEN + 2 * world * SLOT_BYTES
+
+
 def _directory() -> Path:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -61,8 +65,7 @@ class SharedReducer:
 
     def __init__(self, path: Path, rank: int, world: int, token: bytes) -> None:
         self.rank, self.world = rank, world
-        size = _HEADER * world + _TOKEN + 2 * world * SLOT_BYTES
-        self._map = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        self._map = np.memmap(path, dtype=np.uint8, mode="r+", shape=(_file_size(world),))
         if bytes(self._map[_HEADER * world: _HEADER * world + _TOKEN]) != token:
             raise RuntimeError(f"{path} does not hold this run's token (another machine's file?)")
         self._seq = np.ndarray((world,), dtype=np.int64, buffer=self._map, offset=0, strides=(_HEADER,))
@@ -73,11 +76,10 @@ class SharedReducer:
     @classmethod
     def create(cls, world: int) -> tuple[SharedReducer, str, bytes]:
         """Rank 0: a new zeroed file; returns the reducer, the file's path and the token the others check."""
-        size = _HEADER * world + _TOKEN + 2 * world * SLOT_BYTES
         token = secrets.token_bytes(_TOKEN)
         path = _directory() / f"mtml-reduce-{os.getpid()}-{secrets.token_hex(6)}"
         with open(path, "wb") as f:
-            f.truncate(size)
+            f.truncate(_file_size(world))
             f.seek(_HEADER * world)
             f.write(token)
         return cls(path, 0, world, token), str(path), token

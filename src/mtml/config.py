@@ -60,7 +60,7 @@ class ModelConfig(_Strict):
 class WeightingConfig(_Strict):
     name: str = "equal"
     options: dict[str, Any] = Field(default_factory=dict)
-    gramian: Literal["auto", "loop", "batched", "layerwise", "representation"] | None = Field(
+    gramian: Literal["auto", "loop", "batched", "layerwise", "rows", "representation"] | None = Field(
         None, description="how gradient-based weightings get per-task gradients (default: the method's own)")
 
 

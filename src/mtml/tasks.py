@@ -15,6 +15,10 @@ multilabel    float ``[n, L]`` {0,1}  ``[n, L]`` logits           mean binary CE
 ============  ======================  ==========================  ====================
 
 A 1-D regression target is reshaped to ``[n, 1]``.
+
+Missing labels: a split may carry ``mask: bool [n]`` (True = labelled). Unlabelled rows keep their place (tasks
+on shared rows see the same ``x``) but count in no loss and no metric; their ``y`` is ignored (NaN allowed) and
+stored as 0. Tasks that share their rows name a common ``group`` (see :mod:`mtml.groups`).
 """
 
 from __future__ import annotations
@@ -48,16 +52,23 @@ class TaskKind(str, Enum):
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a task: inputs ``x: [n, *input_shape]`` and targets ``y`` (see module docstring)."""
+    """One split of a task: inputs ``x: [n, *input_shape]``, targets ``y`` (see module docstring) and optionally
+    ``mask: bool [n]``, True where the row has a label (None: every row has one)."""
 
     x: Tensor
     y: Tensor
+    mask: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def labelled(self) -> int:
+        """Rows with a label."""
+        return len(self) if self.mask is None else int(self.mask.sum())
+
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
+        return Split(self.x.to(device), self.y.to(device), None if self.mask is None else self.mask.to(device))
 
 
 def _default_loss(kind: TaskKind) -> LossFn:
@@ -82,6 +93,8 @@ class Task:
             class may be absent from the training split).
         loss: ``loss(pred, y) -> scalar`` overriding the kind's default.
         metrics: name → :class:`~mtml.metrics.Metric` overriding the kind's defaults.
+        group: the name of the task group whose rows this task shares (same ``x`` in every split, one target
+            column per task); None for a task with rows of its own. See :func:`mtml.groups.task_groups`.
     """
 
     name: str
@@ -92,6 +105,7 @@ class Task:
     num_outputs: int = 0
     loss: LossFn | None = field(default=None, compare=False)
     metrics: Mapping[str, Metric] = field(default_factory=dict, compare=False)
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -105,6 +119,9 @@ class Task:
             valid = ", ".join(k.value for k in TaskKind)
             raise DataError(f"task '{self.name}': kind {self.kind!r} is not one of {valid}.") from None
         object.__setattr__(self, "kind", kind)
+        if self.group is not None and (not isinstance(self.group, str) or not _NAME.match(self.group)):
+            raise DataError(f"task '{self.name}': group {self.group!r} is not valid: use letters, digits, '_' and "
+                            "'-' only.")
         for split in SPLITS:
             value = getattr(self, split)
             if value is not None:
@@ -140,6 +157,10 @@ class Task:
             raise DataError(f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}; give one target per row.")
         x = x.float() if not x.is_floating_point() else x
         _check_finite(x, f"{where}: x")
+        mask = _check_mask(s.mask, x.shape[0], where)
+        if mask is not None:  # unlabelled rows: any y (NaN included) becomes 0, so it can never leak into a number
+            keep = mask.reshape(-1, *([1] * (y.ndim - 1)))
+            y = torch.where(keep, y, torch.zeros((), dtype=y.dtype))
         if self.kind in (TaskKind.REGRESSION, TaskKind.BINARY, TaskKind.MULTILABEL):
             y = y.to(x.dtype) if y.is_floating_point() else y.to(torch.get_default_dtype())
             _check_finite(y, f"{where}: y")
@@ -154,13 +175,13 @@ class Task:
                 raise DataError(f"{where}: multiclass labels must be whole numbers (class indices), "
                                 "with no NaN; map class names to 0..C-1 first.")
             y = y.long()
-        return Split(x, y)
+        return Split(x, y, mask)
 
     def _infer_outputs(self) -> int:
         y = self.train.y
         if self.kind is TaskKind.MULTICLASS:
             top = max(int(s.y.max()) for s in (self.train, self.val, self.test) if s is not None and len(s))
-            return max(self.num_outputs, top + 1)
+            return max(self.num_outputs, top + 1)  # unlabelled rows hold 0, which adds no class
         return 1 if self.kind is TaskKind.BINARY else int(y.shape[1])
 
     def _check_labels(self, split: str, s: Split) -> None:
@@ -195,14 +216,21 @@ class Task:
                             f"{', '.join(s for s in SPLITS if getattr(self, s) is not None)}.")
         return value
 
-    def compute_loss(self, pred: Tensor, y: Tensor) -> Tensor:
-        """Scalar loss of ``pred`` (model output) against targets ``y``."""
+    def compute_loss(self, pred: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Scalar loss of ``pred`` (model output) against targets ``y``, over the rows ``mask`` marks labelled
+        (every row when None). With no labelled row the loss is an exact 0 that still depends on ``pred``."""
         fn = self.loss or _default_loss(self.kind)
+        if mask is not None:
+            if not bool(mask.any()):
+                return pred.sum() * 0.0
+            pred, y = pred[mask], y[mask]
         return fn(pred, y)
 
-    def compute_metrics(self, pred: Tensor, y: Tensor) -> dict[str, float]:
-        """Every metric of this task on one split, plus ``loss``."""
+    def compute_metrics(self, pred: Tensor, y: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+        """Every metric of this task on one split (its labelled rows), plus ``loss``."""
         with torch.no_grad():
+            if mask is not None:
+                pred, y = pred[mask], y[mask]
             out = {name: m(pred, y) for name, m in self.metrics.items()}
             out["loss"] = float(self.compute_loss(pred, y))
         return out
@@ -224,6 +252,24 @@ class Task:
             if split is not None:
                 object.__setattr__(moved, name, split.to(device))
         return moved
+
+
+def _check_mask(mask: Tensor | None, n: int, where: str) -> Tensor | None:
+    """``mask`` as a bool ``[n]`` tensor (None when every row is labelled), or a :class:`DataError`."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise DataError(f"{where}: mask must be booleans (True = labelled), got dtype {mask.dtype}; pass "
+                            "mask=~torch.isnan(y) or a 0/1 integer tensor.")
+        mask = mask.bool()
+    if mask.shape != (n,):
+        raise DataError(f"{where}: mask has shape {tuple(mask.shape)}, but x has {n} rows; give one flag per row.")
+    if not bool(mask.any()):
+        raise DataError(f"{where}: every label is missing (mask is all False); give the task labelled rows in this "
+                        "split or leave the task out.")
+    return None if bool(mask.all()) else mask
 
 
 def _check_finite(t: Tensor, where: str) -> None:

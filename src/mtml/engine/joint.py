@@ -10,38 +10,53 @@ from torch import Tensor
 
 from mtml.engine.distributed import map_ranks
 from mtml.errors import ConfigError
+from mtml.groups import TaskGroup, task_groups
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task, TaskKind
 from mtml.weighting import GramianTape, Weighting
 
-__all__ = ["TaskBatcher", "evaluate", "joint_step", "objective", "predict", "task_losses"]
+__all__ = ["TaskBatcher", "evaluate", "joint_step", "objective", "predict", "predict_many", "task_losses"]
 
-Batch = dict[str, tuple[Tensor, Tensor]]
+#: ``{task: (x, y)}``, or ``(x, y, mask)`` for a task with unlabelled rows (``mask: bool [rows]``, True =
+#: labelled). Tasks on shared rows get the very same ``x`` tensor, which the model runs through its trunk once.
+Batch = dict[str, tuple[Tensor, ...]]
+
+
+def unpack(entry: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, y, mask | None)`` of one batch entry (``(x, y)`` or ``(x, y, mask)``)."""
+    if len(entry) == 2:
+        return entry[0], entry[1], None
+    return entry[0], entry[1], entry[2]
 
 
 class TaskBatcher:
-    """Draws one mini-batch per task from its train split (full split when it is smaller than the batch).
+    """Draws one mini-batch per task group from its train split (the full split when it is smaller).
 
-    Sampling is without replacement within a batch and uses only ``generator``, so a checkpointed generator
-    state reproduces the batch sequence exactly.
+    Tasks on shared rows (a :class:`~mtml.groups.TaskGroup`) get one index draw and the same ``x`` tensor; a task
+    with rows of its own gets its own draw. Sampling is without replacement within a batch and uses only
+    ``generator``, so a checkpointed generator state reproduces the batch sequence exactly.
     """
 
     def __init__(self, tasks: Sequence[Task], batch_size: int) -> None:
         if batch_size < 1:
             raise ConfigError(f"`batch_size` must be >= 1. Got {batch_size}.")
         self.tasks = list(tasks)
+        self.groups = task_groups(self.tasks)
         self.batch_size = batch_size
 
     def sample(self, generator: torch.Generator) -> Batch:
         batch: Batch = {}
-        for t in self.tasks:
-            n = len(t.train)
-            if n <= self.batch_size:
-                batch[t.name] = (t.train.x, t.train.y)
-                continue
-            idx = torch.randperm(n, generator=generator)[: self.batch_size].to(t.train.x.device)
-            batch[t.name] = (t.train.x[idx], t.train.y[idx])
-        return batch
+        for group in self.groups:
+            x, n = group.x("train"), group.rows("train")
+            idx = None
+            if n > self.batch_size:
+                idx = torch.randperm(n, generator=generator)[: self.batch_size].to(x.device)
+                x = x[idx]
+            for t in group.tasks:
+                s = t.train
+                y, mask = (s.y, s.mask) if idx is None else (s.y[idx], None if s.mask is None else s.mask[idx])
+                batch[t.name] = (x, y) if mask is None else (x, y, mask)
+        return {t.name: batch[t.name] for t in self.tasks}
 
 
 @dataclass
@@ -71,7 +86,7 @@ def joint_step(
     :mod:`mtml.weighting.gramian`).
     """
     names = weighting.task_names
-    gram = None
+    gram, tape = None, None
     if weighting.needs_gramian:
         tape = GramianTape(model, gramian or str(getattr(weighting, "gramian", "auto")))
         with tape:
@@ -82,22 +97,27 @@ def joint_step(
     w = weighting(losses, gram)
     total = (w * losses).sum() + weighting.penalty().to(losses)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    if tape is not None:  # layer-wise Gramians already hold what the shared layers' gradient needs
+        tape.backward(total, w, [p for group in optimizer.param_groups for p in group["params"]])
+    else:
+        total.backward()
     optimizer.step()
     lv, wv = losses.detach().tolist(), w.detach().tolist()
     return StepResult(float(total.detach()), dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))
 
 
 def task_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch, names: Sequence[str]) -> Tensor:
-    """``[m]`` losses of ``names`` on ``batch``, from one :meth:`~MultiTaskModel.forward_many` pass.
+    """``[m]`` losses of ``names`` on ``batch``, from one :meth:`~MultiTaskModel.forward_many` pass (tasks given
+    the same ``x`` tensor share one trunk pass); a task's loss covers its labelled rows only.
 
-    When every task is a regression with the default MSE loss, the m losses come from one segmented
-    reduction instead of m separate loss calls (same values; an oracle test checks it).
+    When every task is a regression with the default MSE loss and every row is labelled, the m losses come from
+    one segmented reduction instead of m separate loss calls (same values; an oracle test checks it).
     """
     outputs = model.forward_many({n: batch[n][0] for n in names})
-    plain = all(tasks[n].kind is TaskKind.REGRESSION and tasks[n].loss is None for n in names)
+    plain = all(tasks[n].kind is TaskKind.REGRESSION and tasks[n].loss is None and len(batch[n]) == 2
+                for n in names)
     if not plain or len({tasks[n].num_outputs for n in names}) != 1:
-        return torch.stack([tasks[n].compute_loss(outputs[n], batch[n][1]) for n in names])
+        return torch.stack([tasks[n].compute_loss(outputs[n], *unpack(batch[n])[1:]) for n in names])
     pred = torch.cat([outputs[n] for n in names])
     target = torch.cat([batch[n][1] for n in names])
     sizes = torch.tensor([batch[n][1].shape[0] for n in names], device=pred.device)
@@ -112,19 +132,34 @@ def predict(model: MultiTaskModel, task: str, x: Tensor, *, batch_size: int = 81
     return torch.cat([model(x[i : i + batch_size], task) for i in range(0, x.shape[0], batch_size)])
 
 
-def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -> dict[str, dict[str, float]]:
-    """Per-task metrics (and ``loss``) of ``model`` on ``split``: ``{task: {metric: value}}``.
+@torch.no_grad()
+def predict_many(model: MultiTaskModel, names: Sequence[str], x: Tensor, *,
+                 batch_size: int = 8192) -> dict[str, Tensor]:
+    """Outputs of every task in ``names`` for the same rows ``x``: one trunk pass per chunk of ``batch_size``."""
+    chunks = [model.forward_many(dict.fromkeys(names, x[i : i + batch_size])) for i in range(0, x.shape[0],
+                                                                                            batch_size)]
+    return {n: torch.cat([c[n] for c in chunks]) for n in names}
 
-    In a process group the tasks are spread over the ranks and every rank gets all metrics.
+
+def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -> dict[str, dict[str, float]]:
+    """Per-task metrics (and ``loss``) of ``model`` on ``split``: ``{task: {metric: value}}``, each over the
+    task's labelled rows. Tasks on shared rows are scored from one trunk pass.
+
+    In a process group the task groups are spread over the ranks and every rank gets all metrics.
     """
     was_training = model.training
     model.eval()
     try:
-        def score(t: Task) -> dict[str, float]:
-            s = t.split(split)
-            return t.compute_metrics(predict(model, t.name, s.x), s.y)
+        def score(group: TaskGroup) -> dict[str, dict[str, float]]:
+            names = [t.name for t in group.tasks]
+            out = predict_many(model, names, group.x(split))
+            return {t.name: t.compute_metrics(out[t.name], t.split(split).y, t.split(split).mask)
+                    for t in group.tasks}
 
-        return dict(zip([t.name for t in tasks], map_ranks(score, tasks), strict=True))
+        scores: dict[str, dict[str, float]] = {}
+        for part in map_ranks(score, task_groups(tasks)):
+            scores.update(part)
+        return {t.name: scores[t.name] for t in tasks}
     finally:
         model.train(was_training)
 

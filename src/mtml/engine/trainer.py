@@ -13,6 +13,7 @@ from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine.joint import Batch, TaskBatcher, evaluate, objective
 from mtml.engine.run import Run
 from mtml.errors import ConfigError, UnknownNameError
+from mtml.groups import tasks_to
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 from mtml.weighting import WEIGHTINGS, Weighting
@@ -83,7 +84,7 @@ def train_multitask(
     """
     stop = stop or StopRule()
     _check_tasks(model, tasks)
-    tasks = [t.to(device) for t in tasks]
+    tasks = tasks_to(tasks, device)  # tensors shared by a task group stay shared
     model.to(device)
     names = [t.name for t in tasks]
     if isinstance(weighting, str):
@@ -121,6 +122,11 @@ def _check_tasks(model: MultiTaskModel, tasks: Sequence[Task]) -> None:
     missing = [t.name for t in tasks if t.name not in model.heads]
     if missing:
         raise ConfigError(f"the model has no head for tasks {missing}; build it from the same task list.")
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"task names {twice} occur more than once; every task needs its own name (it keys its "
+                          "head).")
     no_val = [t.name for t in tasks if t.val is None or len(t.val) == 0]
     if no_val:
         raise ConfigError(f"tasks {no_val} have no validation split; early stopping needs one. Split off part "

@@ -48,20 +48,20 @@ class ColumnModel(MultiTaskModel):
         return h[:, self.column[task]] if task is not None else h
 
     def forward_many(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Outputs for several tasks; one trunk call per group of stem-less tasks sharing an input shape."""
-        outputs: dict[str, Tensor] = {}
-        groups: dict[tuple[int, ...], list[str]] = {}
+        """Outputs for several tasks; one trunk call per call of :meth:`trunk_plan` (a tensor given to several
+        tasks runs once: its experts, gates and columns serve every task that reads it)."""
         for task, x in inputs.items():
             self._check(x, task)
-            if task in self.stems:
+        outputs: dict[str, Tensor] = {}
+        for call in self.trunk_plan(inputs):
+            if len(call) == 1 and call[0][1][0] in self.stems:
+                x, (task,) = call[0]
                 outputs[task] = self.heads[task](self.trunk(self.stems[task](x))[:, self.column[task]])
-            else:
-                groups.setdefault(tuple(x.shape[1:]), []).append(task)
-        for names in groups.values():
-            sizes = [inputs[n].shape[0] for n in names]
-            out = self.trunk(torch.cat([inputs[n] for n in names]))
-            for n, part in zip(names, torch.split(out, sizes), strict=True):
-                outputs[n] = self.heads[n](part[:, self.column[n]])
+                continue
+            out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
+            for (_, names), part in zip(call, torch.split(out, [x.shape[0] for x, _ in call]), strict=True):
+                for n in names:
+                    outputs[n] = self.heads[n](part[:, self.column[n]])
         return {task: outputs[task] for task in inputs}
 
     def _private_ids(self) -> set[int]:

@@ -75,31 +75,67 @@ class MultiTaskModel(nn.Module):
         feats = self.features(x, task)  # checks the task name first (a bare KeyError otherwise)
         return self.heads[task](feats)
 
+    def trunk_plan(self, inputs: Mapping[str, Tensor]) -> list[list[tuple[Tensor, list[str]]]]:
+        """The trunk calls :meth:`forward_many` makes for ``inputs``: each call concatenates its blocks' rows,
+        and each block is one distinct input tensor with the tasks that read it.
+
+        A task with a stem gets a call of its own (block: its raw input). Stem-less tasks go through one call
+        per input shape; a tensor given to several tasks is one block (its rows run once, every such task's head
+        reads the same features). In a call, blocks read by one task come first, then shared blocks.
+        """
+        calls: list[list[tuple[Tensor, list[str]]]] = []
+        by_shape: dict[tuple[int, ...], dict[int, tuple[Tensor, list[str]]]] = {}
+        for task, x in inputs.items():
+            if task in self.stems:
+                calls.append([(x, [task])])
+            else:
+                by_shape.setdefault(tuple(x.shape[1:]), {}).setdefault(id(x), (x, []))[1].append(task)
+        for blocks in by_shape.values():
+            calls.append([b for b in blocks.values() if len(b[1]) == 1] + [b for b in blocks.values() if len(b[1]) > 1])
+        return calls
+
     def forward_many(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Outputs for several tasks at once: ``{task: x}`` → ``{task: output}``.
 
-        Tasks without a stem whose inputs share a shape go through the trunk in one concatenated call, so a
-        step over many tasks costs one trunk pass rather than one per task. Trunks must therefore treat
-        examples independently (no batch statistics), which holds for every trunk mtml builds.
+        The trunk runs once per call of :meth:`trunk_plan`: tasks given the *same tensor* share one pass, and
+        stem-less tasks whose inputs share a shape go through the trunk in one concatenated call, so a step over
+        many tasks costs one trunk pass rather than one per task. Concatenating rows of different tasks needs a
+        trunk that treats rows independently (no batch statistics), which holds for every trunk mtml builds.
         """
-        feats: dict[str, Tensor] = {}
-        groups: dict[tuple[int, ...], list[str]] = {}
         for task, x in inputs.items():
             self._check(x, task)
-            if task in self.stems:
-                feats[task] = self.trunk(self.stems[task](x))
-            else:
-                groups.setdefault(tuple(x.shape[1:]), []).append(task)
         outputs: dict[str, Tensor] = {}
-        for names in groups.values():
-            sizes = [inputs[n].shape[0] for n in names]
-            out = self.trunk(torch.cat([inputs[n] for n in names]))
-            if self._stackable(names) and out.shape[0] * out.shape[1] * self.heads[names[0]].out_features <= 1 << 22:
-                outputs.update(zip(names, torch.split(self._stacked_linear(names, out, sizes), sizes), strict=True))
+        for call in self.trunk_plan(inputs):
+            if len(call) == 1 and call[0][1][0] in self.stems:
+                x, (task,) = call[0]
+                outputs[task] = self.heads[task](self.trunk(self.stems[task](x)))
+                continue
+            sizes = [x.shape[0] for x, _ in call]
+            out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
+            parts = torch.split(out, sizes)
+            own = [names[0] for _, names in call if len(names) == 1]
+            k = len(own)
+            if own and self._stackable(own) and sum(sizes[:k]) * out.shape[1] * self.heads[own[0]].out_features \
+                    <= 1 << 22:
+                feats = out[: sum(sizes[:k])] if k < len(call) else out
+                outputs.update(zip(own, torch.split(self._stacked_linear(own, feats, sizes[:k]), sizes[:k]),
+                                   strict=True))
             else:
-                feats.update(zip(names, torch.split(out, sizes), strict=True))
-        outputs.update({task: self.heads[task](feats[task]) for task in feats})
+                outputs.update({n: self.heads[n](part) for n, part in zip(own, parts[:k], strict=True)})
+            for (_, names), part in zip(call[k:], parts[k:], strict=True):
+                outputs.update(self._heads_on(names, part))
         return {task: outputs[task] for task in inputs}
+
+    def _heads_on(self, names: list[str], feats: Tensor) -> dict[str, Tensor]:
+        """Every head of ``names`` on the same features ``[rows, d]``; plain linear heads as one matmul."""
+        heads = [self.heads[n] for n in names]
+        if len(heads) < 2 or not all(type(h) is nn.Linear and h.bias is not None for h in heads):
+            return {n: h(feats) for n, h in zip(names, heads, strict=True)}
+        weight = torch.cat([h.weight for h in heads if isinstance(h, nn.Linear)])  # [Σ out, d]
+        bias = torch.cat([h.bias for h in heads if isinstance(h, nn.Linear) and h.bias is not None])
+        out = torch.addmm(bias, feats, weight.T)
+        widths = [h.out_features for h in heads if isinstance(h, nn.Linear)]
+        return dict(zip(names, torch.split(out, widths, dim=1), strict=True))
 
     def _stackable(self, names: list[str]) -> bool:
         heads = [self.heads[n] for n in names]

@@ -14,7 +14,7 @@ from mtml.errors import ConfigError, ShapeError
 __all__ = ["GRAMIAN_BACKENDS", "GramianWeighting", "Weighting"]
 
 #: How the step computes the task Gramian (see :mod:`mtml.weighting.gramian`).
-GRAMIAN_BACKENDS = ("auto", "loop", "batched", "layerwise", "representation")
+GRAMIAN_BACKENDS = ("auto", "loop", "batched", "layerwise", "rows", "representation")
 
 
 class Weighting(nn.Module):
@@ -75,7 +75,9 @@ class GramianWeighting(Weighting):
 
     Args:
         gramian: how the step computes the Gramian: ``auto`` (the fastest exact way for the model, see
-            :mod:`mtml.weighting.gramian`), ``loop``, ``batched``, ``layerwise`` or ``representation`` (gradients
+            :mod:`mtml.weighting.gramian`), ``loop``, ``batched``, ``layerwise``, ``rows`` (layer-wise with one
+            backward split by rows; needs every row read by one task and a trunk that keeps rows apart) or
+            ``representation`` (gradients
             with respect to the shared representation instead of the shared parameters: cheaper, not exact).
     """
 

@@ -1,17 +1,20 @@
-"""The Gramian of per-task gradients over the shared parameters, ``G[i, j] = ⟨∇Lᵢ, ∇Lⱼ⟩``, five ways.
+"""The Gramian of per-task gradients over the shared parameters, ``G[i, j] = ⟨∇Lᵢ, ∇Lⱼ⟩``, six ways.
 
 * ``loop`` — one backward per task (:func:`task_gramian` with ``backend="loop"``);
 * ``batched`` — one vmapped backward with m cotangents (``is_grads_batched``);
 * ``layerwise`` — per ``nn.Linear`` layer of the shared part, from its input ``a [N, d_in]`` and the per-task
-  gradients of its output ``δ [N, d_out]``: ``⟨δ_sᵀa, δ_tᵀa⟩``, by explicit per-task gradients or by the kernel
-  identity ``Σ (aaᵀ ∘ δ_sδ_tᵀ)``, whichever costs fewer flops. When each task owns its own rows of every shared
-  call (``forward_many`` concatenates the tasks' batches and the trunk treats rows independently), ONE ordinary
-  backward of ``Σ Lᵢ`` gives every row's ``δ``, and task t's gradient is the sum over its rows: the exact
-  Gramian costs about one extra backward. Otherwise ``δ`` comes from one batched backward to the layer outputs.
+  gradients of its output ``δ``: ``⟨δ_sᵀa, δ_tᵀa⟩``, by explicit per-task gradients or by the kernel identity,
+  whichever costs fewer multiply-adds (:mod:`mtml.weighting._layer_gram`). ``δ`` comes from ONE ordinary backward
+  of ``Σ Lᵢ`` when every trunk row is read by one task and the trunk treats rows independently (checked:
+  :mod:`mtml.weighting._row_coupling`) — task t's gradient is then the sum over its rows (``layerwise/rows``);
+  otherwise, e.g. tasks on shared rows, from one batched backward of the m task losses to the layer outputs
+  (``layerwise/batched``: no parameter Jacobian is formed). Either way the weighted gradient of those layers
+  follows from the same ``δ`` (:meth:`GramianTape.backward`), so the step needs no second trunk backward.
+* ``rows`` — ``layerwise/rows`` or an error that says why rows cannot be split (shared rows, a BatchNorm, …).
 * ``representation`` — gradients with respect to the trunk's output instead of its parameters (MGDA-UB's bound):
   cheapest, not the parameter Gramian. With row-owned batches this Gramian is diagonal.
-* ``auto`` — ``layerwise`` when every shared parameter sits in an ``nn.Linear`` (row-owned or not), else ``loop``
-  on CPU and ``batched`` on GPU. :attr:`GramianTape.used` says which ran.
+* ``auto`` — ``layerwise`` when every shared parameter sits in an ``nn.Linear`` (rows split when that is valid),
+  else ``loop`` on CPU and ``batched`` on GPU. :attr:`GramianTape.used` says which ran.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mtml.errors import ConfigError
+from mtml.weighting._layer_gram import batched_gram, combined_delta, rows_gram
+from mtml.weighting._row_coupling import row_coupling
 from mtml.weighting.base import GRAMIAN_BACKENDS
 
 __all__ = ["GramianTape", "task_gramian", "task_jacobian"]
@@ -88,31 +93,26 @@ def task_jacobian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: st
 
 
 def forward_many_owners(model: nn.Module, inputs: Mapping[str, Tensor], names: Sequence[str]) -> list[Tensor]:
-    """Task index (in ``names``) of every row of every trunk call ``MultiTaskModel.forward_many(inputs)`` makes.
+    """Task index (in ``names``) of every row of every trunk call ``MultiTaskModel.forward_many(inputs)`` makes;
+    ``-1`` for a row that several tasks read (a tensor given to several tasks).
 
-    Tasks with a stem call the trunk alone, in input order; then one call per group of stem-less tasks with a
-    common input shape, rows concatenated in input order. A model with its own ``row_owners(inputs, names)``
-    method is asked instead.
+    The calls are the model's ``trunk_plan(inputs)``. A model with its own ``row_owners(inputs, names)`` method
+    is asked instead.
     """
     custom = getattr(model, "row_owners", None)
     if callable(custom):
         return list(custom(inputs, names))
     index = {n: i for i, n in enumerate(names)}
-    stems = getattr(model, "stems", {})
-    calls: list[Tensor] = []
-    groups: dict[tuple[int, ...], list[Tensor]] = {}
-    for task, x in inputs.items():
-        owner = torch.full((x.shape[0],), index[task], dtype=torch.long, device=x.device)
-        if task in stems:
-            calls.append(owner)
-        else:
-            groups.setdefault(tuple(x.shape[1:]), []).append(owner)
-    calls.extend(torch.cat(parts) for parts in groups.values())
+    calls = []
+    for call in model.trunk_plan(inputs):  # type: ignore[operator]
+        calls.append(torch.cat([torch.full((x.shape[0],), index[tasks[0]] if len(tasks) == 1 else -1,
+                                           dtype=torch.long, device=x.device) for x, tasks in call]))
     return calls
 
 
 class GramianTape:
-    """Records, during the forward pass, what the chosen Gramian backend needs; then computes the Gramian.
+    """Records, during the forward pass, what the chosen Gramian backend needs; then computes the Gramian and,
+    for the layer-wise backends, the weighted gradient of the shared layers without a second trunk backward.
 
     Usage (what :func:`~mtml.engine.joint.joint_step` does)::
 
@@ -120,9 +120,11 @@ class GramianTape:
         with tape:
             losses = task_losses(model, tasks, batch, names)
         gramian = tape.gramian(losses, inputs={n: batch[n][0] for n in names}, names=names)
+        weights = weighting(losses, gramian)
+        tape.backward((weights * losses).sum(), weights, params)   # or objective.backward()
 
-    ``model`` needs ``shared_parameters()`` and, for ``layerwise``/``representation``, a ``trunk`` module (the
-    shared part called by ``forward_many``). ``inputs`` lets the tape derive which task owns which row.
+    ``model`` needs ``shared_parameters()`` and, for ``layerwise``/``rows``/``representation``, a ``trunk`` module
+    (the shared part called by ``forward_many``). ``inputs`` lets the tape derive which task reads which row.
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto") -> None:
@@ -142,18 +144,21 @@ class GramianTape:
         self.trunk: nn.Module | None = trunk if isinstance(trunk, nn.Module) else None
         self._handles: list[RemovableHandle] = []
         self._calls: list[Tensor] = []  # trunk outputs, in call order
+        self._example: Tensor | None = None  # some trunk input rows, to check that the trunk keeps rows apart
         self._records: dict[nn.Linear, list[tuple[Tensor, Tensor, int]]] = {}
         self._outside = False  # a shared Linear ran outside a trunk call: row ownership unknown
+        self._pieces: list[tuple[nn.Linear, Tensor, Tensor, Tensor | None]] = []  # (layer, a, δ, row owners)
 
     # -- recording ---------------------------------------------------------------------------------------
     def __enter__(self) -> GramianTape:
-        self._calls, self._records, self._outside = [], {mod: [] for mod in self.linears}, False
+        self._calls, self._records, self._outside, self._pieces = [], {mod: [] for mod in self.linears}, False, []
+        self._example = None
         if self.backend in ("loop", "batched") or self.trunk is None:
             return self
         self._active = False
         self._handles.append(self.trunk.register_forward_pre_hook(self._enter_trunk))
         self._handles.append(self.trunk.register_forward_hook(self._leave_trunk))
-        if self.backend in ("auto", "layerwise"):
+        if self.backend in ("auto", "layerwise", "rows"):
             for mod in self.linears:
                 self._handles.append(mod.register_forward_hook(self._record_linear))
         return self
@@ -165,6 +170,8 @@ class GramianTape:
 
     def _enter_trunk(self, module: nn.Module, args: Any) -> None:
         self._active = True
+        if self._example is None and args and isinstance(args[0], Tensor):
+            self._example = args[0]
 
     def _leave_trunk(self, module: nn.Module, args: Any, output: Any) -> None:
         self._active = False
@@ -180,24 +187,45 @@ class GramianTape:
                 names: Sequence[str] | None = None) -> Tensor:
         """``[m, m]`` Gramian of ``losses: [m]`` (graph kept for the weighted backward)."""
         m = losses.shape[0]
+        self._pieces = []
         owners = self._owners(inputs, names, m)
         backend = self.backend
         if backend == "auto":
             can = self.trunk is not None and not self.rest and not self._outside and self._recorded_all()
             backend = "layerwise" if can else ("batched" if losses.device.type == "cuda" else "loop")
-        if backend in ("layerwise", "representation") and self.trunk is None:
+        if backend in ("layerwise", "rows", "representation") and self.trunk is None:
             raise ConfigError(f"gramian '{backend}' needs a model with a `trunk` module; use loop or batched.")
         if backend in ("loop", "batched"):
             self.used = backend
             return task_gramian(losses, self.shared, backend=backend)
-        if backend == "representation":
+        if backend == "representation":  # features of a row feed only its own task's head: rows stay valid
             self.used = "representation" + ("/rows" if owners is not None else "/batched")
             return self._representation(losses, owners)
+        owners = self._row_owners(owners, strict=backend == "rows")
         self.used = "layerwise" + ("/rows" if owners is not None else "/batched")
         gram = self._layerwise(losses, owners)
         if self.rest:
             gram = gram + task_gramian(losses, self.rest, backend="loop")
         return gram
+
+    def _row_owners(self, owners: list[Tensor] | None, *, strict: bool) -> list[Tensor] | None:
+        """``owners`` when one backward of ``Σ L`` splits into per-task gradients by rows, else None; with
+        ``strict`` (backend ``rows``) a :class:`ConfigError` says why it does not."""
+        alternatives = "use gramian: layerwise (exact for any rows: per-task output gradients), batched or loop"
+        if owners is None:
+            if strict:
+                raise ConfigError("gramian 'rows' needs every trunk row read by exactly one task, but here tasks "
+                                  f"share their rows (or the model does not say which task reads which row); "
+                                  f"{alternatives}.")
+            return None
+        assert self.trunk is not None
+        coupling = row_coupling(self.trunk, self._example)
+        if coupling is not None:
+            if strict:
+                raise ConfigError(f"gramian 'rows' needs a trunk that treats rows independently, but {coupling} "
+                                  f"mixes rows, so one backward cannot be split by rows; {alternatives}.")
+            return None
+        return owners
 
     def _recorded_all(self) -> bool:
         return all(self._records[mod] for mod in self.linears) and bool(self._calls)
@@ -209,8 +237,8 @@ class GramianTape:
             owners = forward_many_owners(self.model, inputs, names)
         except (KeyError, AttributeError):
             return None
-        if len(owners) != len(self._calls):
-            return None
+        if len(owners) != len(self._calls) or any(bool((own < 0).any()) for own in owners):
+            return None  # rows read by several tasks: per-task gradients need one backward per task
         for own, out in zip(owners, self._calls, strict=True):
             if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != own.shape[0]:
                 return None
@@ -257,60 +285,48 @@ class GramianTape:
             if d is not None:
                 by_layer.setdefault(mod, []).append((a.detach(), d, call))
         for mod, parts in by_layer.items():
-            a = torch.cat([p[0] for p in parts]).reshape(-1, mod.in_features)
-            if mod.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)  # the bias is a weight on a constant input
+            a = (parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])).reshape(-1, mod.in_features)
             if owners is not None:
-                d = torch.cat([p[1] for p in parts])
-                own = torch.cat([owners[p[2]] for p in parts])
-                gram = gram + _rows_gram(a, d, own, m).to(gram.dtype)
+                d = torch.cat([p[1] for p in parts]).reshape(a.shape[0], -1)
+                own: Tensor | None = torch.cat([owners[p[2]] for p in parts])
             else:
-                d = torch.cat([p[1] for p in parts], dim=1)
-                gram = gram + _batched_gram(a, d).to(gram.dtype)
+                d = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
+                d, own = d.reshape(m, a.shape[0], -1), None
+            self._pieces.append((mod, a, d, own))
+            aug = torch.cat([a, a.new_ones(a.shape[0], 1)], 1) if mod.bias is not None else a  # bias: input 1
+            layer = rows_gram(aug, d, own, m) if own is not None else batched_gram(aug, d)
+            gram = gram + layer.to(gram.dtype)
         return gram
 
+    # -- the weighted gradient ------------------------------------------------------------------------------
+    def backward(self, objective: Tensor, weights: Tensor, params: Sequence[Tensor]) -> None:
+        """Accumulate ``∇ objective`` into ``.grad`` of ``params``, where ``objective = Σ_t weights[t]·L_t + c``
+        (``c`` free of the shared layers) and ``weights`` the detached task weights.
 
-_CHUNK = 1 << 24  # elements of per-task gradients held at once
-
-
-def _rows_gram(a: Tensor, d: Tensor, owner: Tensor, m: int) -> Tensor:
-    """Row-owned layer: ``a [N, i]``, ``δ [N, o]``, ``owner [N]`` → ``[m, m]`` Gramian of ``Σ_{rows of t} δᵀa``."""
-    n, i = a.shape
-    o = d.shape[1]
-    if n * n * (i + o + m) < n * i * o + m * m * i * o:  # kernel identity is cheaper
-        onehot = torch.zeros(n, m, dtype=a.dtype, device=a.device)
-        onehot[torch.arange(n, device=a.device), owner] = 1.0
-        kernel = (a @ a.T) * (d @ d.T)
-        return onehot.T @ kernel @ onehot
-    counts = torch.bincount(owner, minlength=m).tolist()
-    order = torch.argsort(owner, stable=True)
-    if not bool((order == torch.arange(n, device=order.device)).all()):
-        a, d = a[order], d[order]
-    gram = a.new_zeros(m, m)
-    step = max(1, _CHUNK // max(1, m * i))
-    for lo in range(0, o, step):
-        dc = d[:, lo : lo + step]
-        if len(set(counts)) == 1 and counts[0] > 0:
-            k = counts[0]
-            jac = torch.bmm(dc.reshape(m, k, -1).transpose(1, 2), a.reshape(m, k, i)).reshape(m, -1)
-        else:
-            jac = torch.stack([blk_d.T @ blk_a for blk_d, blk_a in zip(dc.split(counts), a.split(counts), strict=True)])
-            jac = jac.reshape(m, -1)
-        gram = gram + jac @ jac.T
-    return gram
+        After a layer-wise Gramian whose layers hold every shared parameter, the shared layers' gradients are
+        ``Σ_t w_t δ_tᵀa`` from the recorded ``δ`` (no second backward through the trunk) and autograd computes
+        only the rest (heads, stems, weighting parameters). Otherwise this is ``objective.backward()``.
+        """
+        covered = {id(p) for mod, _, _, _ in self._pieces for p in mod.parameters(recurse=False)}
+        fused = bool(self._pieces) and not self.rest and not weights.requires_grad and \
+            all(id(p) in covered for p in self.shared)
+        if not fused:
+            objective.backward()
+            return
+        others = [p for p in params if p.requires_grad and id(p) not in covered]
+        if others and objective.requires_grad:
+            torch.autograd.backward(objective, inputs=others)
+        for mod, a, d, own in self._pieces:
+            delta = combined_delta(d, weights.detach(), own)  # [N, out]
+            _accumulate(mod.weight, delta.T @ a)
+            if mod.bias is not None:
+                _accumulate(mod.bias, delta.sum(0))
+        self._pieces = []
 
 
-def _batched_gram(a: Tensor, d: Tensor) -> Tensor:
-    """Shared rows: ``a [N, i]``, per-task ``δ [m, N, o]`` → ``[m, m]`` Gramian of ``δ_tᵀa``."""
-    m, n, o = d.shape
-    i = a.shape[1]
-    if n * n * i + m * n * n * o + m * m * n * o < m * n * i * o + m * m * i * o:
-        z = (a @ a.T) @ d.permute(1, 0, 2).reshape(n, m * o)  # (aaᵀ)·δ_t for every t: [N, m·o]
-        return d.reshape(m, -1) @ z.reshape(n, m, o).permute(1, 0, 2).reshape(m, -1).T
-    gram = a.new_zeros(m, m)
-    step = max(1, _CHUNK // max(1, m * i))
-    for lo in range(0, o, step):
-        dc = d[:, :, lo : lo + step]
-        jac = (dc.transpose(1, 2).reshape(-1, n) @ a).reshape(m, -1)
-        gram = gram + jac @ jac.T
-    return gram
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    grad = grad.to(param.dtype).reshape(param.shape)
+    if param.grad is None:
+        param.grad = grad.contiguous()
+    else:
+        param.grad.add_(grad)

@@ -17,7 +17,7 @@ from torch import Tensor
 from mtml.errors import DataError
 from mtml.tasks import SPLITS, Split, Task
 
-__all__ = ["TaskGroup", "task_groups", "tasks_to"]
+__all__ = ["TaskGroup", "labelled_only", "task_groups", "tasks_to"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,18 @@ def tasks_to(tasks: Sequence[Task], device: torch.device | str) -> list[Task]:
                 object.__setattr__(copy, split, Split(x, y, move(s.mask)))
         out.append(copy)
     return out
+
+
+def labelled_only(task: Task) -> Task:
+    """``task`` with its unlabelled rows dropped from every split (for uses that train or score one task alone,
+    such as transfer targets); the task itself when every row has a label."""
+    splits = {name: getattr(task, name) for name in SPLITS}
+    if all(s is None or s.mask is None for s in splits.values()):
+        return task
+    copy = Task.__new__(Task)
+    copy.__dict__.update(task.__dict__)
+    object.__setattr__(copy, "group", None)
+    for name, s in splits.items():
+        if s is not None and s.mask is not None:
+            object.__setattr__(copy, name, Split(s.x[s.mask], s.y[s.mask]))
+    return copy

@@ -20,6 +20,7 @@ from mtml.engine import Run, load_checkpoint, restore
 from mtml.errors import ConfigError, ShapeError, UnknownNameError
 from mtml.experiment import build
 from mtml.experiment_meta import build_meta
+from mtml.groups import labelled_only
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task
 from mtml.transfer import ESTIMATORS, estimate_all, head_probs
@@ -81,7 +82,7 @@ def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[t
 def _target_tasks(target: Config, task: str | None) -> list[Task]:
     if target.is_meta:
         raise ConfigError("--target must be a joint (multi-task) config: its tasks' data are the target.")
-    tasks = build(target).tasks
+    tasks = [labelled_only(t) for t in build(target).tasks]  # each target task is scored alone
     if task is None:
         return tasks
     chosen = [t for t in tasks if t.name == task]

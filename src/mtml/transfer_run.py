@@ -29,6 +29,7 @@ from mtml.engine.distributed import broadcast_from_main, is_distributed, is_main
 from mtml.errors import ConfigError, RunExistsError
 from mtml.experiment import build
 from mtml.experiment_meta import build_meta
+from mtml.groups import labelled_only
 from mtml.meta import mean_ci
 from mtml.tasks import Split, Task, TaskKind
 from mtml.transfer.strategies import STRATEGIES, Source, Strategy
@@ -85,7 +86,8 @@ def _dataset_tasks(config: Config) -> list[Task]:
     opts = dict(config.data.options)
     if "seed" in inspect.signature(DATASETS.get(config.data.dataset)).parameters:
         opts.setdefault("seed", config.seed)
-    return DATASETS.create(config.data.dataset, where="data.options", **opts)
+    # a target task is fitted and scored alone: rows without its label carry nothing for it
+    return [labelled_only(t) for t in DATASETS.create(config.data.dataset, where="data.options", **opts)]
 
 
 def _family(config: Config, shots: int) -> Any:

@@ -43,14 +43,16 @@ def test_table_builds_one_task_per_target(tmp_path: Path) -> None:
     assert abs(float(by["price"].train.y.mean())) < 1e-5  # standardised regression target
 
 
-def test_table_missing_target_names_column_and_fix(tmp_path: Path) -> None:
+def test_table_missing_target_is_masked_or_dropped(tmp_path: Path) -> None:
     rows = _rows()
     rows[4] = "1.0,red,,a,no"
     path = _write(tmp_path, rows)
-    with pytest.raises(DataError, match=r"'price' has 1 missing values \(first in data row 4\).*dropna"):
-        table(path=str(path), targets={"price": {"column": "price", "kind": "regression"}})
+    (task,) = table(path=str(path), targets={"price": {"column": "price", "kind": "regression"}})
+    splits = (task.train, task.val, task.test)
+    assert sum(len(s) for s in splits) == 60 and sum(s.labelled for s in splits) == 59  # row kept, unlabelled
     tasks = table(path=str(path), targets={"price": {"column": "price", "kind": "regression"}}, dropna=True)
     assert sum(len(s) for s in (tasks[0].train, tasks[0].val, tasks[0].test)) == 59
+    assert all(s.mask is None for s in (tasks[0].train, tasks[0].val, tasks[0].test))
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,13 @@ PCGRAD: dict[str, Any] = {
 ROWS: dict[str, Any] = {**PCGRAD, "name": "dist-rows",
                         "data": {"dataset": "synthetic", "options": {**PCGRAD["data"]["options"], "num_tasks": 1}},
                         "training": {**PCGRAD["training"], "weighting": {"name": "uncertainty"}}}
+# tasks on shared rows (penguins: species + body mass): every rank takes its share of the group's rows
+SHARED: dict[str, Any] = {
+    "name": "dist-shared", "seed": 3, "threads": 1, "data": {"dataset": "penguins"},
+    "model": {"trunk_hidden": [12]},
+    "training": {"weighting": {"name": "mgda"}, "lr": 0.01, "batch_size": 33, "max_steps": 8, "eval_every": 4,
+                 "patience": 0},
+}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
 
@@ -144,8 +151,9 @@ def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 # -- equivalence -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("config", "mode"), [(MAML, "shm"), (MAML, "process-group"), (PROTONET, "auto"),
-                                             (PCGRAD, "auto"), (ROWS, "auto")],
-                         ids=["maml-shm", "maml-gloo", "protonet", "joint-pcgrad", "joint-rows-uncertainty"])
+                                             (PCGRAD, "auto"), (ROWS, "auto"), (SHARED, "auto")],
+                         ids=["maml-shm", "maml-gloo", "protonet", "joint-pcgrad", "joint-rows-uncertainty",
+                              "joint-shared-rows-mgda"])
 def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any],
                                                           mode: str) -> None:
     one = _train(config, str(tmp_path / "one"))

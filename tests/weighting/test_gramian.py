@@ -11,7 +11,8 @@ from mtml.errors import ConfigError
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split, Task, TaskKind
 from mtml.weighting import WEIGHTINGS, GramianTape, task_gramian
-from mtml.weighting.gramian import _batched_gram, _rows_gram
+from mtml.weighting._layer_gram import batched_gram as _batched_gram
+from mtml.weighting._layer_gram import rows_gram as _rows_gram
 
 
 def _oracle(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:

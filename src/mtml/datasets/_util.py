@@ -41,14 +41,22 @@ def split_indices(n: int, fractions: tuple[float, float, float], generator: torc
     return [perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]]
 
 
-def standardize(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
-    """Scale columns to zero mean and unit variance using statistics of ``train`` only."""
-    mean = train.mean(0, keepdim=True)
-    std = train.std(0, keepdim=True).nan_to_num(1.0).clamp_min(1e-8) if train.shape[0] > 1 else torch.ones_like(mean)
+def standardize(train: Tensor, *others: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Scale columns to zero mean and unit variance using statistics of ``train`` only.
+
+    With ``mask`` (bool ``[len(train)]``, True = labelled) the statistics come from the marked train rows only;
+    the other rows (NaN allowed) are scaled alike and stay unused.
+    """
+    ref = train if mask is None else train[mask]
+    mean = ref.mean(0, keepdim=True)
+    std = ref.std(0, keepdim=True).nan_to_num(1.0).clamp_min(1e-8) if ref.shape[0] > 1 else torch.ones_like(mean)
     return tuple((t - mean) / std for t in (train, *others))
 
 
-def make_task(name: str, kind: str, xs: Sequence[Tensor], ys: Sequence[Tensor], **options: Any) -> Task:
-    """A task from train/val/test inputs ``xs`` and targets ``ys`` (three of each)."""
-    train, val, test = (Split(x, y) for x, y in zip(xs, ys, strict=True))
-    return Task(name, TaskKind(kind), train, val, test, **options)
+def make_task(name: str, kind: str, xs: Sequence[Tensor], ys: Sequence[Tensor], *, group: str | None = None,
+              masks: Sequence[Tensor | None] | None = None, **options: Any) -> Task:
+    """A task from train/val/test inputs ``xs``, targets ``ys`` and optionally label ``masks`` (three of each;
+    see :class:`~mtml.tasks.Split`). Tasks on the same rows pass the same ``xs`` tensors and one ``group``."""
+    masks = [None] * len(xs) if masks is None else masks
+    train, val, test = (Split(x, y, m) for x, y, m in zip(xs, ys, masks, strict=True))
+    return Task(name, TaskKind(kind), train, val, test, group=group, **options)

@@ -110,7 +110,8 @@ def fashion(
     seed: int = 0, flatten: bool = True,
 ) -> list[Task]:
     """Two multiclass tasks on the same images: ``category`` (the 10 classes, ``CLASSES``) and ``group``
-    (``GROUPS``: tops, bottoms, footwear, bags; mapping ``GROUP_OF``).
+    (``GROUPS``: tops, bottoms, footwear, bags; mapping ``GROUP_OF``). Both hold the same ``x`` tensors and form
+    the task group ``fashion``.
 
     Train and val are disjoint random subsets (``seed``) of the 60 000 official training images; test is the
     official test set (all 10 000, or a random ``test_size`` of them). Inputs are pixels in [0, 1]:
@@ -139,7 +140,7 @@ def fashion(
 
     def task(name: str, labels: dict[str, Tensor], classes: int) -> Task:
         train, val, test = (Split(xs[s], labels[s]) for s in ("train", "val", "test"))
-        return Task(name, TaskKind.MULTICLASS, train, val, test, num_outputs=classes)
+        return Task(name, TaskKind.MULTICLASS, train, val, test, num_outputs=classes, group="fashion")
 
     return [task("category", ys, len(CLASSES)), task("group", {s: group_of[y] for s, y in ys.items()}, len(GROUPS))]
 

@@ -65,7 +65,7 @@ def glyph_tasks(*, alphabets: Sequence[str], characters: int, examples: int, fra
                 gen: torch.Generator, render_seed: int = 0, cache_dir: str | None = None, flatten: bool = False,
                 ) -> list[Task]:
     """``script``, ``character`` and ``font_style`` on the same glyph images ``[n, 1, 28, 28]`` (``[n, 784]``
-    with ``flatten``).
+    with ``flatten``): one ``x`` tensor per split shared by the three tasks, task group ``glyphs``.
 
     The set is rendered with ``render_seed`` (not the split seed), so every seed reuses one cache entry.
     """
@@ -82,8 +82,10 @@ def glyph_tasks(*, alphabets: Sequence[str], characters: int, examples: int, fra
     labels = {"script": (g.alphabet[keep], len(g.alphabets)), "character": (chars, int(chars.max()) + 1),
               "font_style": (2 * (g.style[keep] == STYLES.index("serif")).long() + g.bold[keep], len(FONT_STYLES))}
     tr, va, te = _stratified(chars, fractions, gen)
-    return [check_seen_labels(Task(name, TaskKind.MULTICLASS, Split(x[tr], y[tr]), Split(x[va], y[va]),
-                                   Split(x[te], y[te]), num_outputs=classes)) for name, (y, classes) in labels.items()]
+    x_tr, x_va, x_te = x[tr], x[va], x[te]  # sliced once: the three tasks share these tensors (one trunk pass)
+    return [check_seen_labels(Task(name, TaskKind.MULTICLASS, Split(x_tr, y[tr]), Split(x_va, y[va]),
+                                   Split(x_te, y[te]), num_outputs=classes, group="glyphs"))
+            for name, (y, classes) in labels.items()]
 
 
 def _fraction(name: str, value: float) -> float:

@@ -22,7 +22,8 @@ def movies(
 ) -> list[Task]:
     """Tasks ``rating`` (regression, standardised) and the genres, from year, log length, log votes, budget
     (log, with a known/unknown flag) and MPAA rating (one-hot). The per-vote histograms ``r1..r10`` are left
-    out: the rating is nearly a function of them.
+    out: the rating is nearly a function of them. Every task has the same rows (the same ``x`` tensors, task
+    group ``movies``).
 
     Args:
         n: films sampled (seeded) from those with at least ``min_votes`` votes; ``None`` keeps all.
@@ -52,10 +53,10 @@ def movies(
     parts = split_indices(len(df), (1 - val_fraction - test_fraction, val_fraction, test_fraction), gen)
     xs = standardize(*(x[p] for p in parts))
     rs = standardize(*(rating[p] for p in parts))
-    tasks = [make_task("rating", "regression", xs, rs)]
+    tasks = [make_task("rating", "regression", xs, rs, group="movies")]
     if genres_as == "multilabel":
-        tasks.append(make_task("genres", "multilabel", xs, [genres[p] for p in parts]))
+        tasks.append(make_task("genres", "multilabel", xs, [genres[p] for p in parts], group="movies"))
     else:
-        tasks += [make_task(f"genre_{g.lower()}", "binary", xs, [genres[p, j] for p in parts])
+        tasks += [make_task(f"genre_{g.lower()}", "binary", xs, [genres[p, j] for p in parts], group="movies")
                   for j, g in enumerate(GENRES)]
     return tasks

@@ -17,7 +17,7 @@ def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
 
     Features (standardised with train statistics): bill length, bill depth, flipper length, sex, island
     (one-hot) and year. Body mass is standardised too (metrics are in units of its train standard deviation).
-    Both tasks share the same rows and the same train/val/test split.
+    Both tasks share the same rows (the same ``x`` tensors, task group ``penguins``) and train/val/test split.
     """
     pp = require("palmerpenguins", "penguins")
     df = pp.load_penguins().dropna().reset_index(drop=True)
@@ -34,6 +34,7 @@ def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
     xs = standardize(x[tr], x[va], x[te])
     ms = standardize(mass[tr], mass[va], mass[te])
     return [
-        make_task("species", "multiclass", xs, [species[i] for i in (tr, va, te)], num_outputs=len(species_names)),
-        make_task("body_mass", "regression", xs, ms),
+        make_task("species", "multiclass", xs, [species[i] for i in (tr, va, te)], num_outputs=len(species_names),
+                  group="penguins"),
+        make_task("body_mass", "regression", xs, ms, group="penguins"),
     ]

@@ -42,22 +42,40 @@ def _target(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[str, Tas
                           "multiclass.") from None
 
 
-def _encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    missing = np.flatnonzero(col.isna().to_numpy())
-    if len(missing):
-        raise DataError(f"task '{name}': target column '{col.name}' has {len(missing)} missing values (first in "
-                        f"data row {missing[0]}); drop those rows, impute them, or set data.options.dropna: true.")
+def _encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Targets, the labelled-row mask (bool ``[n]``) and extra task options of one target column.
+
+    Missing values are no class: they get label 0 (regression: NaN) and False in the mask."""
+    labelled = torch.tensor(col.notna().to_numpy(bool))
+    if not bool(labelled.any()):
+        raise DataError(f"task '{name}': target column '{col.name}' has no labels (all {len(col)} values are "
+                        "missing); fill some in or leave the target out.")
     if kind is TaskKind.REGRESSION:
-        return torch.tensor(col.to_numpy(np.float32))[:, None], {}
-    classes = sorted(col.unique().tolist(), key=str)
+        return torch.tensor(col.to_numpy(np.float32, na_value=np.nan))[:, None], labelled, {}
+    classes = sorted(col.dropna().unique().tolist(), key=str)
     index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[v] for v in col.tolist()])
+    labels = torch.tensor([index[v] if ok else 0 for v, ok in zip(col.tolist(), labelled.tolist(), strict=True)])
     if kind is TaskKind.BINARY:
         if len(classes) > 2:
             raise DataError(f"task '{name}': binary target column '{col.name}' has {len(classes)} distinct values "
                             f"({classes[:5]}…); use kind: multiclass.")
-        return labels.float(), {}
-    return labels, {"num_outputs": len(classes)}
+        return labels.float(), labelled, {}
+    return labels, labelled, {"num_outputs": len(classes)}
+
+
+def _split_masks(name: str, column: str, labelled: torch.Tensor, parts: Sequence[torch.Tensor],
+                 ) -> list[torch.Tensor | None] | None:
+    """Per-split masks of a target (None when every row is labelled; None for an empty split), or a
+    :class:`DataError` for a split that would hold no labelled row."""
+    if bool(labelled.all()):
+        return None
+    masks: list[torch.Tensor | None] = [labelled[p] if len(p) else None for p in parts]
+    for split, mask in zip(("train", "val", "test"), masks, strict=True):
+        if mask is not None and not bool(mask.any()):
+            raise DataError(f"task '{name}': target column '{column}' has no label in the {split} split's "
+                            f"{len(mask)} rows ({int(labelled.sum())} of {len(labelled)} rows are labelled); add "
+                            "labelled rows or set data.options.dropna: true.")
+    return masks
 
 
 def table(
@@ -67,8 +85,14 @@ def table(
     """One task per entry of ``targets`` (task name → column, or ``{column, kind}``), all from the same rows.
 
     Features are ``features`` (default: every column that is not a target); text columns are one-hot encoded,
-    numeric ones standardised with training statistics, regression targets too. Missing values are an error
-    unless ``dropna`` drops those rows. Kinds: float columns default to regression, others to multiclass.
+    numeric ones standardised with training statistics, regression targets too (with their labelled training
+    rows). Kinds: float columns default to regression, others to multiclass (pandas reads whole numbers with
+    gaps as floats: give such a class column's ``kind``). Several targets form the task group ``table``.
+
+    Missing values: a row without a target value stays in every task; that task just has no label there
+    (``Split(mask=...)``, so each task trains and is scored on its labelled rows). Missing feature values are an
+    error, as are a target with no label at all or with none in a split. ``dropna`` instead drops every row
+    that misses a feature or a target value.
     """
     if not targets:
         raise ConfigError("data.options.targets: give at least one target, e.g. {price: {column: price, kind: "
@@ -93,9 +117,13 @@ def table(
     parts = split_indices(len(df), (1 - val_fraction - test_fraction, val_fraction, test_fraction),
                           torch.Generator().manual_seed(seed))
     xs = standardize(*(x[p] for p in parts))
+    group = "table" if len(specs) > 1 else None
     tasks = []
-    for name, (_, kind, col) in specs.items():
-        y, extra = _encode_target(name, kind, col)
-        ys = standardize(*(y[p] for p in parts)) if kind is TaskKind.REGRESSION else tuple(y[p] for p in parts)
-        tasks.append(make_task(name, kind.value, xs, ys, **extra))
+    for name, (column, kind, col) in specs.items():
+        y, labelled, extra = _encode_target(name, kind, col)
+        masks = _split_masks(name, column, labelled, parts)
+        ys = tuple(y[p] for p in parts)
+        if kind is TaskKind.REGRESSION:
+            ys = standardize(*ys, mask=None if masks is None else masks[0])
+        tasks.append(make_task(name, kind.value, xs, ys, group=group, masks=masks, **extra))
     return tasks

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtml.engine.distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
-from mtml.engine.joint import Batch, StepResult, joint_step, task_losses
+from mtml.engine.joint import Batch, StepResult, joint_step, task_losses, unpack
 from mtml.errors import ConfigError
 from mtml.meta import Episode, MetaAlgorithm, meta_step
 from mtml.nn.model import MultiTaskModel
@@ -76,23 +76,34 @@ def _local_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch
                   names: list[str]) -> tuple[Tensor, list[int]]:
     """This rank's contribution to the ``[m]`` global task losses, and the tasks it contributes to.
 
-    With at least as many tasks as ranks each rank takes whole tasks (its heads, stems and losses: per-task
-    work is split too); otherwise each task's rows, scaled by the rank's share of them.
+    With at least as many tasks as ranks, and no rows shared by tasks, each rank takes whole tasks (its heads,
+    stems and losses: per-task work is split too); otherwise each input's rows are split (a tensor shared by a
+    task group is sliced once, so the group still makes one trunk pass per rank), and rank r's loss of task i is
+    scaled by its share of that task's labelled rows.
     """
     m = len(names)
-    if m >= world_size():
+    shared = len({id(batch[n][0]) for n in names}) < m
+    if m >= world_size() and not shared:
         own = list(range(m))[shard(m, "tasks")]
         mine = [names[i] for i in own]
         values = task_losses(model, tasks, {n: batch[n] for n in mine}, mine)
         index = torch.tensor(own, device=values.device)
         return values.new_zeros(m).index_add(0, index, values), own
     local: Batch = {}
+    sliced: dict[int, tuple[Tensor, slice]] = {}
     shares = []
     for name in names:
-        x, y = batch[name]
-        part = shard(x.shape[0], f"rows in the batch of task '{name}'")
-        local[name] = (x[part], y[part])
-        shares.append((part.stop - part.start) / x.shape[0])
+        x, y, mask = unpack(batch[name])
+        if id(x) not in sliced:
+            part = shard(x.shape[0], f"rows in the batch of task '{name}'")
+            sliced[id(x)] = (x[part], part)
+        xs, part = sliced[id(x)]
+        if mask is None:
+            local[name] = (xs, y[part])
+            shares.append((part.stop - part.start) / x.shape[0])
+        else:
+            local[name] = (xs, y[part], mask[part])
+            shares.append(float(mask[part].sum()) / max(1, int(mask.sum())))
     losses = task_losses(model, tasks, local, names)
     return losses * torch.tensor(shares, dtype=losses.dtype, device=losses.device), list(range(m))
 
@@ -108,9 +119,9 @@ def sharded_joint_step(
 ) -> StepResult:
     """:func:`~mtml.engine.joint.joint_step` on the global ``batch``, split over the ranks.
 
-    With at least as many tasks as ranks, each rank takes whole tasks; otherwise each task's rows are split,
-    and as task losses are means over rows, rank r's loss of task i is scaled by its share of that task's
-    rows. Either way the sum over ranks is the global loss vector. Weightings see the global (all-reduced)
+    With at least as many tasks as ranks (and no rows shared by tasks), each rank takes whole tasks; otherwise
+    each input's rows are split (a task group's rows once for the whole group), and as task losses are means over
+    labelled rows, rank r's loss of task i is scaled by its share of that task's labelled rows. Either way the sum over ranks is the global loss vector. Weightings see the global (all-reduced)
     losses and, when they need it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix
     ``J [m, shared parameters]`` — the same numbers on every rank, so every rank computes the same weights.
     Weightings may use the losses' values only (all built-in ones do); their penalty is split evenly.

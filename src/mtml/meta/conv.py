@@ -123,7 +123,8 @@ def _walk(module: nn.Module, prefix: str, out: list[_Item]) -> bool:
     if type(module) is MultiTaskModel:
         assert isinstance(module, MultiTaskModel)
         task = single_head(module)
-        parts = [(f"stems.{task}.", module.stems[task])] if task in module.stems else []
+        key = module.stem_of.get(task)
+        parts = [(f"stems.{key}.", module.stems[key])] if key is not None else []
         parts += [("trunk.", module.trunk), (f"heads.{task}.", module.heads[task])]
         return all(_walk(m, prefix + p, out) for p, m in parts)
     if type(module) is nn.Flatten:

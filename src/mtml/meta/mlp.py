@@ -99,7 +99,8 @@ def _chain(module: nn.Module, prefix: str, out: list[Layer]) -> bool:
         return True
     if isinstance(module, MultiTaskModel) and kind is MultiTaskModel:
         task = single_head(module)
-        parts = [(f"stems.{task}.", module.stems[task])] if task in module.stems else []
+        key = module.stem_of.get(task)
+        parts = [(f"stems.{key}.", module.stems[key])] if key is not None else []
         parts += [("trunk.", module.trunk), (f"heads.{task}.", module.heads[task])]
         return all(_chain(m, prefix + p, out) for p, m in parts)
     act = _activation(module)

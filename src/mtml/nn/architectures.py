@@ -36,8 +36,9 @@ class ColumnModel(MultiTaskModel):
     trunk: ColumnTrunk
 
     def __init__(self, trunk: ColumnTrunk, heads: Mapping[str, nn.Module], stems: Mapping[str, nn.Module] | None = None,
-                 *, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-        super().__init__(trunk, heads, stems, input_shapes=input_shapes)
+                 *, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 stem_of: Mapping[str, str] | None = None) -> None:
+        super().__init__(trunk, heads, stems, input_shapes=input_shapes, stem_of=stem_of)
         if list(trunk.task_names) != list(self.heads.keys()):
             raise ConfigError(f"trunk columns {trunk.task_names} must match the heads {list(self.heads.keys())}.")
         self.column = {t: i for i, t in enumerate(trunk.task_names)}
@@ -54,11 +55,11 @@ class ColumnModel(MultiTaskModel):
             self._check(x, task)
         outputs: dict[str, Tensor] = {}
         for call in self.trunk_plan(inputs):
-            if len(call) == 1 and call[0][1][0] in self.stems:
-                x, (task,) = call[0]
-                outputs[task] = self.heads[task](self.trunk(self.stems[task](x))[:, self.column[task]])
-                continue
-            out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
+            stem = self.stem_call(call)
+            if stem is not None:
+                out = self.trunk(stem(call[0][0]))
+            else:
+                out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
             for (_, names), part in zip(call, torch.split(out, [x.shape[0] for x, _ in call]), strict=True):
                 for n in names:
                     outputs[n] = self.heads[n](part[:, self.column[n]])

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
+from mtml.groups import task_groups
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 
-__all__ = ["ImageStem", "build_multitask_model", "mlp"]
+__all__ = ["ImageStem", "build_multitask_model", "group_stems", "mlp"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "linear": nn.Identity,
@@ -77,7 +78,8 @@ def build_multitask_model(
     """An MLP multi-task model for tasks with flat inputs, or a conv trunk for image tasks.
 
     Tasks whose input width differs from the first task's (or every task, when ``stem_width`` is set) get a
-    ``Linear(width → stem_width) → act`` stem in front of the shared trunk. With ``share_trunk=False`` every
+    ``Linear(width → stem_width) → act`` stem in front of the shared trunk, one per task group (tasks on the same
+    rows share their stem, so the group makes one stem and one trunk pass). With ``share_trunk=False`` every
     task gets its own copy of the trunk instead (as its stem, in front of an identity trunk): the single-task
     baseline with the same architecture, trainable in the same loop.
 
@@ -101,14 +103,36 @@ def build_multitask_model(
         return mlp(d_in, trunk_hidden, activation=activation, dropout=dropout)
 
     stems: dict[str, nn.Module] = {}
-    for t in tasks:
-        if needs_stem:
-            stems[t.name] = mlp(widths[t.name], (), d_in, activation=activation, final_activation=True)
-        if not share_trunk:
-            stems[t.name] = nn.Sequential(stems[t.name], trunk()) if needs_stem else trunk()
+    stem_of: dict[str, str] = {}
+    if not share_trunk:  # the single-task baseline: every task its own (stem and) trunk
+        for t in tasks:
+            own = mlp(widths[t.name], (), d_in, activation=activation, final_activation=True) if needs_stem else None
+            stems[t.name] = nn.Sequential(own, trunk()) if own is not None else trunk()
+    elif needs_stem:  # one stem per task group: tasks on the same rows share it (one stem and trunk pass)
+        stems, stem_of = group_stems(tasks, lambda t: mlp(widths[t.name], (), d_in, activation=activation,
+                                                          final_activation=True))
     heads = {t.name: mlp(d_feat, head_hidden, t.num_outputs, activation=activation) for t in tasks}
     shared: nn.Module = trunk() if share_trunk else nn.Identity()
-    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})
+    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks},
+                          stem_of=stem_of or None)
+
+
+def group_stems(tasks: Sequence[Task], make: Callable[[Task], nn.Module],
+                only: Callable[[Task], bool] = lambda t: True) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """One stem (``make(first task)``) per task group whose tasks pass ``only``, named after the group (a task
+    with rows of its own: after the task), and the task → stem map for :class:`MultiTaskModel`."""
+    stems: dict[str, nn.Module] = {}
+    stem_of: dict[str, str] = {}
+    for group in task_groups(tasks):
+        members = [t for t in group.tasks if only(t)]
+        if not members:
+            continue
+        key = members[0].name if len(members) == 1 else group.name
+        if key in stems or (key != members[0].name and key in {t.name for t in tasks}):
+            key = members[0].name  # a group named like another task: name its stem after its first task
+        stems[key] = make(members[0])
+        stem_of.update({t.name: key for t in members})
+    return stems, stem_of
 
 
 class ImageStem(nn.Module):
@@ -157,13 +181,17 @@ def _backbone_model(tasks: Sequence[Task], backbone: str, options: Mapping[str, 
     def trunk() -> nn.Module:
         return build_backbone(backbone, shape, options)
 
-    adapters: dict[str, nn.Module] = {t.name: ImageStem(t.input_shape, shape) for t in odd}
     # share_trunk=False: every task's own backbone is its stem (after its image stem), in front of an identity trunk
     shared = trunk() if share_trunk else nn.Identity()
-    stems = dict(adapters)
-    if not share_trunk:
-        stems = {t.name: nn.Sequential(adapters[t.name], trunk()) if t.name in adapters else trunk() for t in tasks}
+    odd_names = {t.name for t in odd}
+    stem_of: dict[str, str] = {}
+    if share_trunk:  # an image stem per task group of another shape
+        stems, stem_of = group_stems(tasks, lambda t: ImageStem(t.input_shape, shape), lambda t: t.name in odd_names)
+    else:
+        stems = {t.name: nn.Sequential(ImageStem(t.input_shape, shape), trunk()) if t.name in odd_names else trunk()
+                 for t in tasks}
     # without sharing, the first task's own backbone (its shape is the trunk's, so it has no image stem)
     width = feature_dim(shared if share_trunk else stems[tasks[0].name])
     heads = {t.name: mlp(width, head_hidden, t.num_outputs, activation=activation) for t in tasks}
-    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})
+    return MultiTaskModel(shared, heads, stems, input_shapes={t.name: t.input_shape for t in tasks},
+                          stem_of=stem_of or None)

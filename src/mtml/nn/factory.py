@@ -9,7 +9,7 @@ from torch import nn
 
 from mtml.errors import ConfigError
 from mtml.nn.architectures import ColumnModel, ColumnTrunk, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
-from mtml.nn.builders import _ACTIVATIONS, _flat_width, build_multitask_model, mlp
+from mtml.nn.builders import _ACTIVATIONS, _flat_width, build_multitask_model, group_stems, mlp
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 
@@ -34,11 +34,14 @@ def _column_model(tasks: Sequence[Task], trunk_hidden: Sequence[int], head_hidde
     needs_stem = stem_width is not None or len(set(widths.values())) > 1
     d_in = (stem_width or first) if needs_stem else first
     stems: dict[str, nn.Module] = {}
-    if needs_stem:
-        stems = {t.name: mlp(widths[t.name], (), d_in, activation=activation, final_activation=True) for t in tasks}
+    stem_of: dict[str, str] = {}
+    if needs_stem:  # one stem per task group
+        stems, stem_of = group_stems(tasks, lambda t: mlp(widths[t.name], (), d_in, activation=activation,
+                                                          final_activation=True))
     trunk: ColumnTrunk = make(d_in, [t.name for t in tasks])
     heads = {t.name: mlp(trunk_hidden[-1], head_hidden, t.num_outputs, activation=activation) for t in tasks}
-    return ColumnModel(trunk, heads, stems, input_shapes={t.name: t.input_shape for t in tasks})
+    return ColumnModel(trunk, heads, stems, input_shapes={t.name: t.input_shape for t in tasks},
+                       stem_of=stem_of or None)
 
 
 def build_hps(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (64, 64), head_hidden: Sequence[int] = (),

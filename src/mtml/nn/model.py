@@ -18,12 +18,15 @@ class MultiTaskModel(nn.Module):
     Args:
         trunk: the meta-learner shared by every task, ``[batch, d_in] → [batch, d_feat]``.
         heads: one task learner per task name, ``[batch, d_feat] → [batch, outputs]``.
-        stems: optional per-task input adapters for tasks whose inputs differ from the trunk's
-            (``[batch, *task_input] → [batch, d_in]``); tasks without a stem feed the trunk directly.
+        stems: optional input adapters for tasks whose inputs differ from the trunk's
+            (``[batch, *task_input] → [batch, d_in]``), by task name, or by a name of your choice that
+            ``stem_of`` maps tasks to (tasks on the same rows share one stem); tasks without a stem feed the trunk
+            directly.
         input_shapes: optional expected input shape (one example) per task; when given, ``forward`` checks it
             and raises :class:`~mtml.errors.ShapeError` naming the task and both shapes.
+        stem_of: task → stem name, for stems shared by several tasks (default: a task uses the stem of its name).
 
-    Parameter names are ``trunk.*``, ``heads.<task>.*`` and ``stems.<task>.*``, which is what
+    Parameter names are ``trunk.*``, ``heads.<task>.*`` and ``stems.<stem>.*``, which is what
     :meth:`shared_parameters` and :meth:`task_parameters` split on (and what ``torch.func.functional_call``
     and checkpoints see).
     """
@@ -35,18 +38,31 @@ class MultiTaskModel(nn.Module):
         stems: Mapping[str, nn.Module] | None = None,
         *,
         input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        stem_of: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not heads:
             raise ValueError("MultiTaskModel needs at least one head (one per task).")
         stems = dict(stems or {})
-        extra = set(stems) - set(heads)
-        if extra:
-            raise UnknownNameError(f"stems given for tasks without a head: {sorted(extra)}; every stem needs a head.")
+        stem_of = {**{t: t for t in stems if t in heads}, **dict(stem_of or {})}
+        bad = {t: s for t, s in stem_of.items() if t not in heads or s not in stems}
+        if bad:
+            raise UnknownNameError(f"stem_of maps {bad}, but every entry needs a task with a head and a stem of that "
+                                   f"name (heads: {list(heads)}; stems: {list(stems)}).")
+        unused = set(stems) - set(stem_of.values())
+        if unused:
+            raise UnknownNameError(f"stems given for tasks without a head: {sorted(unused)}; name every stem after "
+                                   "a task, or map tasks to it with stem_of.")
         self.trunk = trunk
         self.heads = nn.ModuleDict(dict(heads))
         self.stems = nn.ModuleDict(stems)
+        self.stem_of = stem_of
         self.input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+
+    def stem(self, task: str) -> nn.Module | None:
+        """``task``'s stem, or None when it feeds the trunk directly."""
+        key = self.stem_of.get(task)
+        return None if key is None else self.stems[key]
 
     @property
     def task_names(self) -> list[str]:
@@ -66,8 +82,9 @@ class MultiTaskModel(nn.Module):
         """Trunk features ``[batch, d_feat]`` of ``x`` (passed through ``task``'s stem if it has one)."""
         if task is not None:
             self._check(x, task)
-            if task in self.stems:
-                x = self.stems[task](x)
+            stem = self.stem(task)
+            if stem is not None:
+                x = stem(x)
         return self.trunk(x)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
@@ -79,20 +96,28 @@ class MultiTaskModel(nn.Module):
         """The trunk calls :meth:`forward_many` makes for ``inputs``: each call concatenates its blocks' rows,
         and each block is one distinct input tensor with the tasks that read it.
 
-        A task with a stem gets a call of its own (block: its raw input). Stem-less tasks go through one call
-        per input shape; a tensor given to several tasks is one block (its rows run once, every such task's head
-        reads the same features). In a call, blocks read by one task come first, then shared blocks.
+        Tasks with a stem get a call per stem and input tensor (one block: the raw input, and the tasks that
+        share the stem and the tensor). Stem-less tasks go through one call per input shape; a tensor given to
+        several tasks is one block (its rows run once, every such task's head reads the same features). In a
+        call, blocks read by one task come first, then shared blocks.
         """
         calls: list[list[tuple[Tensor, list[str]]]] = []
+        by_stem: dict[tuple[str, int], tuple[Tensor, list[str]]] = {}
         by_shape: dict[tuple[int, ...], dict[int, tuple[Tensor, list[str]]]] = {}
         for task, x in inputs.items():
-            if task in self.stems:
-                calls.append([(x, [task])])
+            key = self.stem_of.get(task)
+            if key is not None:
+                by_stem.setdefault((key, id(x)), (x, []))[1].append(task)
             else:
                 by_shape.setdefault(tuple(x.shape[1:]), {}).setdefault(id(x), (x, []))[1].append(task)
+        calls.extend([block] for block in by_stem.values())
         for blocks in by_shape.values():
             calls.append([b for b in blocks.values() if len(b[1]) == 1] + [b for b in blocks.values() if len(b[1]) > 1])
         return calls
+
+    def stem_call(self, call: list[tuple[Tensor, list[str]]]) -> nn.Module | None:
+        """The stem a call of :meth:`trunk_plan` runs its rows through first (None: straight into the trunk)."""
+        return self.stem(call[0][1][0]) if len(call) == 1 else None
 
     def forward_many(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Outputs for several tasks at once: ``{task: x}`` → ``{task: output}``.
@@ -106,9 +131,10 @@ class MultiTaskModel(nn.Module):
             self._check(x, task)
         outputs: dict[str, Tensor] = {}
         for call in self.trunk_plan(inputs):
-            if len(call) == 1 and call[0][1][0] in self.stems:
-                x, (task,) = call[0]
-                outputs[task] = self.heads[task](self.trunk(self.stems[task](x)))
+            stem = self.stem_call(call)
+            if stem is not None:
+                x, names = call[0]
+                outputs.update(self._heads_on(names, self.trunk(stem(x))))
                 continue
             sizes = [x.shape[0] for x, _ in call]
             out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
@@ -172,9 +198,10 @@ class MultiTaskModel(nn.Module):
     def named_task_parameters(self, task: str) -> Iterator[tuple[str, nn.Parameter]]:
         if task not in self.heads:
             raise UnknownNameError(f"unknown task '{task}'; the model has heads for: {', '.join(self.task_names)}.")
-        if task in self.stems:
-            for name, p in self.stems[task].named_parameters():
-                yield f"stems.{task}.{name}", p
+        key = self.stem_of.get(task)
+        if key is not None:
+            for name, p in self.stems[key].named_parameters():
+                yield f"stems.{key}.{name}", p
         for name, p in self.heads[task].named_parameters():
             yield f"heads.{task}.{name}", p
 

@@ -21,7 +21,7 @@ from mtml.tasks import Task
 
 __all__ = ["AffinityAccumulator", "TagRecorder", "lookahead_affinity", "negative_transfer"]
 
-Batch = Mapping[str, tuple[Tensor, Tensor]]
+Batch = Mapping[str, tuple[Tensor, ...]]  # (x, y) or (x, y, mask), as mtml.engine.joint's batches
 
 
 class _ManyLosses(nn.Module):
@@ -33,7 +33,8 @@ class _ManyLosses(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         out = self.model.forward_many({n: batch[n][0] for n in self.names})
-        return torch.stack([self.tasks[n].compute_loss(out[n], batch[n][1]) for n in self.names])
+        return torch.stack([self.tasks[n].compute_loss(out[n], batch[n][1], batch[n][2] if len(batch[n]) > 2 else None)
+                            for n in self.names])
 
 
 def _task_grads(losses: Tensor, params: list[Tensor], vectorize: bool) -> list[Tensor]:

@@ -195,3 +195,86 @@ def test_shared_trunk_beats_separate_trunks_on_synthetic_linear() -> None:
     variance = float(torch.cat([t.test.y for t in tasks]).var())
     assert mse[True] < 0.5 * mse[False], mse
     assert mse[True] < 0.1 * variance, (mse, variance)
+
+
+# -- tasks on shared rows ---------------------------------------------------------------------------------
+def _shared_tasks(m: int = 4, n: int = 30, seed: int = 0) -> list[Task]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    xv = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    tasks = []
+    for i in range(m):
+        y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        mask = torch.rand(n, generator=g) > 0.3 if i == 1 else None  # task 1 misses some labels
+        tasks.append(Task(f"s{i}", "regression", Split(x, y, mask=mask),
+                          val=Split(xv, torch.randn(9, 1, generator=g, dtype=torch.float64)), group="rows"))
+    return tasks
+
+
+def test_batcher_draws_once_per_group_and_keeps_own_rows_draws() -> None:
+    shared = _shared_tasks()
+    own = _regression_tasks([12, 20], seed=3)
+    batch = TaskBatcher([own[0], *shared, own[1]], batch_size=8).sample(torch.Generator().manual_seed(0))
+    assert list(batch) == ["r0", "s0", "s1", "s2", "s3", "r1"]  # the tasks' order
+    assert all(batch[f"s{i}"][0] is batch["s0"][0] for i in range(4))  # one x for the group
+    assert len(batch["s1"]) == 3 and len(batch["s0"]) == 2  # the masked task carries its mask
+    g = torch.Generator().manual_seed(0)  # draws: r0, then the group (first appearance), then r1
+    r0, rows, r1 = (torch.randperm(n, generator=g)[:8] for n in (12, 30, 20))
+    assert torch.equal(batch["r0"][0], own[0].train.x[r0]) and torch.equal(batch["r1"][1], own[1].train.y[r1])
+    assert torch.equal(batch["s0"][0], shared[0].train.x[rows])
+    assert shared[1].train.mask is not None and torch.equal(batch["s1"][2], shared[1].train.mask[rows])
+
+
+def _count_trunk(model: MultiTaskModel) -> list[int]:
+    calls: list[int] = []
+    model.trunk.register_forward_hook(lambda mod, a, out: calls.append(int(a[0].shape[0])))
+    return calls
+
+
+@pytest.mark.parametrize("weighting", ["equal", "uncertainty", "mgda", "pcgrad"])
+def test_joint_step_on_shared_rows_is_one_trunk_pass_and_the_loop_update(weighting: str) -> None:
+    tasks = _shared_tasks()
+    by_name = {t.name: t for t in tasks}
+    batch = TaskBatcher(tasks, batch_size=16).sample(torch.Generator().manual_seed(1))
+    fast, ref = _model(tasks), _model(tasks)
+    calls = _count_trunk(fast)
+    from mtml.weighting import WEIGHTINGS
+
+    options = {"gramian": "loop"} if weighting in ("mgda", "pcgrad") else {}
+    for model, opts, seed in ((fast, {}, 5), (ref, options, 5)):
+        w = WEIGHTINGS.create(weighting, list(by_name), **opts).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(seed)
+        if model is ref:  # the reference: one forward per task, losses on labelled rows only
+            losses = torch.stack([by_name[n].compute_loss(model(batch[n][0], n), *batch[n][1:]) for n in by_name])
+            from mtml.weighting import task_gramian
+
+            gram = task_gramian(losses, list(model.shared_parameters()), backend="loop") if w.needs_gramian else None
+            ww = w(losses, gram)
+            opt.zero_grad()
+            ((ww * losses).sum() + w.penalty().to(losses)).backward()
+            opt.step()
+        else:
+            joint_step(model, by_name, batch, w, opt)
+    assert calls == [16]  # one trunk pass of the group's 16 rows
+    for p, q in zip(fast.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_evaluate_scores_a_group_in_one_pass_on_labelled_rows() -> None:
+    tasks = _shared_tasks(n=12)
+    model = _model(tasks)
+    calls = _count_trunk(model)
+    scores = evaluate(model, tasks, "train")
+    assert calls == [12]
+    t = tasks[1]
+    assert t.train.mask is not None
+    want = t.compute_metrics(predict(model, t.name, t.train.x)[t.train.mask], t.train.y[t.train.mask])
+    assert scores["s1"] == pytest.approx(want)
+
+
+def test_train_multitask_rejects_duplicate_task_names() -> None:
+    tasks = _regression_tasks([5, 5], seed=1)
+    twice = [tasks[0], Task("r0", "regression", tasks[1].train, val=tasks[1].train)]
+    with pytest.raises(ConfigError, match=r"task names \['r0'\] occur more than once"):
+        train_multitask(_model(tasks), twice)

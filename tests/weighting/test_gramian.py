@@ -109,7 +109,8 @@ def test_layer_grams_both_regimes(n: int) -> None:
     torch.testing.assert_close(_rows_gram(a, d, owner, m), jac @ jac.T)
     deltas = torch.randn(m, n, o, generator=g, dtype=torch.float64)
     jac = torch.stack([(deltas[t].T @ a).reshape(-1) for t in range(m)])
-    torch.testing.assert_close(_batched_gram(a, deltas), jac @ jac.T)
+    torch.testing.assert_close(_batched_gram(a, [deltas]), jac @ jac.T)
+    torch.testing.assert_close(_batched_gram(a, list(deltas.split(2))), jac @ jac.T)  # task chunks
 
 
 def test_task_gramian_loop_equals_batched() -> None:
@@ -143,3 +144,99 @@ def test_joint_step_argument_overrides_the_weighting_option() -> None:
     assert weighting.gramian == "representation"  # type: ignore[attr-defined]
     result = joint_step(model, tasks, batch, weighting, torch.optim.SGD(model.parameters(), lr=0.1), gramian="loop")
     assert abs(sum(result.weights.values()) - 1.0) < 1e-6
+
+
+# -- shared rows, mixed batches, row coupling, the fused weighted gradient -----------------------------------
+def _shared_model(trunk: nn.Module | None = None) -> tuple[MultiTaskModel, dict[str, Task], dict]:
+    """A group of three tasks on the same rows, one task with its own rows and one with a stem."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    group = [Task(f"g{i}", "regression", Split(x, torch.randn(9, 1, generator=g, dtype=torch.float64)), group="g")
+             for i in range(3)]
+    tasks = [*group, _task("own", 6, 5, 7), _task("c", 3, 7, 9, TaskKind.MULTICLASS)]
+    trunk = trunk if trunk is not None else mlp(6, (8, 5), activation="tanh")
+    heads = {t.name: nn.Linear(5, t.num_outputs) for t in tasks}
+    model = MultiTaskModel(trunk, heads, {"c": mlp(3, (), 6, activation="tanh", final_activation=True)}).double()
+    return model, {t.name: t for t in tasks}, {t.name: (t.train.x, t.train.y) for t in tasks}
+
+
+@pytest.mark.parametrize(("backend", "used"), [("auto", "layerwise/batched"), ("layerwise", "layerwise/batched"),
+                                               ("loop", "loop"), ("batched", "batched")])
+def test_every_backend_is_exact_on_shared_rows(backend: str, used: str) -> None:
+    model, tasks, batch = _shared_model()
+    calls: list[int] = []
+    model.trunk.register_forward_hook(lambda mod, a, out: calls.append(int(a[0].shape[0])))
+    gram, losses, how = _gram(model, tasks, batch, backend)
+    assert how == used
+    assert sorted(calls) == [7, 14]  # the stem task alone; the group's 9 rows once + the own task's 5
+    torch.testing.assert_close(gram, _oracle(losses, list(model.shared_parameters())), rtol=1e-9, atol=1e-12)
+
+
+def test_rows_backend_refuses_shared_rows_and_row_coupling_trunks() -> None:
+    model, tasks, batch = _shared_model()
+    with pytest.raises(ConfigError, match=r"gramian 'rows' needs every trunk row read by exactly one task.*layerwise"):
+        _gram(model, tasks, batch, "rows")
+    coupled = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.Tanh(), nn.Linear(8, 5))
+    model, tasks, batch = _model(coupled)
+    with pytest.raises(ConfigError, match=r"1 \(BatchNorm1d in training mode\) mixes rows.*layerwise.*batched.*loop"):
+        _gram(model, tasks, batch, "rows")
+    gram, losses, how = _gram(model, tasks, batch, "auto")  # auto falls back to per-task δ: still exact
+    assert how == "layerwise/batched"
+    torch.testing.assert_close(gram, _oracle(losses, list(model.shared_parameters())), rtol=1e-9, atol=1e-12)
+    model.eval()  # running statistics: rows are independent again
+    assert _gram(model, tasks, batch, "rows")[2] == "layerwise/rows"
+
+
+class _Centre(nn.Module):
+    """Subtracts the batch mean: a module of unknown type that couples rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+class _Scale(nn.Module):
+    """A module of unknown type that keeps rows apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+@pytest.mark.parametrize(("module", "used"), [(_Centre(), "layerwise/batched"), (_Scale(), "layerwise/rows")])
+def test_unknown_modules_are_probed_for_row_coupling(module: nn.Module, used: str) -> None:
+    trunk = nn.Sequential(nn.Linear(6, 8), module, nn.Tanh(), nn.Linear(8, 5))
+    model, tasks, batch = _model(trunk)
+    gram, losses, how = _gram(model, tasks, batch, "auto")
+    assert how == used
+    torch.testing.assert_close(gram, _oracle(losses, list(model.shared_parameters())), rtol=1e-9, atol=1e-12)
+
+
+GRAMIAN_METHODS = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad", "imtl_g", "aligned_mtl", "gradvac", "mgda_ub"]
+
+
+@pytest.mark.parametrize("shape", ["shared", "own"])
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_fused_weighted_gradient_equals_the_plain_backward(name: str, shape: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtml.weighting._layer_gram as kernels
+
+    monkeypatch.setattr(kernels, "_CHUNK", 20)  # several task chunks and column chunks
+    grads = []
+    for fused in (True, False):
+        model, tasks, batch = _shared_model() if shape == "shared" else _model()
+        w = WEIGHTINGS.create(name, list(tasks), **({"gramian": "auto"} if name != "mgda_ub" else {}))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        if not fused:
+            monkeypatch.undo()
+            monkeypatch.setattr(kernels, "_CHUNK", 20)
+            monkeypatch.setattr(GramianTape, "backward", lambda self, objective, *a: objective.backward())
+        elif name != "mgda_ub":  # layer-wise: the fused path must run, never a full backward of the objective
+            def refuse(*a: object, **k: object) -> None:
+                raise AssertionError("the fused path was not taken")
+
+            monkeypatch.setattr(torch.Tensor, "backward", refuse)
+        torch.manual_seed(3)
+        joint_step(model, tasks, batch, w, opt)
+        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

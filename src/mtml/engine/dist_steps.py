@@ -121,10 +121,11 @@ def sharded_joint_step(
 
     With at least as many tasks as ranks (and no rows shared by tasks), each rank takes whole tasks; otherwise
     each input's rows are split (a task group's rows once for the whole group), and as task losses are means over
-    labelled rows, rank r's loss of task i is scaled by its share of that task's labelled rows. Either way the sum over ranks is the global loss vector. Weightings see the global (all-reduced)
-    losses and, when they need it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix
-    ``J [m, shared parameters]`` — the same numbers on every rank, so every rank computes the same weights.
-    Weightings may use the losses' values only (all built-in ones do); their penalty is split evenly.
+    labelled rows, rank r's loss of task i is scaled by its share of that task's labelled rows. Either way the
+    sum over ranks is the global loss vector. Weightings see the global (all-reduced) losses and, when they need
+    it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix ``J [m, shared parameters]`` — the same
+    numbers on every rank, so every rank computes the same weights. Weightings may use the losses' values only
+    (all built-in ones do); their penalty is split evenly.
     """
     if not is_distributed():
         return joint_step(model, tasks, batch, weighting, optimizer, gramian=gramian)

@@ -7,12 +7,14 @@ weighted gradient ``Σ_t w_t δ_tᵀa`` from the same ``δ`` (so the step needs 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["batched_gram", "combined_delta", "rows_gram"]
+__all__ = ["batched_gram", "combined_delta", "rows_gram", "task_chunks"]
 
-_CHUNK = 1 << 24  # elements of per-task gradients held at once
+_CHUNK = 1 << 22  # elements of per-task gradients held in one tensor (16 MB in float32)
 
 
 def rows_gram(a: Tensor, d: Tensor, owner: Tensor, m: int) -> Tensor:
@@ -42,29 +44,54 @@ def rows_gram(a: Tensor, d: Tensor, owner: Tensor, m: int) -> Tensor:
     return gram
 
 
-def batched_gram(a: Tensor, d: Tensor) -> Tensor:
-    """Shared rows: ``a [N, i]``, per-task ``δ [m, N, o]`` → ``[m, m]`` Gramian of ``δ_tᵀa``.
+def batched_gram(a: Tensor, chunks: Sequence[Tensor]) -> Tensor:
+    """Shared rows: ``a [N, i]`` and the per-task ``δ`` in consecutive task chunks ``[m_c, N, o]`` → the ``[m, m]``
+    Gramian of ``δ_tᵀa``.
 
-    Kernel identity ``⟨δ_s, (aaᵀ)δ_t⟩`` (one batched matmul, no per-task gradient formed) or explicit per-task
-    gradients ``δ_tᵀa`` in chunks of output columns, whichever costs fewer multiply-adds.
+    Kernel identity ``⟨δ_s, (aaᵀ)δ_t⟩`` (batched matmuls, no per-task gradient formed) or explicit per-task
+    gradients ``δ_tᵀa`` in chunks of output columns, whichever costs fewer multiply-adds. Chunks keep every
+    temporary small (large CPU allocations are fresh pages each time, which costs more than the arithmetic).
     """
-    m, n, o = d.shape
+    m = sum(c.shape[0] for c in chunks)
+    n, o = chunks[0].shape[1], chunks[0].shape[2]
     i = a.shape[1]
     if n * n * i + m * n * n * o + m * m * n * o < m * n * i * o + m * m * i * o:
-        kd = torch.matmul(a @ a.T, d)  # (aaᵀ)·δ_t for every t: [m, N, o]
-        return d.reshape(m, -1) @ kd.reshape(m, -1).T
+        kernel = a @ a.T
+        flat = [c.reshape(c.shape[0], -1) for c in chunks]
+        kd = [torch.matmul(kernel, c).reshape(c.shape[0], -1) for c in chunks]  # (aaᵀ)·δ_t
+        return _blocks(flat, kd)
     gram = a.new_zeros(m, m)
     step = max(1, _CHUNK // max(1, m * i))
     for lo in range(0, o, step):
-        jac = torch.matmul(a.T, d[:, :, lo : lo + step]).reshape(m, -1)  # (δ_tᵀa)ᵀ: [m, i·o_chunk]
-        gram = gram + jac @ jac.T
+        jac = [torch.matmul(a.T, c[:, :, lo : lo + step]).reshape(c.shape[0], -1) for c in chunks]  # (δ_tᵀa)ᵀ
+        gram = gram + _blocks(jac, jac)
     return gram
 
 
-def combined_delta(d: Tensor, weights: Tensor, owner: Tensor | None) -> Tensor:
-    """``Σ_t w_t δ_t`` per row: from per-task ``δ [m, N, o]`` (``owner`` None), or from the row-owned ``δ [N, o]``
-    of one backward of ``Σ L_t`` (row r belongs to task ``owner[r]``, so its weight is ``w[owner[r]]``)."""
-    w = weights.to(d.dtype)
+def _blocks(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """``[Σ rows, Σ rows]`` matrix of inner products ``left[c] @ right[c']ᵀ``, block by block."""
+    if len(left) == 1:
+        return left[0] @ right[0].T
+    return torch.cat([torch.cat([p @ q.T for q in right], 1) for p in left], 0)
+
+
+def task_chunks(m: int, per_task: int) -> list[slice]:
+    """Consecutive ranges of the m tasks whose per-task tensors of ``per_task`` elements fit one chunk."""
+    size = max(1, _CHUNK // max(1, per_task))
+    return [slice(lo, min(m, lo + size)) for lo in range(0, m, size)]
+
+
+def combined_delta(d: Tensor | Sequence[Tensor], weights: Tensor, owner: Tensor | None) -> Tensor:
+    """``Σ_t w_t δ_t`` per row: from per-task ``δ`` chunks ``[m_c, N, o]`` (``owner`` None), or from the
+    row-owned ``δ [N, o]`` of one backward of ``Σ L_t`` (row r belongs to task ``owner[r]``: weight
+    ``w[owner[r]]``)."""
     if owner is None:
-        return torch.tensordot(w, d, dims=1)
-    return d * w[owner].reshape(-1, *([1] * (d.dim() - 1)))
+        assert not isinstance(d, Tensor)
+        out, lo = None, 0
+        for c in d:
+            part = torch.tensordot(weights[lo : lo + c.shape[0]].to(c.dtype), c, dims=1)
+            out, lo = (part if out is None else out + part), lo + c.shape[0]
+        assert out is not None
+        return out
+    assert isinstance(d, Tensor)
+    return d * weights.to(d.dtype)[owner].reshape(-1, *([1] * (d.dim() - 1)))

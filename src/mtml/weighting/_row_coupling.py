@@ -32,7 +32,7 @@ def _by_type(trunk: nn.Module) -> tuple[str | None, bool]:
     for name, mod in trunk.named_modules():
         if isinstance(mod, _BatchNorm) and (mod.training or not mod.track_running_stats):
             return f"{name or 'trunk'} ({type(mod).__name__} in training mode)", True
-        if not isinstance(mod, _INDEPENDENT + (_BatchNorm,)):
+        if not isinstance(mod, (*_INDEPENDENT, _BatchNorm)):
             known = False
     return None, known
 

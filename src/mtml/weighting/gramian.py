@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mtml.errors import ConfigError
-from mtml.weighting._layer_gram import batched_gram, combined_delta, rows_gram
+from mtml.weighting._layer_gram import batched_gram, combined_delta, rows_gram, task_chunks
 from mtml.weighting._row_coupling import row_coupling
 from mtml.weighting.base import GRAMIAN_BACKENDS
 
@@ -147,7 +147,8 @@ class GramianTape:
         self._example: Tensor | None = None  # some trunk input rows, to check that the trunk keeps rows apart
         self._records: dict[nn.Linear, list[tuple[Tensor, Tensor, int]]] = {}
         self._outside = False  # a shared Linear ran outside a trunk call: row ownership unknown
-        self._pieces: list[tuple[nn.Linear, Tensor, Tensor, Tensor | None]] = []  # (layer, a, δ, row owners)
+        # (layer, a, δ, row owners): δ [N, out] split by rows, or per-task chunks [m_c, N, out]
+        self._pieces: list[tuple[nn.Linear, Tensor, Tensor | list[Tensor], Tensor | None]] = []
 
     # -- recording ---------------------------------------------------------------------------------------
     def __enter__(self) -> GramianTape:
@@ -275,26 +276,30 @@ class GramianTape:
             return gram
         outs = [z for _, _, z, _ in items]
         if owners is not None:
-            deltas = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
-        else:
+            chunked = [[d] for d in torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)]
+        else:  # per-task δ in task chunks: one batched backward each, every temporary small
             eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-            deltas = torch.autograd.grad(losses, outs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                         allow_unused=True)
-        by_layer: dict[nn.Linear, list[tuple[Tensor, Tensor, int]]] = {}
-        for (mod, a, _, call), d in zip(items, deltas, strict=True):
-            if d is not None:
-                by_layer.setdefault(mod, []).append((a.detach(), d, call))
+            per_chunk = [torch.autograd.grad(losses, outs, grad_outputs=eye[part], is_grads_batched=True,
+                                             retain_graph=True, allow_unused=True)
+                         for part in task_chunks(m, max(z.numel() for z in outs))]
+            chunked = [list(ds) for ds in zip(*per_chunk, strict=True)]
+        by_layer: dict[nn.Linear, list[tuple[Tensor, list[Tensor], int]]] = {}
+        for (mod, a, _, call), ds in zip(items, chunked, strict=True):
+            if all(d is not None for d in ds):
+                by_layer.setdefault(mod, []).append((a.detach(), ds, call))
         for mod, parts in by_layer.items():
             a = (parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])).reshape(-1, mod.in_features)
-            if owners is not None:
-                d = torch.cat([p[1] for p in parts]).reshape(a.shape[0], -1)
-                own: Tensor | None = torch.cat([owners[p[2]] for p in parts])
-            else:
-                d = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
-                d, own = d.reshape(m, a.shape[0], -1), None
-            self._pieces.append((mod, a, d, own))
             aug = torch.cat([a, a.new_ones(a.shape[0], 1)], 1) if mod.bias is not None else a  # bias: input 1
-            layer = rows_gram(aug, d, own, m) if own is not None else batched_gram(aug, d)
+            if owners is not None:
+                d: Tensor | list[Tensor] = torch.cat([p[1][0] for p in parts]).reshape(a.shape[0], -1)
+                own: Tensor | None = torch.cat([owners[p[2]] for p in parts])
+                assert isinstance(d, Tensor) and own is not None
+                layer = rows_gram(aug, d, own, m)
+            else:  # chunk c of every call of the layer, rows concatenated
+                d = [(ps[0] if len(ps) == 1 else torch.cat(ps, 1)).reshape(ps[0].shape[0], a.shape[0], -1)
+                     for ps in zip(*[p[1] for p in parts], strict=True)]
+                own, layer = None, batched_gram(aug, d)
+            self._pieces.append((mod, a, d, own))
             gram = gram + layer.to(gram.dtype)
         return gram
 

@@ -131,3 +131,37 @@ def test_bad_options(name: str, options: dict, match: str) -> None:
 def test_unknown_architecture_suggests_the_nearest() -> None:
     with pytest.raises(UnknownNameError, match="Did you mean 'mmoe'"):
         build_model(_tasks(), "mmeo")
+
+
+def _shared_tasks() -> list[Task]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    return [Task(f"s{i}", TaskKind.REGRESSION, Split(x, torch.randn(9, 1, generator=g, dtype=torch.float64)),
+                 group="rows") if i % 2 == 0 else
+            Task(f"s{i}", TaskKind.MULTICLASS, Split(x, torch.randint(0, 3, (9,), generator=g)), num_outputs=3,
+                 group="rows") for i in range(4)]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_shared_rows_make_one_expert_pass_and_exact_gramians(name: str) -> None:
+    tasks = _shared_tasks()
+    model = _build(name, tasks)
+    by_name = {t.name: t for t in tasks}
+    x = tasks[0].train.x
+    batch = {t.name: (x, t.train.y) for t in tasks}
+    names = [t.name for t in tasks]
+    calls: list[int] = []
+    model.trunk.register_forward_hook(lambda mod, a, out: calls.append(int(a[0].shape[0])))
+    out = model.forward_many({n: x for n in names})
+    assert calls == [9]  # one trunk (experts, gates, columns) pass for all four tasks
+    for n in names:
+        torch.testing.assert_close(out[n], model(x, n))
+    grams = {}
+    for backend in ("loop", "auto"):
+        tape = GramianTape(model, backend)
+        with tape:
+            losses = task_losses(model, by_name, batch, names)
+        grams[backend] = tape.gramian(losses, {n: x for n in names}, names)
+        if backend == "auto":
+            assert tape.used == ("loop" if name == "cross_stitch" else "layerwise/batched")
+    torch.testing.assert_close(grams["auto"], grams["loop"], rtol=1e-9, atol=1e-12)

@@ -111,13 +111,17 @@ def task_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch, 
     the same ``x`` tensor share one trunk pass); a task's loss covers its labelled rows only.
 
     When every task is a regression with the default MSE loss and every row is labelled, the m losses come from
-    one segmented reduction instead of m separate loss calls (same values; an oracle test checks it).
+    one stacked (equal batches) or segmented reduction instead of m separate loss calls (same values; an oracle
+    test checks it). Both are plain tensor ops, which the batched backward of a Gramian differentiates fast.
     """
     outputs = model.forward_many({n: batch[n][0] for n in names})
     plain = all(tasks[n].kind is TaskKind.REGRESSION and tasks[n].loss is None and len(batch[n]) == 2
                 for n in names)
     if not plain or len({tasks[n].num_outputs for n in names}) != 1:
         return torch.stack([tasks[n].compute_loss(outputs[n], *unpack(batch[n])[1:]) for n in names])
+    if len({batch[n][1].shape[0] for n in names}) == 1:  # equal batches (shared rows): one stacked reduction
+        pred = torch.stack([outputs[n] for n in names])
+        return ((pred - torch.stack([batch[n][1] for n in names])) ** 2).mean((1, 2))
     pred = torch.cat([outputs[n] for n in names])
     target = torch.cat([batch[n][1] for n in names])
     sizes = torch.tensor([batch[n][1].shape[0] for n in names], device=pred.device)

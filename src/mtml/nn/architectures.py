@@ -60,7 +60,8 @@ class ColumnModel(MultiTaskModel):
                 out = self.trunk(stem(call[0][0]))
             else:
                 out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
-            for (_, names), part in zip(call, torch.split(out, [x.shape[0] for x, _ in call]), strict=True):
+            parts = torch.split(out, [x.shape[0] for x, _ in call]) if len(call) > 1 else (out,)
+            for (_, names), part in zip(call, parts, strict=True):
                 for n in names:
                     outputs[n] = self.heads[n](part[:, self.column[n]])
         return {task: outputs[task] for task in inputs}

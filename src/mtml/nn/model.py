@@ -138,7 +138,7 @@ class MultiTaskModel(nn.Module):
                 continue
             sizes = [x.shape[0] for x, _ in call]
             out = self.trunk(call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call]))
-            parts = torch.split(out, sizes)
+            parts = torch.split(out, sizes) if len(call) > 1 else (out,)  # (a 1-piece split costs a copy backward)
             own = [names[0] for _, names in call if len(names) == 1]
             k = len(own)
             if own and self._stackable(own) and sum(sizes[:k]) * out.shape[1] * self.heads[own[0]].out_features \
@@ -161,6 +161,9 @@ class MultiTaskModel(nn.Module):
         bias = torch.cat([h.bias for h in heads if isinstance(h, nn.Linear) and h.bias is not None])
         out = torch.addmm(bias, feats, weight.T)
         widths = [h.out_features for h in heads if isinstance(h, nn.Linear)]
+        if len(set(widths)) == 1:  # task-major views: their backward stacks contiguous pieces (a split's is slow)
+            parts = out.reshape(out.shape[0], len(heads), widths[0]).transpose(0, 1).unbind(0)
+            return dict(zip(names, parts, strict=True))
         return dict(zip(names, torch.split(out, widths, dim=1), strict=True))
 
     def _stackable(self, names: list[str]) -> bool:

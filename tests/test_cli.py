@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mtml.datasets import DATASETS
@@ -261,3 +262,32 @@ def test_demo_quick(tmp_path: Path) -> None:
             assert (run / "summary.json").is_file() and (run / "plots/learning_curves.png").is_file(), run
         assert dataset in proc.stdout
     assert "multi-task" in proc.stdout and "single-task" in proc.stdout
+
+
+def test_table_with_missing_targets_trains_masked_tasks_and_refuses_an_empty_one(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 3, generator=g)
+    price = (x @ torch.tensor([1.0, -2.0, 0.5])).tolist()
+    kind = (x[:, 0] > 0).long().tolist()
+    lines = ["a,b,c,price,kind,empty"]
+    for i, row in enumerate(x.tolist()):
+        p = "" if i % 5 == 0 else f"{price[i]:.4f}"  # every fifth price unknown
+        lines.append(f"{row[0]:.4f},{row[1]:.4f},{row[2]:.4f},{p},k{kind[i]},")
+    csv = tmp_path / "rows.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    data = {"dataset": "table", "options": {"path": str(csv), "features": ["a", "b", "c"],
+                                            "targets": {"price": {"column": "price", "kind": "regression"},
+                                                        "kind": {"column": "kind", "kind": "multiclass"}}}}
+    config = {"name": "rows", "seed": 0, "threads": 1, "data": data, "model": {"trunk_hidden": [8]},
+              "training": {"weighting": {"name": "mgda"}, "lr": 0.01, "batch_size": 32, "max_steps": 30,
+                           "eval_every": 10, "patience": 0}}
+    out = tmp_path / "run"
+    proc = mtml("train", write_config(tmp_path / "rows.yaml", config), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["test"]) == {"price", "kind"} and summary["test"]["price"]["mse"] < 1.0
+    empty = {**config, "data": {**data, "options": {**data["options"], "targets": {
+        **data["options"]["targets"], "nothing": {"column": "empty", "kind": "regression"}}}}}
+    proc = mtml("train", write_config(tmp_path / "empty.yaml", empty), "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(proc, "nothing", "empty")
+    assert not (tmp_path / "o").exists()

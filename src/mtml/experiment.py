@@ -28,6 +28,7 @@ from mtml.engine import (
 )
 from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
 from mtml.errors import ConfigError
+from mtml.groups import task_groups
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
 from mtml.nn import ARCHITECTURES, MultiTaskModel
 from mtml.report.plots import plot_learning_curves
@@ -64,6 +65,7 @@ def build(config: Config) -> Experiment:
     if "seed" in inspect.signature(DATASETS.get(config.data.dataset)).parameters:
         opts.setdefault("seed", config.seed)  # the dataset's split follows the run's seed unless given
     tasks = DATASETS.create(config.data.dataset, where="data.options", **opts)
+    task_groups(tasks)  # tasks declared on shared rows must hold the same rows: checked before any run exists
     torch.manual_seed(config.seed)
     m = config.model
     extra: dict[str, Any] = {}

@@ -240,3 +240,15 @@ def test_fused_weighted_gradient_equals_the_plain_backward(name: str, shape: str
         grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_representation_gramian_on_shared_rows_is_the_feature_gradient_gramian() -> None:
+    model, tasks, batch = _shared_model()
+    feats: list[torch.Tensor] = []
+    model.trunk.register_forward_hook(lambda mod, a, out: feats.append(out))
+    gram, losses, how = _gram(model, tasks, batch, "representation")
+    assert how == "representation/batched"
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], feats, retain_graph=True)])
+            for i in range(losses.shape[0])]
+    jac = torch.stack(rows)
+    torch.testing.assert_close(gram, jac @ jac.T, rtol=1e-9, atol=1e-12)

@@ -28,8 +28,8 @@ from mtml.engine import (
 )
 from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
 from mtml.errors import ConfigError
-from mtml.groups import task_groups
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
+from mtml.groups import task_groups
 from mtml.nn import ARCHITECTURES, MultiTaskModel
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task

@@ -330,6 +330,8 @@ class GramianTape:
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
+    if not param.requires_grad:  # a frozen shared layer gets no gradient, as with autograd
+        return
     grad = grad.to(param.dtype).reshape(param.shape)
     if param.grad is None:
         param.grad = grad.contiguous()

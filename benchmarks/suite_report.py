@@ -87,7 +87,7 @@ SUITES: dict[str, Suite] = {
     "images": Suite(config="images", title="Images: glyph script, character and font style, Fashion-MNIST category "
                     "and group, and faces on one Conv-4 trunk", notes="", inputs="images of each size",
                     setup="glyphs already rendered and cached"),
-    "tables": Suite(config="tables", title="Tables: penguins and movies in one model with per-task stems", notes="",
+    "tables": Suite(config="tables", title="Tables: penguins and movies in one model with a stem per source", notes="",
                     inputs="rows of each width", setup="no cache needed"),
 }
 
@@ -104,16 +104,13 @@ def _timeit(fn: Callable[[], object], repeat: int = 20) -> float:
 
 def _all_heads(model: MultiTaskModel, inputs: dict[tuple[int, ...], torch.Tensor], shared: bool,
                ) -> list[torch.Tensor]:
-    """Every task's output for the inputs of its shape (``inputs``: shape → ``[n, *shape]``): the trunk once per
-    shape for the stem-less tasks of a shared model, else once per task."""
-    outs = []
+    """Every task's output for the inputs of its shape (``inputs``: shape → ``[n, *shape]``), through
+    ``forward_many`` with one tensor per shape: a shared model runs each task group's rows through its stem and
+    trunk once; separate models run one trunk per task."""
+    outs: list[torch.Tensor] = []
     for shape, x in inputs.items():
         names = [n for n in model.task_names if model.input_shapes.get(n, shape) == shape]
-        plain = [n for n in names if n not in model.stems] if shared else []
-        if plain:
-            feats = model.trunk(x)
-            outs += [model.heads[n](feats) for n in plain]
-        outs += [model(x, n) for n in names if n not in plain]
+        outs += list(model.forward_many(dict.fromkeys(names, x)).values())
     return outs
 
 

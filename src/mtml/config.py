@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.errors import ConfigError
@@ -40,6 +40,11 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="architecture options, e.g. num_experts")
     trunk_hidden: list[int] = Field(default_factory=lambda: [64, 64], description="shared MLP widths")
     head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")
+    head: Literal["independent", "hierarchical"] = Field(
+        "independent", description="independent: a head per task; hierarchical: linear heads = shared mean + task "
+        "deviation with learned variance (a linear mixed model on the trunk's features; regression tasks)")
+    head_options: dict[str, Any] = Field(default_factory=dict, description="hierarchical head options: random "
+                                         "(all, or feature indices and 'intercept' whose coefficients vary by task)")
     stem_width: int | None = Field(None, gt=0, description="per-task input stem width (auto when widths differ)")
     activation: Literal["relu", "gelu", "tanh", "silu", "linear"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -78,6 +83,9 @@ class TrainingConfig(_Strict):
     eval_every: int = Field(50, gt=0)
     patience: int = Field(10, ge=0, description="validations without improvement before stopping (0: never)")
     min_delta: float = Field(0.0, ge=0.0)
+    stop_per_task: bool = Field(False, description="early-stop every task on its own validation loss and restore "
+                                "each from its own best step (tasks sharing no trained parameters: "
+                                "model.share_trunk: false)")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints (default: eval_every)")
     keep_checkpoints: int = Field(3, gt=0)
 
@@ -85,6 +93,13 @@ class TrainingConfig(_Strict):
     @classmethod
     def _weighting_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _per_task_is_joint(self) -> TrainingConfig:
+        if self.stop_per_task and self.algorithm != "joint":
+            raise ValueError("stop_per_task applies to joint training only; remove it for a meta-learning "
+                             "algorithm")
+        return self
 
 
 class Config(_Strict):

@@ -26,11 +26,13 @@ def embedded_config(name: str) -> Config:
 
 def compare(config: Config, out: Path, console: Console | None = None) -> tuple[TrainResult, TrainResult]:
     """Train ``config`` twice — shared trunk (multi-task) and one trunk per task (single-task) — into
-    ``out/multitask`` and ``out/singletask``."""
+    ``out/multitask`` and ``out/singletask``. The single-task models are early-stopped each on its own
+    validation loss (``training.stop_per_task``), as if trained one at a time."""
     results = []
     for label, share in (("multitask", True), ("singletask", False)):
         cfg = config.model_copy(deep=True)
         cfg.model.share_trunk = share
+        cfg.training.stop_per_task = not share
         cfg.name = f"{config.name}-{label}"
         progress = RichProgress(f"{config.name} {label}", console=console) if console else None
         results.append(train(cfg, out / label, progress=progress)[1])

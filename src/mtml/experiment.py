@@ -27,10 +27,12 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
+from mtml.engine.trainer import check_stop_per_task
 from mtml.errors import ConfigError
 from mtml.experiment_meta import MetaExperiment, build_meta, evaluate_meta, fit_meta, judged_steps
 from mtml.groups import task_groups
 from mtml.nn import ARCHITECTURES, MultiTaskModel
+from mtml.nn.hierarchical import build_hierarchical
 from mtml.report.plots import plot_learning_curves
 from mtml.tasks import Task
 from mtml.weighting import WEIGHTINGS, Weighting
@@ -68,6 +70,8 @@ def build(config: Config) -> Experiment:
     task_groups(tasks)  # tasks declared on shared rows must hold the same rows: checked before any run exists
     torch.manual_seed(config.seed)
     m = config.model
+    if m.head == "hierarchical" and m.share_trunk:
+        return Experiment(config, tasks, _hierarchical(config, tasks))
     extra: dict[str, Any] = {}
     if m.architecture == "hps":
         extra = {"share_trunk": m.share_trunk, "backbone": m.backbone, "backbone_options": m.backbone_options}
@@ -75,6 +79,20 @@ def build(config: Config) -> Experiment:
                                  head_hidden=m.head_hidden, stem_width=m.stem_width, activation=m.activation,
                                  dropout=m.dropout, **extra, **m.options)
     return Experiment(config, tasks, model)
+
+
+def _hierarchical(config: Config, tasks: list[Task]) -> MultiTaskModel:
+    """The hierarchical-heads model of ``config`` (hard sharing, MLP trunk); ``share_trunk: false`` (the
+    single-task baseline) builds independent heads instead."""
+    m = config.model
+    if m.architecture != "hps" or m.backbone != "mlp" or m.head_hidden or m.options:
+        raise ConfigError("model.head: hierarchical takes the hps architecture with an MLP trunk and linear heads: "
+                          "remove model.architecture/backbone/head_hidden/options or use head: independent.")
+    unknown = set(m.head_options) - {"random"}
+    if unknown:
+        raise ConfigError(f"model.head_options: unknown keys {sorted(unknown)}; the hierarchical head takes random.")
+    return build_hierarchical(tasks, trunk_hidden=m.trunk_hidden, stem_width=m.stem_width, activation=m.activation,
+                              dropout=m.dropout, random=m.head_options.get("random", "all"))
 
 
 def default_run_dir(config: Config, root: str | Path = "runs") -> Path:
@@ -105,6 +123,8 @@ def _prepare(config: Config) -> _Prepared:
     if config.is_meta:
         return _Prepared(config, device, meta=build_meta(config))
     exp = build(config)
+    if config.training.stop_per_task:
+        check_stop_per_task(exp.model)  # refused before any run directory exists
     w = config.training.weighting
     options = {**w.options, **({"gramian": w.gramian} if w.gramian else {})}
     weighting = WEIGHTINGS.create(w.name, [task.name for task in exp.tasks], where="training.weighting.options",
@@ -120,7 +140,7 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
         exp.model, exp.tasks, weighting=prep.weighting, optimizer=t.optimizer, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, stop=stop, seed=exp.config.seed, device=prep.device,
         run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
+        keep_checkpoints=t.keep_checkpoints, stop_per_task=t.stop_per_task,
     )
 
 

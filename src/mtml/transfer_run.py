@@ -31,8 +31,9 @@ from mtml.experiment import build
 from mtml.experiment_meta import build_meta
 from mtml.groups import labelled_only
 from mtml.meta import mean_ci
+from mtml.nn.hierarchical import HierarchicalModel
 from mtml.tasks import Split, Task, TaskKind
-from mtml.transfer.strategies import STRATEGIES, Source, Strategy
+from mtml.transfer.strategies import STRATEGIES, Source, Strategy, trunk_blocks
 
 __all__ = ["TransferResult", "load_source", "parse_sizes", "t_critical", "transfer"]
 
@@ -272,8 +273,11 @@ def _prepare(source_run: str | Path, target_config: str | Path | Config, strateg
 def _choose(names: Sequence[str] | None, source: Source,
             options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Strategy]:
     """``scratch`` first, then ``names`` (default: every strategy that fits the source), built with options."""
-    if names is None:
-        names = [n for n in STRATEGIES.names() if n != "meta_adapt" or source.algorithm is not None]
+    if names is None:  # every strategy the source can serve
+        hierarchical = isinstance(source.model, HierarchicalModel)
+        blocks = len(trunk_blocks(source.model.trunk))  # an empty trunk (a linear model) has no last block to tune
+        names = [n for n in STRATEGIES.names() if (n != "meta_adapt" or source.algorithm is not None)
+                 and (n != "blup" or hierarchical) and (n != "finetune_last" or blocks > 0)]
     ordered = ["scratch", *[n for n in dict.fromkeys(names) if n != "scratch"]]
     opts = dict(options or {})
     chosen = {n: STRATEGIES.create(n, where=f"strategy '{n}'", **dict(opts.pop(n, {}))) for n in ordered}

@@ -55,8 +55,21 @@ def test_every_strategy_gives_finite_metrics_and_leaves_the_source(name: str, ki
         return
     if name == "meta_adapt" and kind == "regression":
         algorithm = ALGORITHMS.create("ridge", model)
+    if name == "blup":  # the mixed model's new-group prediction: a hierarchical-heads source, regression targets
+        from mtml.nn.hierarchical import build_hierarchical
+
+        with pytest.raises(ConfigError, match="hierarchical"):
+            _fit(name, Source(model), task)
+        if kind != "regression":
+            return
+        g = torch.Generator().manual_seed(1)
+        groups = [Task(f"g{i}", "regression", Split(torch.randn(12, 5, generator=g),
+                                                    torch.randn(12, task.num_outputs, generator=g)))
+                  for i in range(3)]
+        model = build_hierarchical(groups, trunk_hidden=[4])
+        before = copy.deepcopy(model.state_dict())
     predictor = _fit(name, Source(model, algorithm), task, steps=20) if name not in (
-        "linear_probe", "meta_adapt") else _fit(name, Source(model, algorithm), task)
+        "linear_probe", "meta_adapt", "blup") else _fit(name, Source(model, algorithm), task)
     pred = predictor(task.test.x)
     assert pred.shape == (30, task.num_outputs)
     metrics = task.compute_metrics(pred, task.test.y)

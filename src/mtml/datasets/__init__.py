@@ -38,7 +38,8 @@ DATASETS.register("tables", tables, help="tabular suite: penguins (species, body
 # An architecture that loads model files (I/O), so it is registered here rather than in mtml.nn.
 ARCHITECTURES.register("minilm", minilm_model, help="MiniLM sentence encoder (top layers fine-tuned, option "
                        "trainable_top_layers) + MLP trunk, for token inputs (texts with inputs: tokens)")
-DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets)")
+DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets), "
+                  "or per target and value of a column (group_by, ids, min_rows, heldout_groups, subset)")
 
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
 FAMILIES.register("sinusoid", sinusoid, help="sinusoid regression, Finn et al. 2017 (meta-learning)")

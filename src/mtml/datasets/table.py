@@ -1,4 +1,5 @@
-"""Your own table (CSV or Parquet): several target columns learned as tasks from the same feature columns."""
+"""Your own table (CSV or Parquet): several target columns learned as tasks from the same feature columns, or
+one task per target and value of a group column (see :mod:`mtml.datasets._table_groups`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtml.datasets._table_groups import GroupPlan, check_group_column, check_group_options, plan_groups, warn_id_like
 from mtml.datasets._util import make_task, require, split_indices, standardize
 from mtml.errors import ConfigError, DataError
 from mtml.tasks import Task, TaskKind
@@ -81,41 +83,75 @@ def _split_masks(name: str, column: str, labelled: torch.Tensor, parts: Sequence
 def table(
     *, path: str, targets: Mapping[str, str | Mapping[str, Any]], features: Sequence[str] | None = None,
     dropna: bool = False, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
+    group_by: str | None = None, min_rows: int = 5, small_groups: str = "error", ids: Sequence[str] | None = None,
+    heldout_groups: float | Sequence[Any] | None = None, subset: str | None = None,
 ) -> list[Task]:
-    """One task per entry of ``targets`` (task name → column, or ``{column, kind}``), all from the same rows.
+    """One task per entry of ``targets`` (task name → column, or ``{column, kind}``), all from the same rows;
+    with ``group_by``, one task per target and value of that column, each on that value's rows.
 
-    Features are ``features`` (default: every column that is not a target); text columns are one-hot encoded,
-    numeric ones standardised with training statistics, regression targets too (with their labelled training
-    rows). Kinds: float columns default to regression, others to multiclass (pandas reads whole numbers with
-    gaps as floats: give such a class column's ``kind``). Several targets form the task group ``table``.
+    Features are ``features`` (default: every column that is not a target, an ``ids`` column or the ``group_by``
+    column); text columns are one-hot encoded, numeric ones standardised with training statistics, regression
+    targets too (with their labelled training rows). Kinds: float columns default to regression, others to
+    multiclass (pandas reads whole numbers with gaps as floats: give such a class column's ``kind``). Several
+    targets form the task group ``table``.
 
     Missing values: a row without a target value stays in every task; that task just has no label there
     (``Split(mask=...)``, so each task trains and is scored on its labelled rows). Missing feature values are an
     error, as are a target with no label at all or with none in a split. ``dropna`` instead drops every row
-    that misses a feature or a target value.
+    that misses a feature or a target value (or its ``group_by`` value).
+
+    Grouped tables (one regression per school, hospital or store):
+
+    - ``group_by: COLUMN``: one task ``<target>_<value>`` per distinct value (sorted as text; characters other
+      than letters, digits, ``_`` and ``-`` become ``_``). Each group's rows are split on their own by
+      ``val_fraction``/``test_fraction`` (at least one validation and one test row each), with one generator
+      seeded by ``seed`` running over every group in sorted order, so a group's split never depends on which
+      groups are built. With several targets a group's tasks share its rows (``Task.group`` = the value).
+    - ``min_rows`` (default 5, at least 3) and ``small_groups`` (``"error"``, the default, or ``"drop"``): what
+      to do with groups of fewer rows.
+    - ``ids``: columns that are never features (row or entity ids). A whole-number or text feature column with
+      a different value in each of 20+ rows warns that it looks like one.
+    - ``heldout_groups``: a fraction ``f`` in (0, 1) holds out ``round(f·groups)`` groups evenly spaced in sorted
+      order (0.25: every fourth group, as ``schools``; it does not move with ``seed``), or a list of values.
+    - ``subset``: ``"train"`` (default with ``heldout_groups``: the other groups), ``"heldout"`` or ``"all"``
+      (default otherwise). Features and regression targets are always standardised with the training rows of
+      the groups that are not held out, so a model trained on ``train`` sees ``heldout`` on the same scale.
     """
     if not targets:
         raise ConfigError("data.options.targets: give at least one target, e.g. {price: {column: price, kind: "
                           "regression}}.")
+    chosen = check_group_options(group_by=group_by, min_rows=min_rows, small_groups=small_groups, subset=subset,
+                                 heldout_groups=heldout_groups)
     df = _read(Path(path))
     specs = {name: _target(df, name, spec) for name, spec in targets.items()}
     target_cols = {col for col, _, _ in specs.values()}
-    feature_cols = list(features) if features is not None else [c for c in df.columns if c not in target_cols]
+    id_cols = _ids(df, ids, target_cols, features)
+    if group_by is not None:
+        check_group_column(df, group_by, target_cols=target_cols, features=features)
+    excluded = {*target_cols, *id_cols, group_by}
+    feature_cols = list(features) if features is not None else [c for c in df.columns if c not in excluded]
     unknown = [c for c in feature_cols if c not in df.columns]
     if unknown or not feature_cols:
         raise ConfigError(f"data.options.features: columns {unknown or '(none)'} are not usable; columns are "
                           f"{', '.join(map(str, df.columns))}.")
     if dropna:
-        df = df.dropna(subset=[*feature_cols, *target_cols]).reset_index(drop=True)
+        grouped = [] if group_by is None else [group_by]
+        df = df.dropna(subset=[*feature_cols, *target_cols, *grouped]).reset_index(drop=True)
         specs = {name: _target(df, name, spec) for name, spec in targets.items()}
+    if group_by is not None:
+        warn_id_like(df, feature_cols)
     pd = require("pandas", "table")
     x_frame = pd.get_dummies(df[feature_cols], dtype=np.float32)
     bad = x_frame.columns[x_frame.isna().any()].tolist()
     if bad:
         raise DataError(f"feature columns {bad} have missing values; impute them or set data.options.dropna: true.")
     x = torch.tensor(x_frame.to_numpy(np.float32))
-    parts = split_indices(len(df), (1 - val_fraction - test_fraction, val_fraction, test_fraction),
-                          torch.Generator().manual_seed(seed))
+    fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    if group_by is not None:
+        plan = plan_groups(df, group_by, target=next(iter(specs)), min_rows=min_rows, small_groups=small_groups,
+                           heldout_groups=heldout_groups, subset=chosen, seed=seed, fractions=fractions)
+        return _grouped_tasks(plan, x, specs)
+    parts = split_indices(len(df), fractions, torch.Generator().manual_seed(seed))
     xs = standardize(*(x[p] for p in parts))
     group = "table" if len(specs) > 1 else None
     tasks = []
@@ -126,4 +162,43 @@ def table(
         if kind is TaskKind.REGRESSION:
             ys = standardize(*ys, mask=None if masks is None else masks[0])
         tasks.append(make_task(name, kind.value, xs, ys, group=group, masks=masks, **extra))
+    return tasks
+
+
+def _ids(df: Any, ids: Sequence[str] | None, target_cols: set[str], features: Sequence[str] | None) -> list[str]:
+    """The ``ids`` columns, checked: in the table, neither targets nor listed features."""
+    if ids is None:
+        return []
+    if isinstance(ids, str) or not isinstance(ids, Sequence):
+        raise ConfigError(f"data.options.ids: give a list of columns, e.g. [{ids!r}]. Got {ids!r}.")
+    unknown = [c for c in ids if c not in df.columns]
+    if unknown:
+        raise ConfigError(f"data.options.ids: columns {unknown} are not in the table; columns are "
+                          f"{', '.join(map(str, df.columns))}.")
+    clash = [c for c in ids if c in target_cols or (features is not None and c in features)]
+    if clash:
+        what = "a target" if clash[0] in target_cols else "in data.options.features"
+        raise ConfigError(f"data.options.ids: column '{clash[0]}' is also {what}; an id column is never learned "
+                          "from or predicted, so remove it from one of the two.")
+    return list(ids)
+
+
+def _grouped_tasks(plan: GroupPlan, x: torch.Tensor, specs: Mapping[str, tuple[str, TaskKind, Any]]) -> list[Task]:
+    """The tasks of a grouped table: every target of every planned group, standardised with the planned rows."""
+    _, x = standardize(x[plan.scale_rows], x)
+    targets = []
+    for name, (column, kind, col) in specs.items():
+        y, labelled, extra = _encode_target(name, kind, col)
+        if kind is TaskKind.REGRESSION:
+            _, y = standardize(y[plan.scale_rows], y, mask=labelled[plan.scale_rows])
+        targets.append((name, column, kind, y, labelled, extra))
+    tasks = []
+    for group, parts in plan.groups:
+        xs = [x[p] for p in parts]
+        local = torch.arange(sum(map(len, parts))).split([len(p) for p in parts])
+        for name, column, kind, y, labelled, extra in targets:
+            task = f"{name}_{group}"
+            masks = _split_masks(task, column, labelled[torch.cat(parts)], local)
+            tasks.append(make_task(task, kind.value, xs, [y[p] for p in parts], masks=masks,
+                                   group=group if len(targets) > 1 else None, **extra))
     return tasks

@@ -81,8 +81,11 @@ def fit(
     """Train until ``stop`` says so, then restore the best validated state of ``modules``.
 
     ``train_step()`` performs one update and returns scalars to log (``loss`` at least); ``validate()`` returns
-    ``objective`` (lower is better) and anything else to log. With ``run``, validations and every
-    ``log_every``-th step are appended to ``metrics.jsonl``, a checkpoint is written every
+    ``objective`` (lower is better) and anything else to log, optionally with ``improved`` (bool): whether this
+    validation counts as an improvement for early stopping and the best state, in place of comparing
+    ``objective`` with the best so far (a caller with its own notion of "better" sets it), and ``stop`` (bool):
+    end training after this validation. With ``run``,
+    validations and every ``log_every``-th step are appended to ``metrics.jsonl``, a checkpoint is written every
     ``checkpoint_every`` steps (default: each validation) and the best state is kept as ``best.safetensors``;
     ``resume=True`` continues from the run's latest checkpoint.
 
@@ -142,6 +145,8 @@ def _validate(
     _train_mode(modules, False)
     with torch.no_grad():
         val = dict(validate())
+    improved = val.pop("improved", None)
+    stop_now = bool(val.pop("stop", False))
     objective = float(val["objective"])
     if not math.isfinite(objective):
         raise DivergedError(
@@ -153,7 +158,9 @@ def _validate(
     result.history.append(record)
     if run is not None:
         run.log(record)
-    if objective < result.best_objective - stop.min_delta:
+    if improved is None:
+        improved = objective < result.best_objective - stop.min_delta
+    if improved:
         result.best_objective, result.best_step, result.bad_evals = objective, result.steps, 0
         best_state = _snapshot(modules)
         if run is not None:
@@ -163,6 +170,8 @@ def _validate(
         result.bad_evals += 1
         if stop.patience and result.bad_evals >= stop.patience:
             result.stopped_early = True
+    if stop_now:  # the caller's own stopping rule (per-task early stopping: every task has stopped)
+        result.stopped_early = True
     info["val"] = objective
     return best_state
 

@@ -110,10 +110,16 @@ def task_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch, 
     """``[m]`` losses of ``names`` on ``batch``, from one :meth:`~MultiTaskModel.forward_many` pass (tasks given
     the same ``x`` tensor share one trunk pass); a task's loss covers its labelled rows only.
 
+    A model with a ``training_losses(tasks, batch, names)`` method computes them itself (hierarchical heads).
     When every task is a regression with the default MSE loss and every row is labelled, the m losses come from
     one stacked (equal batches) or segmented reduction instead of m separate loss calls (same values; an oracle
     test checks it). Both are plain tensor ops, which the batched backward of a Gramian differentiates fast.
     """
+    custom = getattr(model, "training_losses", None)
+    if callable(custom):  # a model with its own objective (hierarchical heads: the marginal likelihood)
+        out = custom(tasks, batch, names)
+        assert isinstance(out, Tensor)
+        return out
     outputs = model.forward_many({n: batch[n][0] for n in names})
     plain = all(tasks[n].kind is TaskKind.REGRESSION and tasks[n].loss is None and len(batch[n]) == 2
                 for n in names)
@@ -151,6 +157,9 @@ def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -
 
     In a process group the task groups are spread over the ranks and every rank gets all metrics.
     """
+    refit = getattr(model, "refit", None)
+    if callable(refit):  # heads fitted in closed form from each task's training rows (hierarchical heads)
+        refit(tasks)
     was_training = model.training
     model.eval()
     try:

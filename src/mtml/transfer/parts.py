@@ -44,12 +44,18 @@ def reset(module: nn.Module, seed: int) -> None:
                 reset()
 
 
+def _heads(model: MultiTaskModel) -> list[nn.Module]:
+    """The model's task heads; for hierarchical heads, their shared mean as one linear head."""
+    mean_head = getattr(model, "mean_head", None)
+    return [mean_head()] if callable(mean_head) else list(model.heads.values())
+
+
 def new_head(model: MultiTaskModel, num_outputs: int, seed: int) -> nn.Module:
     """A freshly initialised head shaped like ``model``'s first head, with ``num_outputs`` outputs.
 
     The head's last ``nn.Linear`` is rebuilt when its width differs from ``num_outputs``.
     """
-    head = copy.deepcopy(next(iter(model.heads.values())))
+    head = copy.deepcopy(_heads(model)[0])
     linears = [name for name, m in head.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"the source head {type(head).__name__} has no nn.Linear output layer, so a head with "
@@ -78,7 +84,7 @@ def head_prior(source: Source, task: Task) -> nn.Module | None:
     """
     if task.kind is not TaskKind.REGRESSION and source.algorithm is None:
         return None
-    heads = list(source.model.heads.values())
+    heads = _heads(source.model)
     shapes = [[tuple(p.shape) for p in h.parameters()] for h in heads]
     if any(s != shapes[0] for s in shapes):
         return None

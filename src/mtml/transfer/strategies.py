@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from mtml.errors import ConfigError, DivergedError
 from mtml.meta import MetaAlgorithm
 from mtml.meta.base import check_int, check_positive
+from mtml.nn.hierarchical import HierarchicalHeads, HierarchicalModel
 from mtml.registry import Registry
 from mtml.tasks import Split, Task, TaskKind
 from mtml.transfer.parts import (
@@ -52,6 +53,7 @@ __all__ = [
     "L2SP",
     "STRATEGIES",
     "FineTune",
+    "HierarchicalBLUP",
     "LinearProbe",
     "MetaAdapt",
     "Scratch",
@@ -68,6 +70,7 @@ class Strategy(ABC):
     """Turns a source and a target task's training examples into a predictor (a module in eval mode)."""
 
     needs_algorithm: bool = False
+    needs_hierarchy: bool = False
 
     @abstractmethod
     def fit(self, source: Source, task: Task, *, generator: torch.Generator) -> nn.Module:
@@ -285,6 +288,46 @@ class MetaAdapt(Strategy):
         return _Adapted(alg, model, adapted).eval()
 
 
+class _GroupPredictor(nn.Module):
+    """Trunk features → the new task's hierarchical prediction ``zβ + z_R u``."""
+
+    def __init__(self, trunk: nn.Module, heads: HierarchicalHeads) -> None:
+        super().__init__()
+        self.trunk, self.heads = trunk, heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.heads.predict(self.trunk(x), 0)
+
+
+class HierarchicalBLUP(Strategy):
+    """A hierarchical-heads source's prediction for a new group: the shared mean ``β`` plus the new task's BLUP
+    from its few rows, with the source's learned variance components (the mixed model's prediction for a group it
+    has not seen; no training). Needs a source trained with ``model.head: hierarchical``.
+    """
+
+    needs_hierarchy = True
+
+    def fit(self, source: Source, task: Task, *, generator: torch.Generator) -> nn.Module:
+        model = source.model
+        if not isinstance(model, HierarchicalModel):
+            raise ConfigError("strategy 'blup' needs a source trained with model.head: hierarchical; this source has "
+                              "independent heads. Drop blup from the strategies.")
+        if task.kind is not TaskKind.REGRESSION:
+            raise ConfigError(f"strategy 'blup' predicts regression targets; task '{task.name}' is {task.kind.value}.")
+        src = model.hierarchy
+        if task.num_outputs != src.out:
+            raise ConfigError(f"strategy 'blup': the source heads have {src.out} outputs, target task '{task.name}' "
+                              f"has {task.num_outputs}.")
+        check_source(source, task)
+        trunk = copy.deepcopy(model.trunk).eval()
+        heads = HierarchicalHeads(src.d, 1, src.out, random=src.random.tolist()).to(src.mean.device, src.mean.dtype)
+        with torch.no_grad():
+            heads.load_state_dict({k: v for k, v in src.state_dict().items() if k != "deviation"}, strict=False)
+            h = trunk(task.train.x.to(src.mean.dtype))
+            heads.refit(h, task.train.y.to(h.dtype), torch.zeros(len(h), dtype=torch.long, device=h.device))
+        return _GroupPredictor(trunk, heads).eval()
+
+
 def _finetune_head(*, steps: int = 100, lr: float = 0.01, batch_size: int = 64,
                    weight_decay: float = 0.0) -> FineTune:
     return FineTune(part="head", steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
@@ -308,3 +351,5 @@ STRATEGIES.register("finetune_last", _finetune_last, help="the head + the last k
 STRATEGIES.register("finetune_all", _finetune_all, help="the head + the whole source trunk trained")
 STRATEGIES.register("l2sp", L2SP, help="fine-tune all with α‖θ−θ_source‖² + β‖θ_head−θ_head⁰‖² (Li et al. 2018)")
 STRATEGIES.register("meta_adapt", MetaAdapt, help="the source meta-algorithm's own test-time adaptation")
+STRATEGIES.register("blup", HierarchicalBLUP, help="a hierarchical-heads source's mixed-model prediction for a new "
+                    "group: shared mean + the group's BLUP from its rows (no training)")

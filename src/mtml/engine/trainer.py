@@ -185,7 +185,8 @@ def train_multitask(
     ``stop_per_task=True`` (for models whose tasks share no trained parameters, e.g. the single-task baseline
     ``share_trunk=False``) keeps each task's own best validated state instead (:class:`TaskBests`): a task stops
     (its best becomes final) after ``patience`` validations without improving, as if trained alone; training
-    ends at ``max_steps`` or once every task has stopped, and each task is restored from its own best step. The logged ``objective`` is then the mean of the tasks' best losses.
+    ends at ``max_steps`` or once every task has stopped, and each task is restored from its own best step. The
+    logged ``objective`` is then the mean of the tasks' best losses.
     """
     stop = stop or StopRule()
     _check_tasks(model, tasks)

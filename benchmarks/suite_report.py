@@ -102,8 +102,7 @@ def _timeit(fn: Callable[[], object], repeat: int = 20) -> float:
     return best
 
 
-def _all_heads(model: MultiTaskModel, inputs: dict[tuple[int, ...], torch.Tensor], shared: bool,
-               ) -> list[torch.Tensor]:
+def _all_heads(model: MultiTaskModel, inputs: dict[tuple[int, ...], torch.Tensor]) -> list[torch.Tensor]:
     """Every task's output for the inputs of its shape (``inputs``: shape → ``[n, *shape]``), through
     ``forward_many`` with one tensor per shape: a shared model runs each task group's rows through its stem and
     trunk once; separate models run one trunk per task."""
@@ -130,7 +129,7 @@ def model_costs(config: Config, tasks: list[Task], what: str = "embedded texts")
         model = build(cfg).model.eval()
         params.append(float(sum(p.numel() for p in model.parameters() if p.requires_grad)))
         with torch.no_grad():
-            times.append(1000 * _timeit(functools.partial(_all_heads, model, inputs, share)))
+            times.append(1000 * _timeit(functools.partial(_all_heads, model, inputs)))
     return [("trained parameters", params[0], params[1]),
             (f"predict all {len(tasks)} tasks for {sizes} {what}, ms (1 thread)", times[0], times[1])]
 

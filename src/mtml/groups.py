@@ -8,6 +8,7 @@ hold the very same ``x`` tensors form a group too, unnamed. Everything that batc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,41 +89,32 @@ def _check_same_rows(group: str, members: list[Task]) -> None:
                                 "groups.")
 
 
+def _with_splits(task: Task, splits: dict[str, Split], **fields: object) -> Task:
+    """A copy of ``task`` with some splits (and fields) replaced, not validated again (as :meth:`Task.to`)."""
+    out = copy.copy(task)
+    for name, value in {**splits, **fields}.items():
+        object.__setattr__(out, name, value)
+    return out
+
+
 def tasks_to(tasks: Sequence[Task], device: torch.device | str) -> list[Task]:
     """Every task moved to ``device``; tensors shared between tasks stay shared (moved once)."""
     moved: dict[int, Tensor] = {}
 
-    def move(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
+    def move(t: Tensor) -> Tensor:
         if id(t) not in moved:
             moved[id(t)] = t.to(device)
         return moved[id(t)]
 
-    out = []
-    for task in tasks:
-        copy = Task.__new__(Task)
-        copy.__dict__.update(task.__dict__)
-        for split in SPLITS:
-            s = getattr(task, split)
-            if s is not None:
-                x, y = move(s.x), move(s.y)
-                assert x is not None and y is not None
-                object.__setattr__(copy, split, Split(x, y, move(s.mask)))
-        out.append(copy)
-    return out
+    return [_with_splits(task, {name: Split(move(s.x), move(s.y), None if s.mask is None else move(s.mask))
+                                for name in SPLITS if (s := getattr(task, name)) is not None})
+            for task in tasks]
 
 
 def labelled_only(task: Task) -> Task:
     """``task`` with its unlabelled rows dropped from every split (for uses that train or score one task alone,
     such as transfer targets); the task itself when every row has a label."""
-    splits = {name: getattr(task, name) for name in SPLITS}
-    if all(s is None or s.mask is None for s in splits.values()):
+    masked = {name: s for name in SPLITS if (s := getattr(task, name)) is not None and s.mask is not None}
+    if not masked:
         return task
-    copy = Task.__new__(Task)
-    copy.__dict__.update(task.__dict__)
-    object.__setattr__(copy, "group", None)
-    for name, s in splits.items():
-        if s is not None and s.mask is not None:
-            object.__setattr__(copy, name, Split(s.x[s.mask], s.y[s.mask]))
-    return copy
+    return _with_splits(task, {name: Split(s.x[s.mask], s.y[s.mask]) for name, s in masked.items()}, group=None)

@@ -32,13 +32,18 @@ def _generic(model: MultiTaskModel, tasks: list[Task]) -> Tensor:
 
 
 @pytest.mark.parametrize("sizes", [[7, 7, 7, 7, 7], [3, 9, 1, 4, 12], [5, 8]])
-def test_task_losses_fast_path_equals_generic(sizes: list[int]) -> None:
+def test_task_losses_fast_path_equals_generic(sizes: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     tasks = _regression_tasks(sizes)
     model = _model(tasks)
     batch = {t.name: (t.train.x, t.train.y) for t in tasks}
     names = [t.name for t in reversed(tasks)]
     by_name = {t.name: t for t in tasks}
+    segmented: list[int] = []
+    real = Tensor.index_add
+    monkeypatch.setattr(Tensor, "index_add", lambda self, *a, **k: (segmented.append(1), real(self, *a, **k))[1])
     fast = task_losses(model, by_name, batch, names)
+    monkeypatch.undo()
+    assert bool(segmented) == (len(set(sizes)) > 1)  # equal batches: the stacked reduction; else the segmented one
     slow = _generic(model, list(reversed(tasks)))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
     w = torch.linspace(0.5, 2.0, len(names), dtype=torch.float64)

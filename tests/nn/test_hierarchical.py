@@ -111,9 +111,12 @@ def test_refuses_classification_and_shared_rows() -> None:
     with pytest.raises(ConfigError, match=r"regression tasks.*\['c'\]"):
         HierarchicalModel(nn.Identity(), [c], d=2)
     tasks = [Task(f"r{i}", "regression", Split(x, torch.randn(10)), group="rows") for i in range(2)]
-    model = HierarchicalModel(nn.Identity(), tasks, d=2)
-    with pytest.raises(ConfigError, match="own rows"):
-        task_losses(model, {t.name: t for t in tasks}, {t.name: (x, t.train.y) for t in tasks}, ["r0", "r1"])
+    with pytest.raises(ConfigError, match="own rows"):  # refused when the model is built, before any run exists
+        HierarchicalModel(nn.Identity(), tasks, d=2)
+    own = [Task(f"r{i}", "regression", Split(torch.randn(10, 2), torch.randn(10))) for i in range(2)]
+    model = HierarchicalModel(nn.Identity(), own, d=2)
+    with pytest.raises(ConfigError, match="own rows"):  # and a batch that hands them one tensor anyway
+        task_losses(model, {t.name: t for t in own}, {t.name: (x, t.train.y) for t in own}, ["r0", "r1"])
 
 
 def test_a_hierarchical_config_trains_evaluates_and_resumes(tmp_path: object) -> None:

@@ -208,6 +208,9 @@ def test_unknown_modules_are_probed_for_row_coupling(module: nn.Module, used: st
     model, tasks, batch = _model(trunk)
     gram, losses, how = _gram(model, tasks, batch, "auto")
     assert how == used
+    from mtml.weighting._row_coupling import _probed
+
+    assert trunk in _probed  # judged by the probe, not by type
     torch.testing.assert_close(gram, _oracle(losses, list(model.shared_parameters())), rtol=1e-9, atol=1e-12)
 
 
@@ -221,6 +224,17 @@ def test_fused_weighted_gradient_equals_the_plain_backward(name: str, shape: str
     import mtml.weighting._layer_gram as kernels
 
     monkeypatch.setattr(kernels, "_CHUNK", 20)  # several task chunks and column chunks
+    import mtml.weighting.gramian as gramian_module
+
+    chunks: list[int] = []
+    real_chunks = kernels.task_chunks
+
+    def counting(m: int, per_task: int) -> list[slice]:
+        out = real_chunks(m, per_task)
+        chunks.append(len(out))
+        return out
+
+    monkeypatch.setattr(gramian_module, "task_chunks", counting)
     grads = []
     for fused in (True, False):
         model, tasks, batch = _shared_model() if shape == "shared" else _model()
@@ -237,6 +251,8 @@ def test_fused_weighted_gradient_equals_the_plain_backward(name: str, shape: str
             monkeypatch.setattr(torch.Tensor, "backward", refuse)
         torch.manual_seed(3)
         joint_step(model, tasks, batch, w, opt)
+        if fused and shape == "shared" and name != "mgda_ub":
+            assert chunks and max(chunks) > 1, chunks  # the per-task δ really came in several task chunks
         grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

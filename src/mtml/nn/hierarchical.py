@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
+from mtml.groups import task_groups
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task, TaskKind
 
@@ -136,6 +137,10 @@ class HierarchicalModel(MultiTaskModel):
         if bad:
             raise ConfigError(f"model.head: hierarchical fits regression tasks with the default squared loss (a "
                               f"linear mixed model); tasks {bad} are not. Use the default head for them.")
+        shared = [g.name for g in task_groups(tasks) if g.shared]
+        if shared:
+            raise ConfigError(f"model.head: hierarchical needs every task's own rows (one regression per group); "
+                              f"task groups {shared} share their rows. Use the default head for them.")
         outs = {t.num_outputs for t in tasks}
         if len(outs) != 1:
             raise ConfigError(f"model.head: hierarchical needs one output width for all tasks; got {sorted(outs)}.")
@@ -145,9 +150,10 @@ class HierarchicalModel(MultiTaskModel):
         self.hierarchy = hierarchy
         self.index = {t.name: i for i, t in enumerate(tasks)}
 
-    def _features(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Trunk features of every task's rows, concatenated, and the task index of each row."""
-        feats, owner = [], []
+    def _features(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, list[str]]:
+        """Trunk features of every task's rows, concatenated, the task index of each row, and the task order of
+        the rows (one pass of :meth:`trunk_plan`)."""
+        feats, owner, order = [], [], []
         for call in self.trunk_plan(inputs):
             stem = self.stem_call(call)
             x = call[0][0] if len(call) == 1 else torch.cat([x for x, _ in call])
@@ -157,7 +163,8 @@ class HierarchicalModel(MultiTaskModel):
                     raise ConfigError(f"model.head: hierarchical needs every task's own rows; tasks {names} were "
                                       "given the same input tensor.")
                 owner.append(torch.full((xb.shape[0],), self.index[names[0]], dtype=torch.long, device=xb.device))
-        return torch.cat(feats), torch.cat(owner)
+                order.append(names[0])
+        return torch.cat(feats), torch.cat(owner), order
 
     def training_losses(self, tasks: Mapping[str, Task], batch: Mapping[str, tuple[Tensor, ...]],
                         names: Sequence[str]) -> Tensor:
@@ -166,12 +173,25 @@ class HierarchicalModel(MultiTaskModel):
             if len(batch[n]) > 2:
                 raise ConfigError(f"model.head: hierarchical does not take missing labels yet (task '{n}'); drop "
                                   "the unlabelled rows (data.options.dropna: true).")
-        order = [n for call in self.trunk_plan({n: batch[n][0] for n in names}) for _, ns in call for n in ns]
-        h, owner = self._features({n: batch[n][0] for n in names})
+        h, owner, order = self._features({n: batch[n][0] for n in names})
         y = torch.cat([batch[n][1] for n in order]).to(h.dtype)
         value, rows = self.hierarchy.nll(h, y, owner)
         index = torch.tensor([self.index[n] for n in names], device=h.device)
         return value[index] / rows[index].clamp_min(1)
+
+    @torch.no_grad()
+    def refit(self, tasks: Sequence[Task]) -> None:
+        """Every task's BLUP deviation from its training split, with the current trunk and variance components."""
+        known = {t.name: t for t in tasks if t.name in self.index}
+        if not known:
+            return
+        was = self.training
+        self.eval()
+        try:
+            h, owner, order = self._features({n: t.train.x for n, t in known.items()})
+            self.hierarchy.refit(h, torch.cat([known[n].train.y for n in order]).to(h.dtype), owner)
+        finally:
+            self.train(was)
 
     def mean_head(self) -> nn.Linear:
         """The shared mean ``β`` as an ordinary linear head (a copy): what transfer strategies start a new task
@@ -183,21 +203,6 @@ class HierarchicalModel(MultiTaskModel):
             head.bias.copy_(h.mean[h.d])
         return head
 
-    @torch.no_grad()
-    def refit(self, tasks: Sequence[Task]) -> None:
-        """Every task's BLUP deviation from its training split, with the current trunk and variance components."""
-        known = [t for t in tasks if t.name in self.index]
-        if not known:
-            return
-        was = self.training
-        self.eval()
-        try:
-            h, owner = self._features({t.name: t.train.x for t in known})
-            order = [n for call in self.trunk_plan({t.name: t.train.x for t in known}) for _, ns in call for n in ns]
-            by_name = {t.name: t for t in known}
-            self.hierarchy.refit(h, torch.cat([by_name[n].train.y for n in order]).to(h.dtype), owner)
-        finally:
-            self.train(was)
 
 
 def build_hierarchical(tasks: Sequence[Task], *, trunk_hidden: Sequence[int] = (), stem_width: int | None = None,

@@ -1,8 +1,9 @@
 """Step time of gradient weightings on two data shapes: mtml next to LibMTL 1.1.5 and TorchJD.
 
-Model: an MLP trunk ``--in-dim`` → ``--width`` × ``--depth`` (default 64 → 512 → 512, ReLU) and one
-``nn.Linear(width, 1)`` regression head per task. A step covers ``--batch`` rows (default 256) in one of two
-shapes (``--shapes``, default both):
+Model: an MLP trunk ``--in-dim`` → ``--width`` × ``--depth`` (default 64 → 512 → 512, ReLU), or with
+``--trunk conv4`` a Conv-4 of ``--width`` filters (GroupNorm, 4 groups) on 1×28×28 images (mtml's ``auto``
+Gramian is then ``loop`` on CPU: conv layers are not layer-wise), and one linear regression head per task. A
+step covers ``--batch`` rows (default 256) in one of two shapes (``--shapes``, default both):
 
 * ``shared`` — every task gets the *same* ``x`` tensor (all 256 rows) and its own targets: the trunk runs once
   on the 256 rows and every head reads the same features. mtml's ``auto`` Gramian is then ``layerwise/batched``
@@ -66,12 +67,14 @@ from torch import nn
 import mtml.engine.joint as joint
 from mtml.engine.joint import joint_step, task_losses
 from mtml.nn import MultiTaskModel, mlp
+from mtml.nn.conv import Conv4
 from mtml.tasks import Split, Task, TaskKind
 from mtml.weighting import WEIGHTINGS, GramianTape
 
 METHODS = ["pcgrad", "mgda", "cagrad", "nash_mtl", "upgrad", "imtl_g", "aligned_mtl", "gradvac", "gradnorm",
            "db_mtl"]
 SHAPES = ("shared", "own")
+CONV_INPUT = (1, 28, 28)
 PEERS = ("LibMTL", "TorchJD-jac", "TorchJD-autogram")
 #: LibMTL class and ``backward`` kwargs per method (LibMTL's GradNorm only starts after epoch 0: not comparable)
 LIBMTL = {"pcgrad": ("PCGrad", {}), "mgda": ("MGDA", {"mgda_gn": "none"}),
@@ -114,6 +117,7 @@ class Problem:
     depth: int
     dtype: torch.dtype
     seed: int
+    trunk: str = "mlp"
 
     @property
     def names(self) -> list[str]:
@@ -127,29 +131,34 @@ class Problem:
     def model(self) -> MultiTaskModel:
         """A fresh model copy; every copy has the same weights."""
         torch.manual_seed(self.seed)
-        trunk = mlp(self.in_dim, (self.width,) * self.depth)
-        model = MultiTaskModel(trunk, {n: nn.Linear(self.width, 1) for n in self.names})
+        if self.trunk == "conv4":  # Conv-4 (GroupNorm, 4 groups) on 1×28×28 images: a few-shot-style backbone
+            conv = Conv4(CONV_INPUT, width=self.width, groups=4)
+            model = MultiTaskModel(conv, {n: nn.Linear(conv.out_features, 1) for n in self.names})
+        else:
+            model = MultiTaskModel(mlp(self.in_dim, (self.width,) * self.depth),
+                                   {n: nn.Linear(self.width, 1) for n in self.names})
         return model.to(self.dtype)
 
 
 def make_problem(shape: str, m: int, batch: int, in_dim: int, width: int, depth: int, *,
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Problem:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, trunk: str = "mlp") -> Problem:
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     g = torch.Generator().manual_seed(seed + 1000 * m + (0 if shape == "shared" else 1))
+    example = CONV_INPUT if trunk == "conv4" else (in_dim,)
     names = [f"t{i}" for i in range(m)]
     if shape == "shared":
-        x = torch.randn(batch, in_dim, generator=g, dtype=dtype)
+        x = torch.randn(batch, *example, generator=g, dtype=dtype)
         splits = {n: Split(x, torch.randn(batch, 1, generator=g, dtype=dtype)) for n in names}
         group: str | None = "shared"
     else:
         rows = max(1, batch // m)
-        splits = {n: Split(torch.randn(rows, in_dim, generator=g, dtype=dtype),
+        splits = {n: Split(torch.randn(rows, *example, generator=g, dtype=dtype),
                            torch.randn(rows, 1, generator=g, dtype=dtype)) for n in names}
         group = None
     tasks = {n: Task(n, TaskKind.REGRESSION, s, group=group) for n, s in splits.items()}
     data = {n: (s.x, s.y) for n, s in splits.items()}  # shared: the very same x tensor object for every task
-    return Problem(shape, m, tasks, data, in_dim, width, depth, dtype, seed)
+    return Problem(shape, m, tasks, data, in_dim, width, depth, dtype, seed, trunk)
 
 
 # -- candidates ------------------------------------------------------------------------------------------------
@@ -314,7 +323,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         cands: dict[tuple[str, str, str], Step] = {}
         problems = {}
         for shape in args.shapes:
-            p = make_problem(shape, m, args.batch, args.in_dim, args.width, args.depth)
+            p = make_problem(shape, m, args.batch, args.in_dim, args.width, args.depth, trunk=args.trunk)
             problems[shape] = p
             for (name, impl), fn in candidates(p, args.methods, args.skip).items():
                 cands[(shape, name, impl)] = fn
@@ -406,7 +415,8 @@ def check(args: argparse.Namespace, steps: int = 2, tol: float = 1e-6) -> bool:
     ok = True
     print(f"# --check: T=4, float64, {steps} consecutive steps, tolerance {tol:g} relative (‖Δ‖/‖ref‖ per tensor)")
     for shape in args.shapes:
-        p = make_problem(shape, 4, args.batch, args.in_dim, args.width, args.depth, dtype=torch.float64)
+        p = make_problem(shape, 4, args.batch, args.in_dim, args.width, args.depth, dtype=torch.float64,
+                         trunk=args.trunk)
         print(f"\n### {shape}: {p.rows} trunk rows\n")
         print("| method | used | max rel err shared | max rel err heads | ok |")
         print("|---|---|---|---|---|")
@@ -442,6 +452,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=2, help="hidden layers of the trunk")
     p.add_argument("--in-dim", type=int, default=64)
+    p.add_argument("--trunk", choices=["mlp", "conv4"], default="mlp",
+                   help="mlp (--in-dim → --width × --depth) or conv4 (Conv-4 of --width filters on 1×28×28 images)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--autogram-reps", type=int, default=None,
                    help="time TorchJD's autogram route in the first K rounds only (it is slow at many tasks)")
@@ -466,8 +478,10 @@ def main() -> None:
         with contextlib.suppress(Exception):
             from importlib.metadata import version
             versions.append(f"{module} {version(module)}")
-    print(f"# torch {torch.__version__}, {', '.join(versions)}; {args.threads} thread(s); MLP trunk {args.in_dim}→"
-          + "→".join([str(args.width)] * args.depth) + f", linear heads, {args.batch} rows per step; "
+    trunk = (f"Conv-4 trunk, width {args.width}, GroupNorm 4, 1×28×28" if args.trunk == "conv4" else
+             f"MLP trunk {args.in_dim}→" + "→".join([str(args.width)] * args.depth))
+    print(f"# torch {torch.__version__}, {', '.join(versions)}; {args.threads} thread(s); {trunk}"
+          + f", linear heads, {args.batch} rows per step; "
           f"medians of {args.reps} interleaved rounds" +
           (f" (TorchJD autogram: first {args.autogram_reps})" if args.autogram_reps is not None else ""))
     rows = run(args)

@@ -268,3 +268,26 @@ def test_representation_gramian_on_shared_rows_is_the_feature_gradient_gramian()
             for i in range(losses.shape[0])]
     jac = torch.stack(rows)
     torch.testing.assert_close(gram, jac @ jac.T, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["loop", "batched"])
+@pytest.mark.parametrize("shape", ["shared", "own"])
+def test_explicit_backends_reuse_their_per_task_gradients_for_the_update(backend: str, shape: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    grads = []
+    for fused in (True, False):
+        model, tasks, batch = _shared_model() if shape == "shared" else _model()
+        w = WEIGHTINGS.create("upgrad", list(tasks), gramian=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        if fused:  # the update is wᵀJ from the Gramian's own gradients: no backward of the whole objective
+            def refuse(*a: object, **k: object) -> None:
+                raise AssertionError("the fused path was not taken")
+
+            monkeypatch.setattr(torch.Tensor, "backward", refuse)
+        else:
+            monkeypatch.setattr(GramianTape, "backward", lambda self, objective, *a: objective.backward())
+        joint_step(model, tasks, batch, w, opt)
+        monkeypatch.undo()
+        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -149,6 +149,7 @@ class GramianTape:
         self._outside = False  # a shared Linear ran outside a trunk call: row ownership unknown
         # (layer, a, δ, row owners): δ [N, out] split by rows, or per-task chunks [m_c, N, out]
         self._pieces: list[tuple[nn.Linear, Tensor, Tensor | list[Tensor], Tensor | None]] = []
+        self._jacobian: tuple[list[nn.Parameter], Tensor] | None = None  # explicit per-task gradients
 
     # -- recording ---------------------------------------------------------------------------------------
     def __enter__(self) -> GramianTape:
@@ -188,7 +189,7 @@ class GramianTape:
                 names: Sequence[str] | None = None) -> Tensor:
         """``[m, m]`` Gramian of ``losses: [m]`` (graph kept for the weighted backward)."""
         m = losses.shape[0]
-        self._pieces = []
+        self._pieces, self._jacobian = [], None
         owners = self._owners(inputs, names, m)
         backend = self.backend
         if backend == "auto":
@@ -198,7 +199,7 @@ class GramianTape:
             raise ConfigError(f"gramian '{backend}' needs a model with a `trunk` module; use loop or batched.")
         if backend in ("loop", "batched"):
             self.used = backend
-            return task_gramian(losses, self.shared, backend=backend)
+            return self._explicit(losses, self.shared, backend)
         if backend == "representation":  # features of a row feed only its own task's head: rows stay valid
             self.used = "representation" + ("/rows" if owners is not None else "/batched")
             return self._representation(losses, owners)
@@ -206,8 +207,17 @@ class GramianTape:
         self.used = "layerwise" + ("/rows" if owners is not None else "/batched")
         gram = self._layerwise(losses, owners)
         if self.rest:
-            gram = gram + task_gramian(losses, self.rest, backend="loop")
+            gram = gram + self._explicit(losses, self.rest, "loop")
         return gram
+
+    def _explicit(self, losses: Tensor, params: list[nn.Parameter], backend: str) -> Tensor:
+        """The Gramian over ``params`` from their explicit per-task gradients ``J [m, P]``, kept for
+        :meth:`backward` (which then needs no further backward through them)."""
+        if not params:
+            return losses.new_zeros(losses.shape[0], losses.shape[0])
+        jac = task_jacobian(losses, params, backend=backend)
+        self._jacobian = (params, jac)
+        return jac @ jac.T
 
     def _row_owners(self, owners: list[Tensor] | None, *, strict: bool) -> list[Tensor] | None:
         """``owners`` when one backward of ``Σ L`` splits into per-task gradients by rows, else None; with
@@ -308,25 +318,33 @@ class GramianTape:
         """Accumulate ``∇ objective`` into ``.grad`` of ``params``, where ``objective = Σ_t weights[t]·L_t + c``
         (``c`` free of the shared layers) and ``weights`` the detached task weights.
 
-        After a layer-wise Gramian whose layers hold every shared parameter, the shared layers' gradients are
-        ``Σ_t w_t δ_tᵀa`` from the recorded ``δ`` (no second backward through the trunk) and autograd computes
-        only the rest (heads, stems, weighting parameters). Otherwise this is ``objective.backward()``.
+        The shared parameters' gradients come from what the Gramian already computed — ``Σ_t w_t δ_tᵀa`` from the
+        recorded ``δ`` of a layer-wise Gramian, ``wᵀJ`` from the explicit per-task gradients ``J`` of ``loop`` /
+        ``batched`` (no second backward through the trunk) — and autograd computes only the rest (heads, stems,
+        weighting parameters). With weights that carry a graph, or the representation Gramian, this is
+        ``objective.backward()``.
         """
         covered = {id(p) for mod, _, _, _ in self._pieces for p in mod.parameters(recurse=False)}
-        fused = bool(self._pieces) and not self.rest and not weights.requires_grad and \
-            all(id(p) in covered for p in self.shared)
+        if self._jacobian is not None:
+            covered |= {id(p) for p in self._jacobian[0]}
+        fused = bool(covered) and not weights.requires_grad and all(id(p) in covered for p in self.shared)
         if not fused:
             objective.backward()
             return
         others = [p for p in params if p.requires_grad and id(p) not in covered]
         if others and objective.requires_grad:
             torch.autograd.backward(objective, inputs=others)
+        w = weights.detach()
         for mod, a, d, own in self._pieces:
-            delta = combined_delta(d, weights.detach(), own)  # [N, out]
+            delta = combined_delta(d, w, own)  # [N, out]
             _accumulate(mod.weight, delta.T @ a)
             if mod.bias is not None:
                 _accumulate(mod.bias, delta.sum(0))
-        self._pieces = []
+        if self._jacobian is not None:  # Σ_t w_t ∇L_t from the per-task gradients already computed
+            explicit, jac = self._jacobian
+            for p, g in zip(explicit, (w.to(jac.dtype) @ jac).split([p.numel() for p in explicit]), strict=True):
+                _accumulate(p, g)
+        self._pieces, self._jacobian = [], None
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

@@ -49,13 +49,13 @@ def _maml_worker(args: argparse.Namespace) -> float:
     from mtml.config import Config
     from mtml.engine import make_optimizer
     from mtml.engine.dist_steps import sharded_meta_step
-    from mtml.experiment_meta import build_meta
     from mtml.meta import meta_parameters
+    from mtml.workflows import build
 
-    exp = build_meta(Config.from_dict(maml_config(args.meta_batch, args.steps, args.inner_steps)))
+    exp = build(Config.from_dict(maml_config(args.meta_batch, args.steps, args.inner_steps)))
     opt = make_optimizer("adam", meta_parameters(exp.algorithm, exp.model), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    seconds = _time(lambda: sharded_meta_step(exp.algorithm, exp.model, exp.source.train.sample(gen), opt),
+    seconds = _time(lambda: sharded_meta_step(exp.algorithm, exp.model, exp.family.train.sample(gen), opt),
                     args.warmup, args.steps)
     return args.meta_batch * args.steps / seconds
 

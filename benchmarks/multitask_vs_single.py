@@ -41,13 +41,12 @@ import numpy as np
 import torch
 
 from mtml.config import Config
-from mtml.demo import compare, embedded_config
 from mtml.engine import StopRule, TrainResult, train_multitask
 from mtml.engine.joint import predict
 from mtml.errors import ConfigError
-from mtml.experiment import build, resolve_device
 from mtml.nn import ARCHITECTURES
 from mtml.tasks import Split, Task, TaskKind
+from mtml.workflows import build, compare, embedded_config, resolve_device
 
 METRICS = (("accuracy", True), ("macro_f1", True), ("mse", False), ("r2", True))
 #: the feature given a random slope by default (schools: pupils' SES, see mtml.datasets.schools)

@@ -32,10 +32,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from mtml.config import Config, apply_overrides
-from mtml.demo import compare, embedded_config
-from mtml.experiment import build
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task, TaskKind
+from mtml.workflows import build, compare, embedded_config
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 SHOWN = {TaskKind.REGRESSION: ("mse", "r2"), TaskKind.BINARY: ("accuracy", "auroc"),

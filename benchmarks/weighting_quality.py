@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from mtml.demo import embedded_config
-from mtml.experiment import build, train
 from mtml.weighting import WEIGHTINGS
+from mtml.workflows import build, embedded_config, train
 
 METRICS = {"schools": ["mse"]}
 

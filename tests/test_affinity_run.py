@@ -13,11 +13,9 @@ import pytest
 import torch
 import yaml
 
-from mtml.affinity_run import task_affinity
 from mtml.config import Config
 from mtml.errors import ConfigError, ShapeError
-from mtml.experiment import train
-from mtml.rank_run import rank_sources
+from mtml.workflows import rank_sources, task_affinity, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 SMALL = {

@@ -8,7 +8,7 @@ import pytest
 
 from mtml.config import Config
 from mtml.errors import ConfigError
-from mtml.experiment import train
+from mtml.workflows import train
 
 SMALL = {
     "data": {"dataset": "synthetic", "options": {"num_tasks": 2, "in_dim": 4, "latent_dim": 2, "n_train": 5,

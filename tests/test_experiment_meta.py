@@ -12,8 +12,8 @@ import pytest
 
 from mtml.config import Config
 from mtml.errors import ConfigError
-from mtml.experiment import evaluate_run, resume_run, train
 from mtml.meta import ALGORITHMS
+from mtml.workflows import evaluate_run, resume_run, train
 
 
 def _config(algorithm: str, family: str, **training: object) -> Config:

@@ -16,9 +16,9 @@ import torch
 from mtml.config import load_config
 from mtml.datasets.fashion import DEFAULT_ROOT
 from mtml.engine.joint import TaskBatcher, joint_step
-from mtml.experiment import build
 from mtml.groups import task_groups
 from mtml.weighting import WEIGHTINGS
+from mtml.workflows import build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 FASHION = Path(DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file()

@@ -16,10 +16,10 @@ import yaml
 
 from mtml.config import Config
 from mtml.errors import ConfigError, UnknownNameError
-from mtml.experiment import train
 from mtml.report.transfer import markdown_tables
 from mtml.tasks import Split, Task
-from mtml.transfer_run import TransferResult, _summarise, parse_sizes, subsample, t_critical, transfer
+from mtml.workflows import train
+from mtml.workflows.transfer import TransferResult, _summarise, parse_sizes, subsample, t_critical, transfer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 DATA = {"num_tasks": 3, "in_dim": 8, "latent_dim": 2, "n_train": 30, "n_val": 20, "n_test": 40}

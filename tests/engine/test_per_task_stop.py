@@ -16,9 +16,9 @@ from mtml.datasets import synthetic_linear
 from mtml.engine import Run, StopRule, load_checkpoint
 from mtml.engine.trainer import TrainResult, train_multitask
 from mtml.errors import ConfigError
-from mtml.experiment import train
 from mtml.nn import MultiTaskModel, build_multitask_model
 from mtml.tasks import Split, Task, TaskKind
+from mtml.workflows import train
 
 
 def _tasks() -> list[Task]:

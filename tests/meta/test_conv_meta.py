@@ -18,12 +18,11 @@ import mtml.meta.functional as functional
 from mtml.config import Config
 from mtml.datasets.fashion import DEFAULT_ROOT
 from mtml.errors import ConfigError
-from mtml.experiment import train
-from mtml.experiment_meta import build_meta
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, batched_forward, meta_parameters, meta_step, task_gradients
 from mtml.meta.conv import conv_chain, conv_forward
 from mtml.nn import Conv4, MultiTaskModel, build_backbone, feature_dim
 from mtml.sampling import few_shot_splits
+from mtml.workflows import build, train
 
 torch.set_num_threads(1)
 
@@ -238,13 +237,13 @@ def test_config_keeps_conv_backbones_to_hard_sharing_in_joint_runs() -> None:
 @needs_fashion
 @pytest.mark.slow
 def test_build_meta_puts_a_linear_head_on_the_conv_backbone() -> None:
-    exp = build_meta(Config.from_dict(_config("maml")))
-    assert isinstance(exp.model.trunk, Conv4) and exp.source.input_shape == (1, 28, 28)
+    exp = build(Config.from_dict(_config("maml")))
+    assert isinstance(exp.model.trunk, Conv4) and exp.family.input_shape == (1, 28, 28)
     head = exp.model.heads["task"]
     assert isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) and head[0].in_features == 8
     assert conv_chain(exp.model) is not None  # MAML on it takes the grouped-convolution path
     with pytest.raises(ConfigError, match=r"model\.backbone: conv4"):
-        build_meta(Config.from_dict(_config("maml", backbone="mlp", backbone_options={})))
+        build(Config.from_dict(_config("maml", backbone="mlp", backbone_options={})))
 
 
 @needs_fashion

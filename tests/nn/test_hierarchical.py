@@ -123,7 +123,7 @@ def test_a_hierarchical_config_trains_evaluates_and_resumes(tmp_path: object) ->
     from pathlib import Path
 
     from mtml.config import load_config
-    from mtml.experiment import build, evaluate_run, train
+    from mtml.workflows import build, evaluate_run, train
 
     root = Path(str(tmp_path))
     shipped = Path(__file__).resolve().parents[2] / "examples" / "configs" / "schools_mixed.yaml"

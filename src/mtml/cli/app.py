@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-__all__ = ["app", "console", "err_console", "prints"]
+from mtml.errors import MtmlError
+
+__all__ = ["INTERRUPTED", "app", "console", "err_console", "main", "prints"]
+
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mtml: multi-task learning, meta-learning and knowledge transfer on PyTorch.")
@@ -19,3 +25,40 @@ def prints() -> bool:
     """Whether this process shows results: a plain process, or rank 0 under torchrun / ``--nproc`` (the
     process group is already closed when a command prints, so this reads the environment)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
+    into one-line messages without a traceback."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except MtmlError as exc:
+        if getattr(exc, "echo_of_rank", None) is not None:
+            sys.exit(2)  # rank 0 printed this error already
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _interrupted()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors (bad option, missing argument) come from typer's bundled click: show them its way.
+        show = getattr(exc, "show", None)
+        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+            show()
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if type(exc).__name__ == "Abort":
+            sys.exit(1)
+        raise
+    # typer answers Ctrl-C (and typer.Exit) in non-standalone mode with a returned exit code, not an exception
+    if isinstance(code, int) and code:
+        if code == INTERRUPTED:
+            _interrupted()
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit status 130."""
+    if "MTML_LAUNCHED" not in os.environ and prints():
+        err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
+    sys.exit(INTERRUPTED)

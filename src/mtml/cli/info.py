@@ -42,6 +42,6 @@ def demo(
     quick: Annotated[bool, typer.Option(help="fewer steps (a smoke test)")] = False,
 ) -> None:
     """A short tour: multi-task vs single-task models on penguins and schools."""
-    from mtml.demo import run_demo
+    from mtml.workflows import run_demo
 
     run_demo(out, quick=quick, console=console)

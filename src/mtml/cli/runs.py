@@ -26,9 +26,9 @@ def train(
 ) -> None:
     """Train a config into a run directory, or --resume an interrupted run."""
     from mtml.config import load_config
-    from mtml.experiment import resume_run
-    from mtml.experiment import train as train_config
     from mtml.report import RichProgress
+    from mtml.workflows import resume_run
+    from mtml.workflows import train as train_config
 
     seed_list = _seed_list(seeds)
     if nproc != 1 or dist_timeout is not None:
@@ -66,7 +66,7 @@ def _seed_list(seeds: str | None) -> list[int] | None:
 def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, seeds: list[int],
                  main_rank: bool) -> None:
     from mtml.config import load_config
-    from mtml.experiment import train_seeds
+    from mtml.workflows import train_seeds
 
     if resume is not None or config is None:
         raise MtmlError("--seeds trains a CONFIG once per seed; it cannot --resume (resume each seed-N run).")
@@ -82,7 +82,7 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
     """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
     from mtml.config import load_config
     from mtml.engine import Run
-    from mtml.experiment import default_run_dir
+    from mtml.workflows import default_run_dir
 
     args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
     if resume is not None:
@@ -103,7 +103,7 @@ def start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Pat
                 trains: bool = True) -> None:
     """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`); ``trains``: the
     workers build ``torch.optim`` optimisers, whose imports the launcher then makes once for all of them."""
-    from mtml.cli import main
+    from mtml.cli.app import main
     from mtml.engine.dist_launch import OPTIMIZER_IMPORTS, launch
 
     _check_launch(timeout)
@@ -142,7 +142,7 @@ def eval_(
     = None,
 ) -> None:
     """Evaluate a run's best checkpoint: per-task metrics, or the meta-test protocol with 95% CIs."""
-    from mtml.experiment import evaluate_run
+    from mtml.workflows import evaluate_run
 
     if split not in ("train", "val", "test"):
         raise MtmlError(f"--split must be train, val or test. Got {split!r}.")

@@ -24,9 +24,10 @@ def affinity(
     """Train CONFIG while recording TAG inter-task affinity; write a heatmap and suggested task groups."""
     from rich.table import Table
 
-    from mtml.affinity_run import display_scale, task_affinity
     from mtml.config import load_config
     from mtml.report import RichProgress
+    from mtml.report.affinity import display_scale
+    from mtml.workflows import task_affinity
 
     progress = None if quiet else RichProgress("affinity", console=console)
     res = task_affinity(load_config(config, set_ or []), out, groups=groups, every=every, lookahead_lr=lookahead_lr,
@@ -67,7 +68,7 @@ def rank(
 
     from mtml.atomic import atomic_write_text
     from mtml.config import load_config
-    from mtml.rank_run import rank_sources
+    from mtml.workflows import rank_sources
 
     ranking = rank_sources(load_config(target, []), runs, task=task, source_task=source_task, split=split, by=by)
     for name, rows in ranking.items():
@@ -108,7 +109,7 @@ def transfer_(
     import yaml
 
     from mtml.report.transfer import CAPTION, rich_tables
-    from mtml.transfer_run import check_output_dir, parse_sizes, transfer
+    from mtml.workflows import check_output_dir, parse_sizes, transfer
 
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None
     options: dict[str, dict[str, object]] = {}

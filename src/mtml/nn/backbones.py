@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from mtml.errors import ConfigError, ShapeError
-from mtml.nn.builders import mlp
+from mtml.nn._mlp import mlp
 from mtml.nn.conv import NORMS, Conv4, ResNet12, check_positive_ints
 from mtml.registry import Registry, check_options
 

@@ -10,48 +10,12 @@ from torch import Tensor, nn
 
 from mtml.errors import ConfigError
 from mtml.groups import task_groups
+from mtml.nn._mlp import mlp
+from mtml.nn.backbones import build_backbone, feature_dim
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 
-__all__ = ["ImageStem", "build_multitask_model", "group_stems", "mlp"]
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "linear": nn.Identity,
-}
-
-
-def mlp(
-    in_dim: int,
-    hidden: Sequence[int] = (),
-    out_dim: int | None = None,
-    *,
-    activation: str = "relu",
-    dropout: float = 0.0,
-    final_activation: bool = False,
-) -> nn.Sequential:
-    """``Linear → act → (dropout)`` per hidden width, then an optional ``Linear(out_dim)``.
-
-    With ``out_dim=None`` the network ends on its last hidden layer's activation (a feature extractor).
-    """
-    if activation not in _ACTIVATIONS:
-        raise ConfigError(f"activation '{activation}' is not known; use one of {', '.join(_ACTIVATIONS)}.")
-    if in_dim <= 0 or any(h <= 0 for h in hidden) or (out_dim is not None and out_dim <= 0):
-        raise ConfigError(f"layer widths must be > 0. Got in={in_dim}, hidden={list(hidden)}, out={out_dim}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1). Got {dropout}.")
-    layers: list[nn.Module] = []
-    width = in_dim
-    for h in hidden:
-        layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        width = h
-    if out_dim is not None:
-        layers.append(nn.Linear(width, out_dim))
-        if final_activation:
-            layers.append(_ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
-
+__all__ = ["ImageStem", "build_multitask_model", "group_stems"]
 
 def _flat_width(task: Task) -> int:
     if len(task.input_shape) != 1:
@@ -166,8 +130,6 @@ class ImageStem(nn.Module):
 def _backbone_model(tasks: Sequence[Task], backbone: str, options: Mapping[str, Any], *, head_hidden: Sequence[int],
                     activation: str, share_trunk: bool, stem_width: int | None) -> MultiTaskModel:
     """A multi-task model whose trunk is the backbone ``backbone`` (see :func:`build_multitask_model`)."""
-    from mtml.nn.backbones import build_backbone, feature_dim  # backbones imports this module
-
     shape = tasks[0].input_shape
     odd = [t for t in tasks if t.input_shape != shape]
     if odd and (len(shape) != 3 or any(len(t.input_shape) != 3 for t in odd)):

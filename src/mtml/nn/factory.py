@@ -8,12 +8,15 @@ from typing import Any
 from torch import nn
 
 from mtml.errors import ConfigError
+from mtml.nn._minilm import minilm_model
+from mtml.nn._mlp import ACTIVATIONS, mlp
 from mtml.nn.architectures import ColumnModel, ColumnTrunk, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
-from mtml.nn.builders import _ACTIVATIONS, _flat_width, build_multitask_model, group_stems, mlp
+from mtml.nn.builders import _flat_width, build_multitask_model, group_stems
 from mtml.nn.model import MultiTaskModel
+from mtml.registry import Registry
 from mtml.tasks import Task
 
-__all__ = ["build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model", "build_ple"]
+__all__ = ["ARCHITECTURES", "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model", "build_ple"]
 
 
 def _check_count(name: str, value: int, low: int = 1) -> None:
@@ -27,8 +30,8 @@ def _column_model(tasks: Sequence[Task], trunk_hidden: Sequence[int], head_hidde
         raise ConfigError("an architecture needs at least one task.")
     if not trunk_hidden or any(h <= 0 for h in trunk_hidden):
         raise ConfigError(f"`trunk_hidden` must be a non-empty list of widths > 0. Got {list(trunk_hidden)}.")
-    if activation not in _ACTIVATIONS:
-        raise ConfigError(f"`activation` must be one of {', '.join(_ACTIVATIONS)}. Got {activation!r}.")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"`activation` must be one of {', '.join(ACTIVATIONS)}. Got {activation!r}.")
     widths = {t.name: _flat_width(t) for t in tasks}
     first = widths[tasks[0].name]
     needs_stem = stem_width is not None or len(set(widths.values())) > 1
@@ -96,6 +99,16 @@ def build_model(tasks: Sequence[Task], architecture: str = "hps", **options: Any
     """The model of ``architecture`` (a name in :data:`mtml.nn.ARCHITECTURES`) for ``tasks``; options are the
     builder's keywords (``trunk_hidden``, ``head_hidden``, ``stem_width``, ``activation``, ``dropout`` and the
     architecture's own, e.g. ``num_experts``)."""
-    from mtml.nn import ARCHITECTURES
-
     return ARCHITECTURES.create(architecture, tasks, where="model", **options)
+
+
+ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
+ARCHITECTURES.register("hps", build_hps, help="hard parameter sharing: shared MLP trunk + a head per task "
+                       "(Caruana 1997)")
+ARCHITECTURES.register("mmoe", build_mmoe, help="multi-gate mixture of experts (Ma et al. KDD 2018)")
+ARCHITECTURES.register("cgc", build_cgc, help="customized gate control: shared + task experts (Tang et al. 2020)")
+ARCHITECTURES.register("ple", build_ple, help="progressive layered extraction: stacked CGC levels (Tang et al. 2020)")
+ARCHITECTURES.register("cross_stitch", build_cross_stitch, help="a column per task mixed by learned cross-stitch "
+                       "units (Misra et al. CVPR 2016)")
+ARCHITECTURES.register("minilm", minilm_model, help="MiniLM sentence encoder (top layers fine-tuned, option "
+                       "trainable_top_layers) + MLP trunk, for token inputs (texts with inputs: tokens)")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError, ShapeError
-from mtml.nn.builders import mlp
+from mtml.nn._mlp import mlp
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task
 

@@ -1,4 +1,8 @@
-"""Learning curves from a run's ``metrics.jsonl``, saved as PNG."""
+"""Learning curves from a run's ``metrics.jsonl``, saved as PNG.
+
+Figures are :class:`matplotlib.figure.Figure` objects rendered by the Agg canvas: no pyplot state, so importing
+or plotting never switches the backend of a notebook or of the user's own plots.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from mtml.atomic import atomic_write_bytes
 
-__all__ = ["plot_learning_curves", "save_figure"]
+__all__ = ["new_figure", "plot_learning_curves", "save_figure"]
 
 
-def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out ``fig``, write it as PNG to ``path`` atomically (a crash leaves the old file or none), close it."""
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas (outside pyplot: nothing global is touched)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out ``fig`` and write it as PNG to ``path`` atomically (a crash leaves the old file or none)."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
@@ -57,14 +65,16 @@ def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path,
     if len(tasks) <= max_panels:
         cols = min(3, len(tasks))
         rows = -(-len(tasks) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        fig = new_figure((4.2 * cols, 3.2 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, task in zip(axes.flat, tasks, strict=False):
             _panel(ax, task, train.get(task, {}), val.get(task, {}))
             _mark_best(ax, best)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
     else:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig = new_figure((7, 4.5))
+        ax = fig.subplots()
         for task in tasks:
             c = val.get(task, {})
             ax.plot(list(c), list(c.values()), color="tab:blue", alpha=0.12, lw=0.8)

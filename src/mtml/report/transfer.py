@@ -1,23 +1,51 @@
-"""Tables and the metric-vs-size plot of a transfer experiment (:class:`mtml.transfer_run.TransferResult`)."""
+"""Tables and the metric-vs-size plot of a transfer experiment (:class:`mtml.workflows.TransferResult`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from rich.markup import escape
 from rich.table import Table
 
-from mtml.report.plots import save_figure
+from mtml.report.plots import new_figure, save_figure
 
-if TYPE_CHECKING:
-    from mtml.transfer_run import TransferResult
+__all__ = ["CAPTION", "TransferTable", "markdown_tables", "plot_transfer", "rich_tables"]
 
-__all__ = ["CAPTION", "markdown_tables", "plot_transfer", "rich_tables"]
+
+class TransferTable(Protocol):
+    """What the tables and the plot read of a transfer result (:class:`mtml.workflows.TransferResult`)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def sizes(self) -> Sequence[int | str]: ...
+
+    @property
+    def strategies(self) -> Sequence[str]: ...
+
+    @property
+    def repeats(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]: ...
+
+    @property
+    def scores(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]: ...
+
+    @property
+    def gains(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]: ...
 
 
 def _cell(score: dict[str, Any]) -> str:
@@ -32,7 +60,7 @@ def _gain(gain: dict[str, Any] | None) -> str:
     return f"{gain['mean']:+.4f} ± {gain['ci95']:.4f}{mark}"
 
 
-def _rows(result: TransferResult, metric: str) -> list[list[str]]:
+def _rows(result: TransferTable, metric: str) -> list[list[str]]:
     sizes = [str(s) for s in result.sizes]
     rows = []
     for name in result.strategies:
@@ -42,12 +70,12 @@ def _rows(result: TransferResult, metric: str) -> list[list[str]]:
     return rows
 
 
-def _header(result: TransferResult, metric: str) -> list[str]:
+def _header(result: TransferTable, metric: str) -> list[str]:
     first = result.scores[metric][result.strategies[0]]
     return ["strategy", *[f"{s} (n≈{first[str(s)]['n_train']:.0f})" for s in result.sizes]]
 
 
-def _title(result: TransferResult, metric: str) -> str:
+def _title(result: TransferTable, metric: str) -> str:
     better = "higher" if result.higher_is_better[metric] else "lower"
     return f"{metric} ({better} is better) on the target's test split, mean ± 95% CI over {result.repeats} draws"
 
@@ -55,7 +83,7 @@ def _title(result: TransferResult, metric: str) -> str:
 CAPTION = "[gain over scratch ± 95% CI, paired over draws; ✓ gain, ⚠ negative transfer]"
 
 
-def rich_tables(result: TransferResult) -> list[Table]:
+def rich_tables(result: TransferTable) -> list[Table]:
     """One terminal table per primary metric: strategies × sizes, each cell metric and gain over scratch."""
     tables = []
     for metric in result.scores:
@@ -68,7 +96,7 @@ def rich_tables(result: TransferResult) -> list[Table]:
     return tables
 
 
-def markdown_tables(result: TransferResult) -> str:
+def markdown_tables(result: TransferTable) -> str:
     """The same tables in Markdown, with the source, target and any negative-transfer warning."""
     lines = [f"# Transfer: {result.source} → {result.target}", ""]
     for metric in result.scores:
@@ -84,10 +112,11 @@ def markdown_tables(result: TransferResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_transfer(result: TransferResult, path: str | Path) -> Path:
+def plot_transfer(result: TransferTable, path: str | Path) -> Path:
     """Metric vs training-set size, one line per strategy with its 95% CI band (one panel per metric)."""
     metrics = list(result.scores)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+    fig = new_figure((6.5 * len(metrics), 4.5))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     xs = list(range(len(result.sizes)))
     for ax, metric in zip(axes[0], metrics, strict=True):
         for name in result.strategies:

@@ -6,13 +6,13 @@ Pure torch, no I/O. See :mod:`mtml.transfer.strategies` for the strategies thems
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from mtml.errors import ConfigError
+from mtml.errors import ConfigError, UnknownNameError
 from mtml.meta import MetaAlgorithm
 from mtml.nn.model import MultiTaskModel
 from mtml.tasks import Task, TaskKind
@@ -23,10 +23,22 @@ __all__ = ["Source", "check_source", "features", "head_prior", "linear_prior", "
 
 @dataclass(frozen=True)
 class Source:
-    """A trained source: its model and, for meta-learned sources, the algorithm it was meta-trained with."""
+    """A trained source: its model, for meta-learned sources the algorithm it was meta-trained with, the kind of
+    each head (``{"species": "multiclass", ...}``) and a label naming it in messages (its run directory)."""
 
     model: MultiTaskModel
     algorithm: MetaAlgorithm | None = None
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    label: str = "the source"
+
+    def classification_head(self, name: str | None = None) -> str | None:
+        """``name`` (checked), else the first binary or multiclass head, else ``None``."""
+        if name is not None:
+            if name not in self.kinds:
+                raise UnknownNameError(f"source run {self.label} has no head '{name}'; its heads: "
+                                       f"{', '.join(self.kinds)}.")
+            return name
+        return next((n for n, k in self.kinds.items() if k in ("binary", "multiclass")), None)
 
 
 def seed_from(generator: torch.Generator) -> int:

@@ -9,60 +9,19 @@ No fine-tuning happens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtml.config import Config
-from mtml.engine import Run, load_checkpoint, restore
 from mtml.errors import ConfigError, ShapeError, UnknownNameError
-from mtml.experiment import build
-from mtml.experiment_meta import build_meta
 from mtml.groups import labelled_only
-from mtml.nn import MultiTaskModel
 from mtml.tasks import Task
-from mtml.transfer import ESTIMATORS, estimate_all, head_probs
+from mtml.transfer import ESTIMATORS, Source, estimate_all, head_probs
+from mtml.workflows._build import dataset_tasks, load_source
 
-__all__ = ["Source", "load_source", "rank_sources", "source_outputs"]
-
-
-@dataclass
-class Source:
-    """A trained source model and the kind of each of its heads."""
-
-    path: Path
-    model: MultiTaskModel
-    kinds: dict[str, str]
-
-    def classification_head(self, name: str | None = None) -> str | None:
-        """``name`` (checked), else the first binary or multiclass head, else ``None``."""
-        if name is not None:
-            if name not in self.kinds:
-                raise UnknownNameError(f"source run {self.path} has no head '{name}'; its heads: "
-                                       f"{', '.join(self.kinds)}.")
-            return name
-        return next((n for n, k in self.kinds.items() if k in ("binary", "multiclass")), None)
-
-
-def load_source(path: str | Path) -> Source:
-    """Rebuild the model of the (joint or meta-learning) run at ``path`` and load its best checkpoint."""
-    run = Run.open(path)
-    config = Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
-    ckpt = load_checkpoint(run.best_checkpoint)
-    if config.is_meta:
-        mexp = build_meta(config)
-        restore(ckpt, modules={"model": mexp.model})
-        kinds = {"task": "multiclass" if mexp.source.kind == "classification" else mexp.source.kind}
-        model = mexp.model
-    else:
-        exp = build(config)
-        restore(ckpt, modules={"model": exp.model})
-        kinds = {t.name: t.kind.value for t in exp.tasks}
-        model = exp.model
-    model.eval()
-    return Source(run.path, model, kinds)
+__all__ = ["rank_sources", "source_outputs"]
 
 
 @torch.no_grad()
@@ -73,7 +32,7 @@ def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[t
         feats = source.model.features(x)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ShapeError(f"source run {source.path} cannot read the target inputs of shape {tuple(x.shape)} "
+        raise ShapeError(f"source run {source.label} cannot read the target inputs of shape {tuple(x.shape)} "
                          f"({first}); sources must take the same input features as the target.") from None
     probs = head_probs(source.model.heads[head](feats), source.kinds[head]) if head is not None else None
     return feats, probs
@@ -82,7 +41,7 @@ def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[t
 def _target_tasks(target: Config, task: str | None) -> list[Task]:
     if target.is_meta:
         raise ConfigError("--target must be a joint (multi-task) config: its tasks' data are the target.")
-    tasks = [labelled_only(t) for t in build(target).tasks]  # each target task is scored alone
+    tasks = [labelled_only(t) for t in dataset_tasks(target)]  # each target task is scored alone
     if task is None:
         return tasks
     chosen = [t for t in tasks if t.name == task]
@@ -110,7 +69,7 @@ def rank_sources(
     ESTIMATORS.get(by)  # an unknown name lists the valid ones
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split must be train, val or test. Got {split!r}.")
-    sources = [load_source(r) for r in runs]
+    sources = [load_source(r)[0] for r in runs]
     table: dict[str, list[dict[str, Any]]] = {}
     for t in _target_tasks(target, task):
         x, y = _subsample(t, split, max_examples, target.seed)
@@ -118,7 +77,7 @@ def rank_sources(
         for src in sources:
             head = src.classification_head(source_task)
             feats, probs = source_outputs(src, x, head)
-            rows.append((str(src.path), head, estimate_all(feats, probs, y, t.kind.value)))
+            rows.append((src.label, head, estimate_all(feats, probs, y, t.kind.value)))
         rows.sort(key=lambda r: -v if (v := r[2][by]) is not None else float("inf"))
         table[t.name] = [{"run": p, "source_task": h, "scores": s} for p, h, s in rows]
     return table

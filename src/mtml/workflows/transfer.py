@@ -10,7 +10,6 @@ transfer.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -23,19 +22,18 @@ import torch
 
 from mtml.atomic import atomic_write_text, is_free_dir
 from mtml.config import Config, load_config
-from mtml.datasets import DATASETS, FAMILIES
-from mtml.engine import Run, load_checkpoint, restore
 from mtml.engine.distributed import broadcast_from_main, is_distributed, is_main, map_ranks, session
 from mtml.errors import ConfigError, RunExistsError
-from mtml.experiment import build
-from mtml.experiment_meta import build_meta
 from mtml.groups import labelled_only
 from mtml.meta import mean_ci
 from mtml.nn.hierarchical import HierarchicalModel
+from mtml.report.transfer import markdown_tables, plot_transfer
 from mtml.tasks import Split, Task, TaskKind
 from mtml.transfer.strategies import STRATEGIES, Source, Strategy, trunk_blocks
+from mtml.workflows._build import dataset_tasks, load_source, task_family
 
-__all__ = ["TransferResult", "load_source", "parse_sizes", "t_critical", "transfer"]
+__all__ = ["TransferResult", "check_output_dir", "parse_sizes", "subsample", "t_critical", "transfer",
+           "write_outputs"]
 
 Size = int | str
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -69,32 +67,14 @@ def parse_sizes(sizes: Sequence[Size] | str) -> list[Size]:
     return out
 
 
-def load_source(path: str | Path) -> tuple[Source, Config]:
-    """The best checkpoint of the run at ``path`` (joint or meta-learning run) and the run's config."""
-    run = Run.open(path)
-    config = Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
-    ckpt = load_checkpoint(run.best_checkpoint)
-    if config.is_meta:
-        mexp = build_meta(config)
-        restore(ckpt, modules={"model": mexp.model, "algorithm": mexp.algorithm})
-        return Source(mexp.model.eval(), mexp.algorithm), config
-    exp = build(config)
-    restore(ckpt, modules={"model": exp.model})
-    return Source(exp.model.eval()), config
-
-
 def _dataset_tasks(config: Config) -> list[Task]:
-    opts = dict(config.data.options)
-    if "seed" in inspect.signature(DATASETS.get(config.data.dataset)).parameters:
-        opts.setdefault("seed", config.seed)
     # a target task is fitted and scored alone: rows without its label carry nothing for it
-    return [labelled_only(t) for t in DATASETS.create(config.data.dataset, where="data.options", **opts)]
+    return [labelled_only(t) for t in dataset_tasks(config)]
 
 
 def _family(config: Config, shots: int) -> Any:
     """The task family of a meta-learning ``config`` with ``shots`` support examples per class."""
-    opts = {"seed": config.seed, **config.data.options, "shots": shots}
-    return FAMILIES.create(config.data.dataset, where="data.options", **opts)
+    return task_family(config, shots=shots)
 
 
 def _episode_tasks(family: Any, generator: torch.Generator) -> list[Task]:
@@ -337,8 +317,6 @@ def _summarise(result: TransferResult, runs: dict[tuple[str, str, str], list[flo
 
 def write_outputs(result: TransferResult, out: Path) -> None:
     """``transfer.json``, ``transfer.md`` (the tables) and ``plots/transfer.png`` into ``out``."""
-    from mtml.report.transfer import markdown_tables, plot_transfer
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "transfer.json", result.to_json())
     atomic_write_text(out / "transfer.md", markdown_tables(result))

@@ -8,29 +8,24 @@ each number of groups) and ``plots/affinity.png`` (the heatmap).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 from mtml.atomic import atomic_write_text
 from mtml.config import Config
-from mtml.engine import ProgressHook, Run, StopRule, TrainResult, train_multitask
+from mtml.engine import ProgressHook, Run, TrainResult, train_multitask
 from mtml.errors import ConfigError
-from mtml.experiment import build, default_run_dir, resolve_device
-from mtml.report.plots import plot_learning_curves, save_figure
+from mtml.report.affinity import plot_affinity
+from mtml.report.plots import plot_learning_curves
 from mtml.transfer import Grouping, TagRecorder, group_tasks, negative_transfer
-from mtml.weighting import WEIGHTINGS
+from mtml.workflows._build import build, default_run_dir, resolve_device, seeded, stop_rule
 
-__all__ = ["AffinityResult", "display_scale", "plot_affinity", "task_affinity"]
+__all__ = ["AffinityResult", "task_affinity"]
 
 
 @dataclass
@@ -80,26 +75,25 @@ def task_affinity(
         raise ConfigError(f"--every must be >= 1. Got {every}.")
     if config.threads:
         torch.set_num_threads(config.threads)
-    exp, t = build(config), config.training
-    names = [task.name for task in exp.tasks]
+    built, t = build(config), config.training
+    names = [task.name for task in built.tasks]
     if len(names) < 2:
         raise ConfigError(f"task affinity needs at least 2 tasks; data.dataset '{config.data.dataset}' has 1.")
     ks = _group_counts(groups, len(names))
-    w = t.weighting
-    weighting = WEIGHTINGS.create(w.name, names, where="training.weighting.options",
-                                  **{**w.options, **({"gramian": w.gramian} if w.gramian else {})})
+    assert built.weighting is not None
     device = resolve_device(config.device)
-    recorder = TagRecorder(exp.model, exp.tasks, lr=lookahead_lr or t.lr, every=every)
+    recorder = TagRecorder(built.model, built.tasks, lr=lookahead_lr or t.lr, every=every)
     if out is None:
         base = default_run_dir(config)
         out = base.with_name(base.name + "-affinity")
     run = Run.create(out, config.to_dict())
-    trained = train_multitask(
-        exp.model, exp.tasks, weighting=weighting, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-        batch_size=t.batch_size, seed=config.seed, device=device, run=run, progress=progress,
-        stop=StopRule(max_steps=t.max_steps, eval_every=t.eval_every, patience=t.patience, min_delta=t.min_delta),
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, before_step=recorder,
-    )
+    with seeded(config.seed, device):
+        trained = train_multitask(
+            built.model, built.tasks, weighting=built.weighting, optimizer=t.optimizer, lr=t.lr,
+            weight_decay=t.weight_decay, batch_size=t.batch_size, seed=config.seed, device=device, run=run,
+            progress=progress, stop=stop_rule(config), checkpoint_every=t.checkpoint_every,
+            keep_checkpoints=t.keep_checkpoints, before_step=recorder,
+        )
     result = _result(run, names, recorder, ks, trained)
     _write(run, config, result)
     return result
@@ -125,40 +119,3 @@ def _write(run: Run, config: Config, result: AffinityResult) -> None:
     run.write_summary(summary)
     plot_learning_curves(run.records(), run.plot_dir)
     run.set_status("completed", finished=time.time())
-
-
-def display_scale(matrix: Sequence[Sequence[float]]) -> int:
-    """Power of ten ``e`` such that the largest off-diagonal ``|A[i][j]| / 10**e`` lies in [1, 10) (0 if all 0)."""
-    off = [abs(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v != 0]
-    return math.floor(math.log10(max(off))) if off else 0
-
-
-def plot_affinity(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str | Path, *,
-                  flagged: set[tuple[str, str]] | None = None, groups: Sequence[Sequence[str]] | None = None) -> Path:
-    """Heatmap of ``matrix`` (row i onto column j), tasks ordered by ``groups``; flagged pairs get an ×."""
-    order = [n for g in groups for n in g] if groups else list(names)
-    idx = [list(names).index(n) for n in order]
-    a = torch.tensor(matrix, dtype=torch.float64)[idx][:, idx]
-    off = a[~torch.eye(len(idx), dtype=torch.bool)]
-    lim = float(off.abs().max()) if off.numel() and float(off.abs().max()) > 0 else 1.0
-    size = max(4.0, 0.55 * len(idx) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(a.numpy(), cmap="RdBu", vmin=-lim, vmax=lim)  # diagonal (self-affinity) may saturate
-    ax.set_xticks(range(len(idx)), order, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(idx)), order, fontsize=8)
-    ax.set_xlabel("onto task j")
-    ax.set_ylabel("lookahead step on task i")
-    exp = display_scale(a.tolist())
-    if len(idx) <= 16:
-        for r in range(len(idx)):
-            for c in range(len(idx)):
-                mark = "×" if flagged and (order[r], order[c]) in flagged else ""
-                ax.text(c, r, f"{float(a[r, c]) / 10**exp:.2f}{mark}", ha="center", va="center", fontsize=7)
-    edge = 0
-    for g in groups or []:  # outline each suggested group
-        ax.add_patch(plt.Rectangle((edge - 0.5, edge - 0.5), len(g), len(g), fill=False, lw=2, color="black"))
-        edge += len(g)
-    fig.colorbar(im, ax=ax, label="affinity (1 − L_j after / L_j before)")
-    unit = f", cells in units of 1e{exp}" if exp else ""
-    ax.set_title(f"TAG inter-task affinity (× = negative transfer{unit})", fontsize=10)
-    return save_figure(fig, path, dpi=120)

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from mtml.config import Config
 from mtml.engine import TrainResult
-from mtml.experiment import train
 from mtml.report import RichProgress, comparison_table
+from mtml.workflows.train import train
 
 __all__ = ["compare", "embedded_config", "run_demo"]
 

@@ -1,0 +1,47 @@
+"""Workflows: what the ``mtml`` commands do, as library functions. Every one starts from one
+:func:`build` of a validated :class:`~mtml.config.Config`.
+
+| command | function |
+|---|---|
+| ``mtml train`` | :func:`train`, :func:`train_seeds`, :func:`resume_run` |
+| ``mtml eval`` | :func:`evaluate_run` |
+| ``mtml transfer`` | :func:`transfer` |
+| ``mtml rank`` | :func:`rank_sources` |
+| ``mtml affinity`` | :func:`task_affinity` |
+| ``mtml demo`` | :func:`run_demo` |
+"""
+
+from mtml.workflows._build import (
+    Built,
+    build,
+    dataset_tasks,
+    default_run_dir,
+    load_source,
+    make_weighting,
+    read_config,
+    resolve_device,
+    stop_rule,
+    task_family,
+)
+from mtml.workflows.affinity import AffinityResult, task_affinity
+from mtml.workflows.demo import compare, embedded_config, run_demo
+from mtml.workflows.meta import evaluate_meta, fit_meta, judged_steps
+from mtml.workflows.rank import rank_sources, source_outputs
+from mtml.workflows.train import evaluate_run, resume_run, train, train_seeds
+from mtml.workflows.transfer import (
+    TransferResult,
+    check_output_dir,
+    parse_sizes,
+    subsample,
+    t_critical,
+    transfer,
+    write_outputs,
+)
+
+__all__ = [
+    "AffinityResult", "Built", "TransferResult", "build", "check_output_dir", "compare", "dataset_tasks",
+    "default_run_dir", "embedded_config", "evaluate_meta", "evaluate_run", "fit_meta", "judged_steps",
+    "load_source", "make_weighting", "parse_sizes", "rank_sources", "read_config", "resolve_device", "resume_run",
+    "run_demo", "source_outputs", "stop_rule", "subsample", "t_critical", "task_affinity", "task_family",
+    "train", "train_seeds", "transfer", "write_outputs",
+]

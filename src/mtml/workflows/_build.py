@@ -1,0 +1,205 @@
+"""One build for every workflow: a validated :class:`~mtml.config.Config` → data, model, algorithm, weighting.
+
+``train``, ``eval``, ``transfer``, ``rank``, ``affinity`` and ``demo`` all start here, so the rules that used to
+be written in each of them live once: the dataset's split follows the run's seed unless the config gives one;
+models are built under a forked RNG seeded by ``config.seed`` (building never moves the caller's global RNG);
+a run's own ``config.yaml`` is re-read one way; a source run is loaded one way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtml.config import Config
+from mtml.datasets import DATASETS, FAMILIES, EpisodeSource
+from mtml.engine import Run, StopRule, load_checkpoint, restore
+from mtml.errors import ConfigError
+from mtml.groups import task_groups
+from mtml.meta import ALGORITHMS, MetaAlgorithm
+from mtml.nn import ARCHITECTURES, MultiTaskModel, build_backbone, feature_dim, mlp
+from mtml.nn.hierarchical import build_hierarchical
+from mtml.tasks import Task
+from mtml.transfer import Source
+from mtml.weighting import WEIGHTINGS, Weighting
+
+__all__ = ["Built", "build", "dataset_tasks", "default_run_dir", "load_source", "make_weighting", "read_config",
+           "resolve_device", "seeded", "stop_rule", "task_family"]
+
+
+@dataclass
+class Built:
+    """What a config builds. Joint configs: ``tasks`` and ``weighting``; meta-learning configs: ``family``
+    (the task distribution) and ``algorithm``. Both: ``model`` (for meta-learning a one-head model whose trunk
+    is the meta-learner and whose head ``"task"`` is the task learner)."""
+
+    config: Config
+    model: MultiTaskModel
+    tasks: list[Task] = field(default_factory=list)
+    weighting: Weighting | None = None
+    family: EpisodeSource | None = None
+    algorithm: MetaAlgorithm | None = None
+
+    @property
+    def is_meta(self) -> bool:
+        return self.algorithm is not None
+
+    def kinds(self) -> dict[str, str]:
+        """The kind of each head: ``{task: "regression" | "binary" | "multiclass" | "multilabel"}``."""
+        if self.family is not None:
+            return {"task": "multiclass" if self.family.kind == "classification" else self.family.kind}
+        return {t.name: t.kind.value for t in self.tasks}
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block on the global RNG seeded by ``seed``; the caller's RNG state is restored afterwards."""
+    cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when there is a GPU, else CPU; anything else is checked to exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA GPU; use device: cpu.")
+    return device
+
+
+def dataset_tasks(config: Config) -> list[Task]:
+    """The tasks of a joint config's dataset; the split follows ``config.seed`` unless ``data.options`` sets one."""
+    opts = dict(config.data.options)
+    if "seed" in inspect.signature(DATASETS.get(config.data.dataset)).parameters:
+        opts.setdefault("seed", config.seed)
+    return DATASETS.create(config.data.dataset, where="data.options", **opts)
+
+
+def task_family(config: Config, **override: Any) -> EpisodeSource:
+    """The task family of a meta-learning config (``override``: e.g. ``shots=5`` for a meta-test protocol)."""
+    opts = {"seed": config.seed, **config.data.options, **override}
+    return FAMILIES.create(config.data.dataset, where="data.options", **opts)
+
+
+def make_weighting(config: Config, names: list[str]) -> Weighting:
+    """The config's task weighting over the tasks ``names``."""
+    w = config.training.weighting
+    options = {**w.options, **({"gramian": w.gramian} if w.gramian else {})}
+    return WEIGHTINGS.create(w.name, names, where="training.weighting.options", **options)
+
+
+def stop_rule(config: Config) -> StopRule:
+    t = config.training
+    return StopRule(max_steps=t.max_steps, eval_every=t.eval_every, patience=t.patience, min_delta=t.min_delta)
+
+
+def build(config: Config, **family_override: Any) -> Built:
+    """Data, model and algorithm (meta-learning) or weighting (joint) of ``config``; the model's initial
+    weights follow ``config.seed``. ``family_override`` changes the task family's options (meta-learning)."""
+    if config.is_meta:
+        return _build_meta(config, **family_override)
+    if family_override:
+        raise ConfigError(f"{sorted(family_override)} apply to meta-learning configs; this config is joint.")
+    tasks = dataset_tasks(config)
+    task_groups(tasks)  # tasks declared on shared rows must hold the same rows: checked before any run exists
+    with seeded(config.seed):
+        model = _joint_model(config, tasks)
+    return Built(config, model, tasks=tasks, weighting=make_weighting(config, [t.name for t in tasks]))
+
+
+def _joint_model(config: Config, tasks: list[Task]) -> MultiTaskModel:
+    m = config.model
+    if m.head == "hierarchical" and m.share_trunk:
+        return _hierarchical(config, tasks)
+    extra: dict[str, Any] = {}
+    if m.architecture == "hps":
+        extra = {"share_trunk": m.share_trunk, "backbone": m.backbone, "backbone_options": m.backbone_options}
+    return ARCHITECTURES.create(m.architecture, tasks, where="model.options", trunk_hidden=m.trunk_hidden,
+                                head_hidden=m.head_hidden, stem_width=m.stem_width, activation=m.activation,
+                                dropout=m.dropout, **extra, **m.options)
+
+
+def _hierarchical(config: Config, tasks: list[Task]) -> MultiTaskModel:
+    """The hierarchical-heads model of ``config`` (hard sharing, MLP trunk); ``share_trunk: false`` (the
+    single-task baseline) builds independent heads instead."""
+    m = config.model
+    if m.architecture != "hps" or m.backbone != "mlp" or m.head_hidden or m.options:
+        raise ConfigError("model.head: hierarchical takes the hps architecture with an MLP trunk and linear heads: "
+                          "remove model.architecture/backbone/head_hidden/options or use head: independent.")
+    unknown = set(m.head_options) - {"random"}
+    if unknown:
+        raise ConfigError(f"model.head_options: unknown keys {sorted(unknown)}; the hierarchical head takes random.")
+    return build_hierarchical(tasks, trunk_hidden=m.trunk_hidden, stem_width=m.stem_width, activation=m.activation,
+                              dropout=m.dropout, random=m.head_options.get("random", "all"))
+
+
+def _build_meta(config: Config, **family_override: Any) -> Built:
+    """Task family, a one-head model (trunk = meta-learner, head = task learner) and the algorithm.
+
+    The trunk is ``model.backbone``: an MLP of widths ``model.trunk_hidden`` on flat features (the default) or
+    a convolutional backbone (``conv4``, ``resnet12``) on images ``(C, H, W)``; the head is an MLP of widths
+    ``model.head_hidden`` (a linear layer by default) on the trunk's feature vector.
+    """
+    family = task_family(config, **family_override)
+    m = config.model
+    if m.backbone == "mlp" and len(family.input_shape) != 1:
+        raise ConfigError(f"data.dataset '{config.data.dataset}' has inputs of shape {family.input_shape}; the "
+                          "MLP meta-learner takes flat features. For images set model.backbone: conv4 (or resnet12).")
+    with seeded(config.seed):
+        trunk: nn.Module
+        if m.backbone == "mlp":
+            trunk = mlp(family.input_shape[0], m.trunk_hidden, activation=m.activation)
+            width = m.trunk_hidden[-1] if m.trunk_hidden else family.input_shape[0]
+        else:
+            trunk = build_backbone(m.backbone, family.input_shape, m.backbone_options)
+            width = feature_dim(trunk)
+        head: nn.Module = mlp(width, m.head_hidden, family.num_outputs, activation=m.activation)
+        model = MultiTaskModel(trunk, {"task": head}, input_shapes={"task": family.input_shape})
+        t = config.training
+        algorithm = ALGORITHMS.create(t.algorithm, model, where="training.algorithm_options", **t.algorithm_options)
+    return Built(config, model, family=family, algorithm=algorithm)
+
+
+def default_run_dir(config: Config, root: str | Path = "runs") -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with a counter if that exists already)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name) or "run"
+    base = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def read_config(run: Run) -> Config:
+    """The resolved config a run directory was trained with."""
+    return Config.from_dict(run.config(), source=str(run.path / "config.yaml"))
+
+
+def load_source(path: str | Path) -> tuple[Source, Config]:
+    """The model of the (joint or meta-learning) run at ``path`` with its best checkpoint loaded (and, for a
+    meta-learning run, its algorithm), in eval mode, and the run's config."""
+    run = Run.open(path)
+    config = read_config(run)
+    ckpt = load_checkpoint(run.best_checkpoint)
+    built = build(config)
+    modules: dict[str, nn.Module] = {"model": built.model}
+    if built.algorithm is not None:
+        modules["algorithm"] = built.algorithm
+    restore(ckpt, modules=modules)
+    built.model.eval()
+    return Source(built.model, built.algorithm, built.kinds(), str(run.path)), config

@@ -1,0 +1,83 @@
+"""Meta-learning runs: a built config (task family, one-head model, algorithm) → :func:`~mtml.engine.fit`,
+with meta-validation for early stopping and the meta-test protocol at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mtml.engine import FitResult, ProgressHook, Run, fit, make_optimizer
+from mtml.engine.dist_steps import sharded_meta_step
+from mtml.engine.distributed import map_ranks
+from mtml.meta import Episode, MetaAlgorithm, meta_evaluate, meta_parameters
+from mtml.workflows._build import Built, stop_rule
+
+__all__ = ["evaluate_meta", "fit_meta", "judged_steps"]
+
+
+def judged_steps(algorithm: MetaAlgorithm) -> int:
+    """Inner steps a meta run is validated and reported at: the test-time count (0 for closed-form methods)."""
+    return algorithm.test_inner_steps if algorithm.uses_inner_steps else 0
+
+
+def _parts(built: Built) -> tuple[Any, MetaAlgorithm]:
+    assert built.family is not None and built.algorithm is not None, "a meta-learning config's build"
+    return built.family, built.algorithm
+
+
+def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
+             progress: ProgressHook | None) -> tuple[FitResult, dict[str, float], dict[str, float]]:
+    """Meta-train with early stopping on the meta-validation query loss after the test-time inner steps.
+
+    Meta-validation scores the same ``meta_val_tasks`` tasks every time (a fixed generator), so successive
+    validations are comparable. Returns the loop record and the meta-val and meta-test scores of the best state.
+    """
+    t, seed = exp.config.training, exp.config.seed
+    family, algorithm = _parts(exp)
+    exp.model.to(device)
+    algorithm.to(device)
+    opt = make_optimizer(t.optimizer, meta_parameters(algorithm, exp.model), lr=t.lr, weight_decay=t.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    k = judged_steps(algorithm)
+    key = f"loss@{k}"
+
+    def step() -> dict[str, Any]:
+        return sharded_meta_step(algorithm, exp.model, _to(family.train.sample(gen), device), opt)
+
+    def score(sampler: Any, num: int, steps: list[int] | None, offset: int) -> dict[str, float]:
+        g = torch.Generator().manual_seed(seed + offset)
+        return meta_evaluate(algorithm, exp.model, _episodes(sampler, g, device), steps=steps, num_tasks=num,
+                             map_fn=map_ranks)
+
+    def validate() -> dict[str, Any]:
+        val = score(family.val, t.meta_val_tasks, [k], 1)
+        return {"objective": val[key], "meta_val": val}
+
+    result = fit(modules={"model": exp.model, "algorithm": algorithm}, optimizer=opt, train_step=step,
+                 validate=validate, stop=stop_rule(exp.config), generators={"sampler": gen}, run=run, resume=resume,
+                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, progress=progress)
+    return result, score(family.val, t.meta_val_tasks, [k], 1), score(family.test, t.meta_test_tasks, None, 2)
+
+
+def _episodes(sampler: Any, generator: torch.Generator, device: torch.device) -> Iterator[Episode]:
+    while True:
+        yield _to(sampler.sample(generator), device)
+
+
+def _to(episode: Episode, device: torch.device) -> Episode:
+    if device.type == "cpu":
+        return episode
+    return Episode(episode.support.to(device), episode.query.to(device), episode.ways)
+
+
+def evaluate_meta(exp: Built, *, num_tasks: int, steps: list[int] | None, seed: int,
+                  device: torch.device) -> dict[str, float]:
+    """The meta-test protocol on the test split of ``exp``'s family (mean and 95% CI per inner-step count)."""
+    family, algorithm = _parts(exp)
+    g = torch.Generator().manual_seed(seed)
+    exp.model.to(device)
+    algorithm.to(device)
+    episodes = _episodes(family.test, g, device)
+    return meta_evaluate(algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks, map_fn=map_ranks)

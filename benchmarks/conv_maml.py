@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mtml.meta import ALGORITHMS, Episode, meta_step
 from mtml.nn import MultiTaskModel
-from mtml.nn.backbones import build_backbone, feature_dim
+from mtml.nn._backbones import build_backbone, feature_dim
 from mtml.tasks import Split
 
 

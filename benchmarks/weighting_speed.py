@@ -67,7 +67,7 @@ from torch import nn
 import mtml.engine.joint as joint
 from mtml.engine.joint import joint_step, task_losses
 from mtml.nn import MultiTaskModel, mlp
-from mtml.nn.conv import Conv4
+from mtml.nn._conv import Conv4
 from mtml.tasks import Split, Task, TaskKind
 from mtml.weighting import WEIGHTINGS, GramianTape
 

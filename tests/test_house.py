@@ -124,6 +124,19 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_packages_use_each_other_through_their_public_names() -> None:
+    """A module reaches into another package only through that package's ``__init__`` (its ``__all__``),
+    never through one of its private ``_name`` modules."""
+    reach = []
+    for name, targets in _graph().items():
+        for target in targets:
+            leaf = target.rpartition(".")[2]
+            owner = target.rpartition(".")[0]
+            if leaf.startswith("_") and owner != "mtml" and not (name == owner or name.startswith(owner + ".")):
+                reach.append(f"{name} -> {target}")
+    assert not reach, "imports of another package's private module:\n" + "\n".join(sorted(reach))
+
+
 def test_the_graph_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     """The checker itself: an import inside a function and a relative import are both edges."""
     pkg = tmp_path / "mtml" / "sub"

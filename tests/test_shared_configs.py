@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtml.config import load_config
-from mtml.datasets.fashion import DEFAULT_ROOT
+from mtml.datasets._fashion import DEFAULT_ROOT
 from mtml.engine.joint import TaskBatcher, joint_step
 from mtml.groups import task_groups
 from mtml.weighting import WEIGHTINGS

@@ -16,10 +16,10 @@ import yaml
 
 from mtml.config import Config
 from mtml.errors import ConfigError, UnknownNameError
-from mtml.report.transfer import markdown_tables
+from mtml.report import transfer_markdown
 from mtml.tasks import Split, Task
 from mtml.workflows import train
-from mtml.workflows.transfer import TransferResult, _summarise, parse_sizes, subsample, t_critical, transfer
+from mtml.workflows._transfer import TransferResult, _summarise, parse_sizes, subsample, t_critical, transfer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 DATA = {"num_tasks": 3, "in_dim": 8, "latent_dim": 2, "n_train": 30, "n_val": 20, "n_test": 40}
@@ -81,7 +81,7 @@ def test_negative_transfer_is_flagged_in_the_json_and_table() -> None:
     assert verdicts == {"worse": "negative transfer", "better": "gain", "unclear": "no clear difference"}
     assert result.gains["mse"]["better"]["5"]["mean"] == pytest.approx(0.5)  # lower mse is a positive gain
     assert json.loads(result.to_json())["gains"]["mse"]["worse"]["5"]["verdict"] == "negative transfer"
-    assert "Negative transfer (mse): worse at size 5." in markdown_tables(result)
+    assert "Negative transfer (mse): worse at size 5." in transfer_markdown(result)
 
 
 def test_subsample_draws_k_per_class_and_k_for_regression() -> None:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from mtml.datasets import table
-from mtml.datasets.fashion import DEFAULT_ROOT, fashion
-from mtml.datasets.movies import movies
-from mtml.datasets.penguins import penguins
+from mtml.datasets._fashion import DEFAULT_ROOT, fashion
+from mtml.datasets._movies import movies
+from mtml.datasets._penguins import penguins
 from mtml.errors import DataError
 from mtml.groups import task_groups
 from mtml.tasks import SPLITS, Task, TaskKind
@@ -65,7 +65,7 @@ def test_fashion_shares_rows_real() -> None:
 
 def test_glyph_tasks_share_rows(tmp_path: Path) -> None:
     pytest.importorskip("fontTools")
-    from mtml.datasets.image_suite import glyph_tasks
+    from mtml.datasets._image_suite import glyph_tasks
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without Noto fonts the renderer falls back to matplotlib's (and says so)

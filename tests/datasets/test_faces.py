@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtml.datasets import lfw_faces
-from mtml.datasets.faces import FACES, _pixels
+from mtml.datasets._faces import FACES, _pixels
 from mtml.errors import ConfigError
 from mtml.tasks import TaskKind
 

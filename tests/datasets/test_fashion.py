@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mtml.datasets import DATASETS, FAMILIES
-from mtml.datasets.fashion import (
+from mtml.datasets._fashion import (
     CLASSES,
     DEFAULT_ROOT,
     GROUP_OF,

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from mtml.datasets import FAMILIES, glyphs_render
-from mtml.datasets.glyphs import STYLES, GlyphAugment, GlyphSet, load_glyphs
-from mtml.datasets.glyphs_cache import GlyphsCacheWarning
-from mtml.datasets.glyphs_fewshot import glyph_splits, pixel_nn_accuracy
-from mtml.datasets.glyphs_fonts import (
+from mtml.datasets import FAMILIES
+from mtml.datasets import _glyphs_render as glyphs_render
+from mtml.datasets._glyphs import STYLES, GlyphAugment, GlyphSet, load_glyphs
+from mtml.datasets._glyphs_cache import GlyphsCacheWarning
+from mtml.datasets._glyphs_fewshot import glyph_splits, pixel_nn_accuracy
+from mtml.datasets._glyphs_fonts import (
     NOTO_DIR,
     GlyphsFontWarning,
     _font_info,
@@ -78,7 +79,7 @@ def test_cache_hit_does_not_render(small: GlyphSet, cache: Path, monkeypatch: py
         raise AssertionError("rendered although the cache holds this set")
 
     # the package re-exports the family function ``glyphs``, so reach the module through importlib
-    monkeypatch.setattr(importlib.import_module("mtml.datasets.glyphs"), "render_alphabets", fail)
+    monkeypatch.setattr(importlib.import_module("mtml.datasets._glyphs"), "render_alphabets", fail)
     hit = load_glyphs(seed=0, cache_dir=str(cache), **SMALL)
     assert torch.equal(hit.images, small.images) and torch.equal(hit.font, small.font)
     assert (small.cache_path / "glyphs.safetensors").exists()

@@ -12,12 +12,12 @@ from torch import nn
 
 from mtml.config import Config
 from mtml.datasets import DATASETS
-from mtml.datasets.fashion import DEFAULT_ROOT
-from mtml.datasets.image_suite import FONT_STYLES, check_seen_labels, images
+from mtml.datasets._fashion import DEFAULT_ROOT
+from mtml.datasets._image_suite import FONT_STYLES, check_seen_labels, images
 from mtml.errors import ConfigError, DataError, ShapeError
 from mtml.nn import build_model
-from mtml.nn.builders import ImageStem
-from mtml.nn.conv import Conv4
+from mtml.nn._builders import ImageStem
+from mtml.nn._conv import Conv4
 from mtml.tasks import Split, Task, TaskKind
 from mtml.workflows import embedded_config, train
 

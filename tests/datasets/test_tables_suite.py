@@ -10,8 +10,8 @@ import torch
 
 from mtml.config import Config
 from mtml.datasets import DATASETS
-from mtml.datasets.movies import GENRES
-from mtml.datasets.tables_suite import tables
+from mtml.datasets._movies import GENRES
+from mtml.datasets._tables_suite import tables
 from mtml.errors import ConfigError, ShapeError
 from mtml.nn import build_model
 from mtml.tasks import Task, TaskKind

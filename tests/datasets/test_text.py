@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mtml.datasets import DATASETS
-from mtml.datasets.text import MODEL_ID, check_texts, clean_text, encode_labels, read_fortunes, texts
-from mtml.datasets.text_cache import EmbeddingCache, default_cache_root, text_key
+from mtml.datasets._text import MODEL_ID, check_texts, clean_text, encode_labels, read_fortunes, texts
+from mtml.datasets._text_cache import EmbeddingCache, default_cache_root, text_key
 from mtml.errors import ConfigError, DataError
 
 DIM = 8
@@ -170,7 +170,7 @@ def test_texts_bad_options(tmp_path: Path) -> None:
 # -- the real encoder (loads MiniLM: a few seconds) ------------------------------------------------------------
 @pytest.mark.slow
 def test_real_encoder_through_the_cache(tmp_path: Path) -> None:
-    from mtml.datasets.text import _lazy_encoder
+    from mtml.datasets._text import _lazy_encoder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sentences = ["The soup was delicious.", "Compilers translate programs.", "I hate this product.",
@@ -211,7 +211,7 @@ def test_shipped_config_validates() -> None:
 @pytest.mark.slow
 def test_fine_tuning_top_layer_on_token_inputs() -> None:
     """The opt-in fine-tuning path: token-id tasks, encoder with its top layer trainable, a few joint steps."""
-    from mtml.datasets.text import load_sentence_encoder
+    from mtml.datasets._text import load_sentence_encoder
     from mtml.engine import StopRule, train_multitask
     from mtml.nn import build_text_model
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import mtml.meta.functional as functional
 from mtml.config import Config
-from mtml.datasets.fashion import DEFAULT_ROOT
+from mtml.datasets._fashion import DEFAULT_ROOT
 from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, batched_forward, meta_parameters, meta_step, task_gradients
 from mtml.meta.conv import conv_chain, conv_forward

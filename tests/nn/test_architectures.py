@@ -9,7 +9,7 @@ import mtml.datasets  # noqa: F401  (the data layer registers architectures that
 from mtml.engine.joint import joint_step, task_losses
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.nn import ARCHITECTURES, build_model
-from mtml.nn.architectures import CrossStitchTrunk
+from mtml.nn._architectures import CrossStitchTrunk
 from mtml.tasks import Split, Task, TaskKind
 from mtml.weighting import WEIGHTINGS, GramianTape
 

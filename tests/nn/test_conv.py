@@ -10,7 +10,7 @@ from torch import nn
 
 from mtml.errors import ConfigError, ShapeError
 from mtml.nn import BACKBONES, build_backbone, build_model, check_backbone_options
-from mtml.nn.conv import Conv4, ResNet12
+from mtml.nn._conv import Conv4, ResNet12
 from mtml.tasks import Split, Task, TaskKind
 
 torch.set_num_threads(1)

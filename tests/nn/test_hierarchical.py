@@ -9,7 +9,7 @@ from torch import nn
 
 from mtml.engine.joint import evaluate, task_losses
 from mtml.errors import ConfigError
-from mtml.nn.hierarchical import HierarchicalModel
+from mtml.nn._hierarchical import HierarchicalModel
 from mtml.tasks import Split, Task
 
 
@@ -143,7 +143,7 @@ def test_a_hierarchical_config_trains_evaluates_and_resumes(tmp_path: object) ->
 
 
 def test_blup_transfer_predicts_a_new_group_from_few_rows(fitted: tuple) -> None:
-    from mtml.transfer.strategies import STRATEGIES, Source
+    from mtml.transfer._strategies import STRATEGIES, Source
 
     model, _, result = fitted
     new = _grouped(groups=1, seed=11)[0]

@@ -10,7 +10,7 @@ from torch import nn
 
 from mtml.errors import ConfigError, ShapeError
 from mtml.nn import SentenceEncoder, build_text_model
-from mtml.nn.text import mean_pool
+from mtml.nn._text import mean_pool
 from mtml.tasks import Split, Task
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtml.errors import DataError
-from mtml.transfer.estimators import (
+from mtml.transfer._estimators import (
     ESTIMATORS,
     hscore,
     leep,
@@ -31,7 +31,7 @@ def _data(n: int = 60, d: int = 5, classes: int = 3, seed: int = 0) -> tuple[tor
 # -- LogME ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(40, 6), (8, 20)])  # n > d and n < d (rank-deficient Gram)
 def test_spectral_evidence_equals_direct_formula(shape: tuple[int, int]) -> None:
-    from mtml.transfer.estimators import _Spectrum
+    from mtml.transfer._estimators import _Spectrum
 
     g = torch.Generator().manual_seed(1)
     f = torch.randn(*shape, generator=g, dtype=F64)

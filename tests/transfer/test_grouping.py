@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtml.errors import ConfigError, DataError
-from mtml.transfer.grouping import Grouping, group_tasks, grouping_score, partitions
+from mtml.transfer._grouping import Grouping, group_tasks, grouping_score, partitions
 
 
 def _stirling2(m: int, k: int) -> int:

@@ -13,7 +13,7 @@ from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split, Task
-from mtml.transfer.strategies import STRATEGIES, Source, loo_ridge, ridge_fit, trunk_blocks
+from mtml.transfer._strategies import STRATEGIES, Source, loo_ridge, ridge_fit, trunk_blocks
 
 D_IN = 5
 
@@ -56,7 +56,7 @@ def test_every_strategy_gives_finite_metrics_and_leaves_the_source(name: str, ki
     if name == "meta_adapt" and kind == "regression":
         algorithm = ALGORITHMS.create("ridge", model)
     if name == "blup":  # the mixed model's new-group prediction: a hierarchical-heads source, regression targets
-        from mtml.nn.hierarchical import build_hierarchical
+        from mtml.nn._hierarchical import build_hierarchical
 
         with pytest.raises(ConfigError, match="hierarchical"):
             _fit(name, Source(model), task)

@@ -25,8 +25,8 @@ from mtml.weighting import (
     UPGrad,
     Weighting,
 )
+from mtml.weighting._pcgrad import project_conflicts
 from mtml.weighting._solvers import nnqp
-from mtml.weighting.pcgrad import project_conflicts
 
 DATA = json.loads((Path(__file__).parent / "data" / "torchjd_weights.json").read_text())
 NAMES = WEIGHTINGS.names()

@@ -224,7 +224,7 @@ def test_fused_weighted_gradient_equals_the_plain_backward(name: str, shape: str
     import mtml.weighting._layer_gram as kernels
 
     monkeypatch.setattr(kernels, "_CHUNK", 20)  # several task chunks and column chunks
-    import mtml.weighting.gramian as gramian_module
+    import mtml.weighting._gramian as gramian_module
 
     chunks: list[int] = []
     real_chunks = kernels.task_chunks

@@ -1,14 +1,16 @@
 """The ``mtml`` command line. Every command is a thin call of a public library function (:mod:`mtml.workflows`).
 
-The commands live in :mod:`mtml.cli.runs` (train, eval), :mod:`mtml.cli.info` (list, demo) and
-:mod:`mtml.cli.transfer` (affinity, rank, transfer), and are registered on :data:`app` below, in the order
-``mtml --help`` shows them; :func:`main` (in :mod:`mtml.cli.app`) runs it.
+The commands live in :mod:`mtml.cli._runs` (train, eval), :mod:`mtml.cli._info` (list, demo) and
+:mod:`mtml.cli._transfer` (affinity, rank, transfer), and are registered on :data:`app` below, in the order
+``mtml --help`` shows them; :func:`main` (in :mod:`mtml.cli._app`) runs it.
 """
 
 from __future__ import annotations
 
-from mtml.cli import info, runs, transfer
-from mtml.cli.app import INTERRUPTED, app, console, err_console, main
+from mtml.cli import _info as info
+from mtml.cli import _runs as runs
+from mtml.cli import _transfer as transfer
+from mtml.cli._app import INTERRUPTED, app, console, err_console, main
 
 __all__ = ["INTERRUPTED", "app", "console", "err_console", "main"]
 

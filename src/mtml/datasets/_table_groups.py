@@ -1,8 +1,8 @@
-"""Grouped tables for :func:`mtml.datasets.table`: one task per value of a column (school, hospital, store), each
+"""Grouped tables for :func:`mtml.datasets._table`: one task per value of a column (school, hospital, store), each
 task with rows of its own.
 
 This module decides which rows go where: the groups, their train/val/test rows, which groups are held out and
-which training rows set the scale. :mod:`mtml.datasets.table` turns that plan into tensors and tasks.
+which training rows set the scale. :mod:`mtml.datasets._table` turns that plan into tensors and tasks.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _heldout(labels: list[str], dropped: dict[str, int], heldout: float | Sequen
 def plan_groups(df: Any, group_by: str, *, target: str, min_rows: int, small_groups: str,
                 heldout_groups: float | Sequence[Any] | None, subset: str, seed: int,
                 fractions: tuple[float, float, float]) -> GroupPlan:
-    """Group the rows of ``df`` by ``group_by`` and split each group (see :func:`mtml.datasets.table`).
+    """Group the rows of ``df`` by ``group_by`` and split each group (see :func:`mtml.datasets._table`).
 
     One generator seeded with ``seed`` splits every group in sorted order, dropped and held-out ones included,
     so a group's split depends neither on ``subset`` nor on which groups ``min_rows`` drops."""

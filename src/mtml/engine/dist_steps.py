@@ -18,10 +18,9 @@ from mtml.engine.distributed import all_reduce_, is_distributed, reduce_gradient
 from mtml.engine.joint import Batch, StepResult, joint_step, task_losses, unpack
 from mtml.errors import ConfigError
 from mtml.meta import Episode, MetaAlgorithm, meta_step
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 from mtml.tasks import Split, Task
-from mtml.weighting import Weighting
-from mtml.weighting.gramian import task_jacobian
+from mtml.weighting import Weighting, task_jacobian
 
 __all__ = ["shard_episode", "sharded_joint_step", "sharded_meta_step"]
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtml.engine.distributed import map_ranks
 from mtml.errors import ConfigError
 from mtml.groups import TaskGroup, task_groups
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 from mtml.tasks import Task, TaskKind
 from mtml.weighting import GramianTape, Weighting
 
@@ -83,7 +83,7 @@ def joint_step(
     The task order is ``weighting.task_names``. When the weighting needs it, the Gramian of per-task gradients
     over the shared parameters is computed first from the same forward pass, by the backend ``gramian``
     (default: the weighting's own ``gramian`` option, itself ``auto`` unless set; see
-    :mod:`mtml.weighting.gramian`).
+    :mod:`mtml.weighting._gramian`).
     """
     names = weighting.task_names
     gram, tape = None, None

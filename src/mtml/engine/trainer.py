@@ -18,7 +18,7 @@ from mtml.engine.joint import Batch, TaskBatcher, evaluate, objective
 from mtml.engine.run import Run
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.groups import tasks_to
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 from mtml.tasks import Task
 from mtml.weighting import WEIGHTINGS, Weighting
 

@@ -2,7 +2,7 @@
 
 A model that is a chain of ``nn.Conv2d`` (stride 1, no dilation, one group), ``nn.GroupNorm``, element-wise
 activations and ``nn.MaxPool2d`` (kernel = stride), then ``nn.Flatten`` and an MLP chain (nested
-``nn.Sequential`` such as :class:`~mtml.nn.conv.Conv4`, or a single-head :class:`~mtml.nn.MultiTaskModel` of
+``nn.Sequential`` such as :class:`~mtml.nn._conv.Conv4`, or a single-head :class:`~mtml.nn.MultiTaskModel` of
 those) is flattened into :data:`Step` s by :func:`conv_chain`. :func:`conv_forward` runs it on
 ``x: [tasks, n, C, H, W]`` where every parameter is either shared (its own shape) or per task
 (``[tasks, *shape]``):
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.meta.mlp import Activation, Layer, Linear, _activation, chain_forward, linear_chain, single_head
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 
 __all__ = ["Conv", "ConvChain", "Flatten", "Norm", "Pool", "conv_chain", "conv_forward"]
 

@@ -29,7 +29,7 @@ from mtml.errors import ConfigError
 from mtml.meta.conv import ConvChain, conv_chain, conv_forward
 from mtml.meta.episode import task_losses
 from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 from mtml.tasks import Split
 
 __all__ = [

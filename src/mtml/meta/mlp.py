@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
-from mtml.nn.model import MultiTaskModel
+from mtml.nn import MultiTaskModel
 
 __all__ = [
     "Activation",

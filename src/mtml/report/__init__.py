@@ -1,7 +1,21 @@
-"""Reporting: learning-curve plots, terminal tables and the progress bar."""
+"""Reporting: plots (learning curves, transfer, task affinity), terminal tables and the progress bar.
 
-from mtml.report.plots import plot_learning_curves
-from mtml.report.progress import RichProgress
-from mtml.report.tables import comparison_table, meta_table, metrics_table
+Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot state)."""
 
-__all__ = ["RichProgress", "comparison_table", "meta_table", "metrics_table", "plot_learning_curves"]
+from mtml.report._affinity import display_scale, plot_affinity
+from mtml.report._plots import new_figure, plot_learning_curves, save_figure
+from mtml.report._progress import RichProgress
+from mtml.report._tables import comparison_table, meta_table, metrics_table
+from mtml.report._transfer import (
+    TRANSFER_CAPTION,
+    TransferTable,
+    plot_transfer,
+    transfer_markdown,
+    transfer_tables,
+)
+
+__all__ = [
+    "TRANSFER_CAPTION", "RichProgress", "TransferTable", "comparison_table", "display_scale", "meta_table",
+    "metrics_table", "new_figure", "plot_affinity", "plot_learning_curves", "plot_transfer", "save_figure",
+    "transfer_markdown", "transfer_tables",
+]

@@ -2,10 +2,10 @@
 
 Pure torch, no I/O."""
 
-from mtml.transfer.affinity import AffinityAccumulator, TagRecorder, lookahead_affinity, negative_transfer
-from mtml.transfer.estimators import ESTIMATORS, Estimator, estimate_all, head_probs, hscore, leep, logme, nce
-from mtml.transfer.grouping import Grouping, group_tasks, grouping_score
-from mtml.transfer.strategies import STRATEGIES, Source, Strategy
+from mtml.transfer._affinity import AffinityAccumulator, TagRecorder, lookahead_affinity, negative_transfer
+from mtml.transfer._estimators import ESTIMATORS, Estimator, estimate_all, head_probs, hscore, leep, logme, nce
+from mtml.transfer._grouping import Grouping, group_tasks, grouping_score
+from mtml.transfer._strategies import STRATEGIES, Source, Strategy, trunk_blocks
 
 __all__ = [
     "ESTIMATORS",
@@ -26,4 +26,5 @@ __all__ = [
     "lookahead_affinity",
     "nce",
     "negative_transfer",
+    "trunk_blocks",
 ]

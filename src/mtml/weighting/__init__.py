@@ -5,24 +5,24 @@ combination ``Σ wᵢ·gᵢ`` is the method's update, so the step backpropagates
 """
 
 from mtml.registry import Registry
-from mtml.weighting.aligned_mtl import AlignedMTL
-from mtml.weighting.base import GRAMIAN_BACKENDS, GramianWeighting, Weighting
-from mtml.weighting.cagrad import CAGrad
-from mtml.weighting.db_mtl import DBMTL
-from mtml.weighting.dwa import DWA
-from mtml.weighting.equal import Equal
-from mtml.weighting.famo import FAMO
-from mtml.weighting.fixed import Fixed
-from mtml.weighting.gradnorm import GradNorm
-from mtml.weighting.gradvac import GradVac
-from mtml.weighting.gramian import GramianTape, task_gramian
-from mtml.weighting.imtl import IMTLG, IMTLL
-from mtml.weighting.mgda import MGDA, MGDAUB
-from mtml.weighting.nash_mtl import NashMTL
-from mtml.weighting.pcgrad import PCGrad
-from mtml.weighting.rlw import RLW
-from mtml.weighting.uncertainty import Uncertainty
-from mtml.weighting.upgrad import UPGrad
+from mtml.weighting._aligned_mtl import AlignedMTL
+from mtml.weighting._base import GRAMIAN_BACKENDS, GramianWeighting, Weighting
+from mtml.weighting._cagrad import CAGrad
+from mtml.weighting._db_mtl import DBMTL
+from mtml.weighting._dwa import DWA
+from mtml.weighting._equal import Equal
+from mtml.weighting._famo import FAMO
+from mtml.weighting._fixed import Fixed
+from mtml.weighting._gradnorm import GradNorm
+from mtml.weighting._gradvac import GradVac
+from mtml.weighting._gramian import GramianTape, task_gramian, task_jacobian
+from mtml.weighting._imtl import IMTLG, IMTLL
+from mtml.weighting._mgda import MGDA, MGDAUB
+from mtml.weighting._nash_mtl import NashMTL
+from mtml.weighting._pcgrad import PCGrad
+from mtml.weighting._rlw import RLW
+from mtml.weighting._uncertainty import Uncertainty
+from mtml.weighting._upgrad import UPGrad
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 WEIGHTINGS.register("equal", Equal, help="w_i = 1: plain sum of task losses")
@@ -51,5 +51,5 @@ WEIGHTINGS.register("db_mtl", DBMTL, help="log losses + gradients scaled to the 
 __all__ = [
     "DBMTL", "DWA", "FAMO", "GRAMIAN_BACKENDS", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "RLW", "WEIGHTINGS",
     "AlignedMTL", "CAGrad", "Equal", "Fixed", "GradNorm", "GradVac", "GramianTape", "GramianWeighting", "NashMTL",
-    "PCGrad", "UPGrad", "Uncertainty", "Weighting", "task_gramian",
+    "PCGrad", "UPGrad", "Uncertainty", "Weighting", "task_gramian", "task_jacobian",
 ]

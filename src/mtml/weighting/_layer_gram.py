@@ -1,4 +1,4 @@
-"""Per-layer Gramian kernels for :class:`~mtml.weighting.gramian.GramianTape` (one shared ``nn.Linear`` each).
+"""Per-layer Gramian kernels for :class:`~mtml.weighting._gramian.GramianTape` (one shared ``nn.Linear`` each).
 
 A layer with input rows ``a [N, i]`` (a column of ones appended for the bias) and output gradients ``δ`` gives task
 t the weight gradient ``δ_tᵀa``; these functions form ``⟨δ_sᵀa, δ_tᵀa⟩`` without a per-task backward, and the

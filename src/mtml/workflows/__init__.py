@@ -11,6 +11,7 @@
 | ``mtml demo`` | :func:`run_demo` |
 """
 
+from mtml.workflows._affinity import AffinityResult, task_affinity
 from mtml.workflows._build import (
     Built,
     build,
@@ -23,12 +24,11 @@ from mtml.workflows._build import (
     stop_rule,
     task_family,
 )
-from mtml.workflows.affinity import AffinityResult, task_affinity
-from mtml.workflows.demo import compare, embedded_config, run_demo
-from mtml.workflows.meta import evaluate_meta, fit_meta, judged_steps
-from mtml.workflows.rank import rank_sources, source_outputs
-from mtml.workflows.train import evaluate_run, resume_run, train, train_seeds
-from mtml.workflows.transfer import (
+from mtml.workflows._demo import compare, embedded_config, run_demo
+from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
+from mtml.workflows._rank import rank_sources, source_outputs
+from mtml.workflows._train import evaluate_run, resume_run, train, train_seeds
+from mtml.workflows._transfer import (
     TransferResult,
     check_output_dir,
     parse_sizes,

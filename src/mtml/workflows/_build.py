@@ -26,8 +26,7 @@ from mtml.engine import Run, StopRule, load_checkpoint, restore
 from mtml.errors import ConfigError
 from mtml.groups import task_groups
 from mtml.meta import ALGORITHMS, MetaAlgorithm
-from mtml.nn import ARCHITECTURES, MultiTaskModel, build_backbone, feature_dim, mlp
-from mtml.nn.hierarchical import build_hierarchical
+from mtml.nn import ARCHITECTURES, MultiTaskModel, build_backbone, build_hierarchical, feature_dim, mlp
 from mtml.tasks import Task
 from mtml.transfer import Source
 from mtml.weighting import WEIGHTINGS, Weighting

@@ -1,0 +1,47 @@
+"""``mtml list`` and ``mtml demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtml.cli._app import console
+
+
+def list_() -> None:
+    """List registered datasets, models and weightings."""
+    from rich.table import Table
+
+    from mtml.datasets import DATASETS, FAMILIES
+    from mtml.meta import ALGORITHMS
+    from mtml.nn import ARCHITECTURES, BACKBONES
+    from mtml.transfer import ESTIMATORS, STRATEGIES
+    from mtml.weighting import WEIGHTINGS
+
+    models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
+              "mlp-separate": "model.share_trunk: false — one trunk per task (single-task baseline)"}
+    algorithms = {"joint": "joint multi-task training, Σ w_i·L_i (weighting below)", **ALGORITHMS.describe()}
+    sections = (("datasets (multi-task)", DATASETS.describe()), ("task families (meta-learning)", FAMILIES.describe()),
+                ("models", models), ("architectures (model.architecture)", ARCHITECTURES.describe()),
+                ("backbones (model.backbone)", BACKBONES.describe()), ("algorithms", algorithms),
+                ("weightings", WEIGHTINGS.describe()), ("transfer strategies (mtml transfer)", STRATEGIES.describe()),
+                ("transferability estimators (mtml rank)", ESTIMATORS.describe()))
+    for title, items in sections:
+        table = Table(title=title, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for name, desc in items.items():
+            table.add_row(name, desc)
+        console.print(table)
+
+
+def demo(
+    out: Annotated[Path | None, typer.Option(help="directory for the demo runs (default runs/demo-<time>)")] = None,
+    quick: Annotated[bool, typer.Option(help="fewer steps (a smoke test)")] = False,
+) -> None:
+    """A short tour: multi-task vs single-task models on penguins and schools."""
+    from mtml.workflows import run_demo
+
+    run_demo(out, quick=quick, console=console)

@@ -1,0 +1,165 @@
+"""``mtml train`` and ``mtml eval``, and starting local ranks for any command (``--nproc``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtml.cli._app import console, prints
+from mtml.errors import MtmlError
+
+
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file (see examples/configs/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set training.lr=0.01")] = None,
+    out: Annotated[Path | None, typer.Option(help="new run directory (default: runs/<name>-<time>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    nproc: Annotated[int, typer.Option(help="ranks on this machine (data-parallel; see docs/distributed.md)")] = 1,
+    dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
+    = None,
+    seeds: Annotated[str | None, typer.Option(help="one run per seed under OUT/seed-N, e.g. 0,1,2 (spread over "
+                                                   "--nproc ranks)")] = None,
+) -> None:
+    """Train a config into a run directory, or --resume an interrupted run."""
+    from mtml.config import load_config
+    from mtml.report import RichProgress
+    from mtml.workflows import resume_run
+    from mtml.workflows import train as train_config
+
+    seed_list = _seed_list(seeds)
+    if nproc != 1 or dist_timeout is not None:
+        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout, seeds)
+        return
+    main_rank = prints()
+    if seed_list is not None:
+        _train_seeds(config, set_ or [], out, resume, seed_list, main_rank)
+        return
+    progress = None if quiet or not main_rank else RichProgress("train", console=console)
+    if resume is not None:
+        if config is not None or set_:
+            raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
+        run, result = resume_run(resume, progress=progress)
+    else:
+        if config is None:
+            raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
+        cfg = load_config(config, set_ or [])
+        run, result = train_config(cfg, out, progress=progress)
+    if not main_rank:
+        return
+    _print_scores(result.test or result.val, f"test metrics (best step {result.fit.best_step})")
+    console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
+
+
+def _seed_list(seeds: str | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    try:
+        return [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise MtmlError(f"--seeds must be comma-separated integers such as 0,1,2. Got {seeds!r}.") from None
+
+
+def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, seeds: list[int],
+                 main_rank: bool) -> None:
+    from mtml.config import load_config
+    from mtml.workflows import train_seeds
+
+    if resume is not None or config is None:
+        raise MtmlError("--seeds trains a CONFIG once per seed; it cannot --resume (resume each seed-N run).")
+    results = train_seeds(load_config(config, set_), seeds, out)
+    for seed, (path, summary) in zip(seeds, results, strict=True) if main_rank else ():
+        _print_scores(summary["test"] or summary["val"], f"seed {seed}: test metrics (best step "
+                                                         f"{summary['best_step']})")
+        console.print(f"seed {seed}: run directory [bold]{path}[/]")
+
+
+def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, quiet: bool,
+                  nproc: int, timeout: float | None, seeds: str | None = None) -> None:
+    """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
+    from mtml.config import load_config
+    from mtml.engine import Run
+    from mtml.workflows import default_run_dir
+
+    args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
+    if resume is not None:
+        if config is not None or set_:
+            raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
+        run_dir = resume
+        args += ["--resume", str(resume)]
+    else:
+        if config is None:
+            raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
+        run_dir = out or default_run_dir(load_config(config, set_))  # one name for every rank
+        Run.check_new(run_dir)  # said once, here, rather than by every rank
+        args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
+    start_ranks(args, nproc, timeout, run_dir)
+
+
+def start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Path | None = None, *,
+                trains: bool = True) -> None:
+    """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`); ``trains``: the
+    workers build ``torch.optim`` optimisers, whose imports the launcher then makes once for all of them."""
+    from mtml.cli._app import main
+    from mtml.engine.dist_launch import OPTIMIZER_IMPORTS, launch
+
+    _check_launch(timeout)
+    launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main, preload=OPTIMIZER_IMPORTS if trains else ())
+
+
+def _check_launch(timeout: float | None) -> None:
+    if "WORLD_SIZE" in os.environ:
+        raise MtmlError("--nproc and --dist-timeout start ranks themselves; under torchrun leave them out (set "
+                        "MTML_DIST_TIMEOUT for the timeout).")
+    if timeout is not None and not timeout > 0:
+        raise MtmlError(f"--dist-timeout must be > 0 seconds. Got {timeout}.")
+
+
+def _print_scores(scores: dict[str, dict[str, float]], title: str) -> None:
+    from mtml.report import meta_table, metrics_table
+
+    meta = {k: v for k, v in scores.items() if any("@" in m for m in v)}
+    for name, values in meta.items():
+        console.print(f"[bold]{name}[/]: meta-test over {int(values.get('num_tasks', 0))} held-out tasks "
+                      "(mean ± 95% CI)")
+        console.print(meta_table(values))
+    rest = {k: v for k, v in scores.items() if k not in meta}
+    if rest:
+        console.print(metrics_table(rest, title=title))
+
+
+def eval_(
+    run: Annotated[Path, typer.Argument(help="run directory written by `mtml train`")],
+    split: Annotated[str, typer.Option(help="train, val or test (joint runs)")] = "test",
+    tasks: Annotated[int | None, typer.Option(help="meta-test tasks (meta-learning runs; default 600)")] = None,
+    shots: Annotated[int | None, typer.Option(help="support examples per task/class (meta-learning runs)")] = None,
+    steps: Annotated[int | None, typer.Option(help="inner steps at test time (meta-learning runs)")] = None,
+    nproc: Annotated[int, typer.Option(help="ranks on this machine: the episodes are spread over them")] = 1,
+    dist_timeout: Annotated[float | None, typer.Option(help="seconds a rank waits for the others (default 120)")]
+    = None,
+) -> None:
+    """Evaluate a run's best checkpoint: per-task metrics, or the meta-test protocol with 95% CIs."""
+    from mtml.workflows import evaluate_run
+
+    if split not in ("train", "val", "test"):
+        raise MtmlError(f"--split must be train, val or test. Got {split!r}.")
+    for name, value in (("--tasks", tasks), ("--shots", shots)):
+        if value is not None and value < 1:
+            raise MtmlError(f"{name} must be >= 1. Got {value}.")
+    if steps is not None and steps < 0:
+        raise MtmlError(f"--steps must be >= 0. Got {steps}.")
+    if nproc != 1 or dist_timeout is not None:
+        from mtml.engine import Run
+
+        Run.open(run)  # a wrong path is said once, here, rather than by every rank
+        given = (("--tasks", tasks), ("--shots", shots), ("--steps", steps))
+        start_ranks(["eval", str(run), "--split", split,
+                     *[a for name, value in given if value is not None for a in (name, str(value))]], nproc,
+                    dist_timeout, trains=False)
+        return
+    scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
+    if prints():
+        _print_scores(scores, f"{run} — {split}")

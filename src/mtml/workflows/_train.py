@@ -1,0 +1,160 @@
+"""``mtml train`` and ``mtml eval``: from a :class:`~mtml.config.Config` to a finished run directory, and back
+(resume, evaluate). Each CLI command is a thin call of one of these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtml.config import Config
+from mtml.engine import ProgressHook, Run, TrainResult, evaluate, load_checkpoint, restore, train_multitask
+from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
+from mtml.engine.trainer import check_stop_per_task
+from mtml.errors import ConfigError
+from mtml.report import plot_learning_curves
+from mtml.workflows._build import Built, build, default_run_dir, read_config, resolve_device, seeded, stop_rule
+from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
+
+__all__ = ["evaluate_run", "resume_run", "train", "train_seeds"]
+
+
+@dataclass
+class _Prepared:
+    """Everything a run needs, built (and so validated) before its directory is created."""
+
+    built: Built
+    device: torch.device
+
+    @property
+    def config(self) -> Config:
+        return self.built.config
+
+
+def _prepare(config: Config) -> _Prepared:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = local_device(resolve_device(config.device))
+    built = build(config)
+    if config.training.stop_per_task and not built.is_meta:
+        check_stop_per_task(built.model)  # refused before any run directory exists
+    return _Prepared(built, device)
+
+
+def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+    built, t = prep.built, prep.config.training
+    assert built.weighting is not None
+    return train_multitask(
+        built.model, built.tasks, weighting=built.weighting, optimizer=t.optimizer, lr=t.lr,
+        weight_decay=t.weight_decay, batch_size=t.batch_size, stop=stop_rule(prep.config), seed=prep.config.seed,
+        device=prep.device, run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, stop_per_task=t.stop_per_task,
+    )
+
+
+def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+    """Train (or resume), then write summary.json and plots and mark the run completed."""
+    config, built = prep.config, prep.built
+    with seeded(config.seed, prep.device):  # dropout draws follow the run's seed and leave the caller's RNG
+        if built.family is not None:
+            fitted, val, test = fit_meta(built, run, resume=resume, device=prep.device, progress=progress)
+            result = TrainResult(fitted, {"meta_val": val}, {config.data.dataset: test})
+            tasks = {config.data.dataset: {"kind": built.family.kind, "algorithm": config.training.algorithm}}
+        else:
+            result = _fit(prep, run, resume=resume, progress=progress)
+            tasks = {t.name: {"kind": t.kind.value, "primary_metric": t.primary_metric} for t in built.tasks}
+    model = built.model
+    summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
+               **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}
+    if is_main():  # in a process group only rank 0 writes the run directory
+        run.write_summary(summary)
+        plot_learning_curves(run.records(), run.plot_dir)
+        run.set_status("completed", finished=time.time())
+    return result
+
+
+def train(
+    config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None
+) -> tuple[Run, TrainResult]:
+    """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`).
+
+    Data, model, algorithm, weighting and device are all built first, so a bad setting fails before any
+    directory is created. Started by ``torchrun`` (or ``mtml train --nproc N``), every rank trains its share
+    of each batch and rank 0 writes the run directory (see docs/distributed.md).
+    """
+    with session(resolve_device(config.device)):
+        prep = _prepare(config)
+        run = broadcast_from_main(lambda: Run.create(out or default_run_dir(config), config.to_dict()),
+                                  "creating the run directory")
+        return run, _run(prep, run, resume=False, progress=progress)
+
+
+def train_seeds(
+    config: Config, seeds: list[int], root: str | Path | None = None
+) -> list[tuple[Path, dict[str, Any]]]:
+    """One run of ``config`` per seed, into ``root/seed-<seed>`` (default root: :func:`default_run_dir`).
+
+    In a process group (``mtml train --seeds … --nproc N`` or torchrun) the seeds are spread over the ranks
+    (each rank trains its runs alone) and every rank gets every ``(run directory, summary)``, in seed order.
+    """
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must list distinct seeds. Got {seeds}.")
+    with session(resolve_device(config.device)):
+        base = Path(broadcast_from_main(lambda: str(root or default_run_dir(config)), "choosing the run root"))
+
+        def one(seed: int) -> tuple[Path, dict[str, Any]]:
+            run, _ = train(config.model_copy(update={"seed": seed}), base / f"seed-{seed}")
+            return run.path, run.summary()
+
+        return map_ranks(one, seeds)
+
+
+def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tuple[Run, TrainResult]:
+    """Continue the run at ``path`` from its latest checkpoint (its own ``config.yaml`` is used)."""
+    run = Run.open(path)
+    config = read_config(run)
+    with session(resolve_device(config.device)):
+        prep = _prepare(config)
+        if is_main():
+            run.set_status("running")
+        return run, _run(prep, run, resume=True, progress=progress)
+
+
+def evaluate_run(
+    path: str | Path, split: str = "test", *, num_tasks: int | None = None, shots: int | None = None,
+    steps: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the best checkpoint of the run at ``path``.
+
+    Joint runs: per-task metrics on ``split``. Meta-learning runs: the meta-test protocol over ``num_tasks``
+    held-out tasks with ``shots`` support examples, after 0, 1 and ``steps`` inner steps (mean and 95% CI).
+    Started by ``torchrun`` (or ``mtml eval --nproc N``), the episodes (or tasks) are spread over the ranks and
+    every rank returns the scores one process computes.
+    """
+    run = Run.open(path)
+    config = read_config(run)
+    with session(resolve_device(config.device)):
+        return _evaluate_run(run, config, split, num_tasks, shots, steps)
+
+
+def _evaluate_run(run: Run, config: Config, split: str, num_tasks: int | None, shots: int | None,
+                  steps: int | None) -> dict[str, dict[str, float]]:
+    ckpt = load_checkpoint(run.best_checkpoint)
+    if config.is_meta:
+        built = build(config, **({"shots": shots} if shots else {}))
+        assert built.algorithm is not None
+        restore(ckpt, modules={"model": built.model, "algorithm": built.algorithm})
+        k = steps if steps is not None else judged_steps(built.algorithm)
+        scores = evaluate_meta(built, num_tasks=num_tasks or config.training.meta_test_tasks,
+                               steps=sorted({0, 1, k}) if built.algorithm.uses_inner_steps else [0],
+                               seed=config.seed + 2, device=resolve_device(config.device))
+        return {config.data.dataset: scores}
+    if shots is not None or steps is not None or num_tasks is not None:
+        raise ConfigError("--tasks, --shots and --steps apply to meta-learning runs; this is a joint run.")
+    built = build(config)
+    restore(ckpt, modules={"model": built.model})
+    return evaluate(built.model, [t for t in built.tasks if getattr(t, split) is not None], split)

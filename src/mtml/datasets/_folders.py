@@ -26,7 +26,7 @@ from mtml.datasets._images import (
     IMAGE_SUFFIXES,
     Progress,
     check_classes,
-    check_options,
+    check_reader_options,
     decode_images,
     image_source,
     list_images,
@@ -157,7 +157,7 @@ def image_folder(
     splits (``fractions`` is ignored). Images are resized to ``image_size × image_size``, grayscale
     (``channels=1``) or RGB (``channels=3``); inputs ``[channels, image_size, image_size]`` in [0, 1].
     """
-    check_options(image_size=image_size, channels=channels, flatten=flatten, ways=ways, shots=shots,
+    check_reader_options(image_size=image_size, channels=channels, flatten=flatten, ways=ways, shots=shots,
                   query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "image folder", "set `root` to the folder holding one sub-folder "
                       "per class (or train/, val/ and test/ folders of classes).")
@@ -199,7 +199,7 @@ def omniglot(
     ``seed``), which are meta-validation; meta-test: ``images_evaluation``. With ``rotations`` every character
     also appears rotated by 90°, 180° and 270°, each a class of its own, in every split (×4 classes).
     """
-    check_options(image_size=image_size, channels=1, flatten=flatten, ways=ways, shots=shots,
+    check_reader_options(image_size=image_size, channels=1, flatten=flatten, ways=ways, shots=shots,
                   query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "omniglot root", "set `root` to the folder holding "
                       "images_background/ and images_evaluation/.")
@@ -251,7 +251,7 @@ def miniimagenet(
 ) -> EpisodeSource:
     """mini-ImageNet (100 classes × 600 images; 64/16/20 classes for meta-train/val/test from the split files):
     RGB ``[3, image_size, image_size]`` in [0, 1]. ``seed`` is accepted for uniformity; the splits are fixed."""
-    check_options(image_size=image_size, channels=3, flatten=flatten, ways=ways, shots=shots,
+    check_reader_options(image_size=image_size, channels=3, flatten=flatten, ways=ways, shots=shots,
                   query_shots=query_shots, meta_batch=meta_batch)
     base = _check_dir(Path(root).expanduser(), "miniimagenet root", "set `root` to the folder holding "
                       "train.csv, val.csv, test.csv and images/.")

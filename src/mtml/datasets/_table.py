@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mtml.datasets._table_groups import GroupPlan, check_group_column, check_group_options, plan_groups, warn_id_like
-from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.errors import ConfigError, DataError
 from mtml.tasks import Task, TaskKind
 
@@ -19,7 +19,7 @@ __all__ = ["table"]
 
 
 def _read(path: Path) -> Any:
-    pd = require("pandas", "table")
+    pd = require_for("pandas", "table")
     if not path.is_file():
         raise ConfigError(f"data.options.path: file {path} does not exist.")
     try:
@@ -140,7 +140,7 @@ def table(
         specs = {name: _target(df, name, spec) for name, spec in targets.items()}
     if group_by is not None:
         warn_id_like(df, feature_cols)
-    pd = require("pandas", "table")
+    pd = require_for("pandas", "table")
     x_frame = pd.get_dummies(df[feature_cols], dtype=np.float32)
     bad = x_frame.columns[x_frame.isna().any()].tolist()
     if bad:

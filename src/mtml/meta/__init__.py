@@ -9,12 +9,12 @@ Every algorithm is built the same way, from the model it meta-learns and keyword
     meta_evaluate(algorithm, model, test_sampler, num_tasks=600, generator=generator)
 """
 
-from mtml.meta.anil import ANIL
+from mtml.meta.anil import anil
 from mtml.meta.base import MetaAlgorithm, MetaOutput
-from mtml.meta.boil import BOIL
-from mtml.meta.episode import Episode, EpisodeSampler, task_accuracy, task_losses
+from mtml.meta.boil import boil
+from mtml.meta.episode import Episode, EpisodeSampler, episode_losses, task_accuracy
 from mtml.meta.functional import batched_forward, embed, parameter_filter, task_gradients
-from mtml.meta.maml import FOMAML, MAML
+from mtml.meta.maml import MAML, fomaml
 from mtml.meta.metasgd import MetaSGD
 from mtml.meta.mlp import linear_chain
 from mtml.meta.protonet import ProtoNet
@@ -25,19 +25,16 @@ from mtml.registry import Registry
 
 ALGORITHMS: Registry[MetaAlgorithm] = Registry("algorithm")
 ALGORITHMS.register("maml", MAML, help="MAML, second order (Finn et al. 2017)")
-ALGORITHMS.register("fomaml", FOMAML, help="first-order MAML (Finn et al. 2017)")
+ALGORITHMS.register("fomaml", fomaml, help="first-order MAML (Finn et al. 2017)")
 ALGORITHMS.register("reptile", Reptile, help="Reptile (Nichol et al. 2018)")
-ALGORITHMS.register("anil", ANIL, help="MAML adapting the heads only (Raghu et al. 2020)")
-ALGORITHMS.register("boil", BOIL, help="MAML adapting the trunk only (Oh et al. 2021)")
+ALGORITHMS.register("anil", anil, help="MAML adapting the heads only (Raghu et al. 2020)")
+ALGORITHMS.register("boil", boil, help="MAML adapting the trunk only (Oh et al. 2021)")
 ALGORITHMS.register("metasgd", MetaSGD, help="MAML with learned per-parameter inner rates (Li et al. 2017)")
 ALGORITHMS.register("protonet", ProtoNet, help="Prototypical Networks (Snell et al. 2017)")
 ALGORITHMS.register("ridge", R2D2, help="closed-form ridge-regression head, R2D2 (Bertinetto et al. 2019)")
 
 __all__ = [
     "ALGORITHMS",
-    "ANIL",
-    "BOIL",
-    "FOMAML",
     "MAML",
     "R2D2",
     "Episode",
@@ -47,8 +44,12 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "Reptile",
+    "anil",
     "batched_forward",
+    "boil",
     "embed",
+    "episode_losses",
+    "fomaml",
     "linear_chain",
     "mean_ci",
     "meta_evaluate",
@@ -58,5 +59,4 @@ __all__ = [
     "ridge_solve",
     "task_accuracy",
     "task_gradients",
-    "task_losses",
 ]

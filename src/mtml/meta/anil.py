@@ -10,10 +10,10 @@ from torch import nn
 
 from mtml.meta.maml import MAML
 
-__all__ = ["ANIL"]
+__all__ = ["anil"]
 
 
-def ANIL(
+def anil(
     model: nn.Module,
     /,
     *,

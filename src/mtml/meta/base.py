@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
-from mtml.meta.episode import Episode, task_accuracy, task_losses
+from mtml.meta.episode import Episode, episode_losses, task_accuracy
 from mtml.tasks import Split
 
 __all__ = ["MetaAlgorithm", "MetaOutput", "Scores", "check_int", "check_positive"]
@@ -82,7 +82,7 @@ class MetaAlgorithm(nn.Module):
         self.check_episode(episode)
         adapted = self.adapt(model, episode.support, ways=episode.ways, train=True)
         pred = self.predict(model, adapted, episode.query.x)
-        losses = task_losses(pred, episode.query.y)
+        losses = episode_losses(pred, episode.query.y)
         return MetaOutput(losses.mean(), losses.detach(), self._accuracy(pred, episode))
 
     def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
@@ -101,7 +101,7 @@ class MetaAlgorithm(nn.Module):
 
     def score(self, pred: Tensor, episode: Episode) -> dict[str, Tensor]:
         """``{"loss": [tasks]}`` plus ``"accuracy"`` for classification, from query predictions."""
-        out = {"loss": task_losses(pred, episode.query.y)}
+        out = {"loss": episode_losses(pred, episode.query.y)}
         accuracy = self._accuracy(pred, episode)
         if accuracy is not None:
             out["accuracy"] = accuracy

@@ -9,10 +9,10 @@ from torch import nn
 
 from mtml.meta.maml import MAML
 
-__all__ = ["BOIL"]
+__all__ = ["boil"]
 
 
-def BOIL(
+def boil(
     model: nn.Module,
     /,
     *,

@@ -17,7 +17,7 @@ from torch import Tensor
 from mtml.errors import ShapeError
 from mtml.tasks import Split
 
-__all__ = ["Episode", "EpisodeSampler", "mean_task_loss", "task_accuracy", "task_losses"]
+__all__ = ["Episode", "EpisodeSampler", "episode_losses", "mean_task_loss", "task_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class EpisodeSampler(Protocol):
     def sample(self, generator: torch.Generator) -> Episode: ...
 
 
-def task_losses(pred: Tensor, y: Tensor) -> Tensor:
+def episode_losses(pred: Tensor, y: Tensor) -> Tensor:
     """Per-task loss ``[tasks]`` of ``pred`` against ``y`` (both ``[tasks, shots, ...]``).
 
     Float targets: mean squared error over shots and outputs. Integer targets: mean cross-entropy of the
@@ -98,7 +98,7 @@ def task_losses(pred: Tensor, y: Tensor) -> Tensor:
 
 
 def mean_task_loss(pred: Tensor, y: Tensor) -> Tensor:
-    """``task_losses(pred, y).mean()`` as one fused loss call (every task has the same number of shots)."""
+    """``episode_losses(pred, y).mean()`` as one fused loss call (every task has the same number of shots)."""
     if y.is_floating_point():
         return F.mse_loss(pred, y)
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1))

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
 from mtml.meta.conv import ConvChain, conv_chain, conv_forward
-from mtml.meta.episode import task_losses
+from mtml.meta.episode import episode_losses
 from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Split
@@ -118,7 +118,7 @@ def task_gradients(
     with torch.enable_grad():
         if not create_graph:
             stacked = {n: w.detach().requires_grad_() for n, w in stacked.items()}
-        loss = task_losses(batched_forward(model, shared, stacked, support.x, chain=chain), support.y).sum()
+        loss = episode_losses(batched_forward(model, shared, stacked, support.x, chain=chain), support.y).sum()
         grads = torch.autograd.grad(loss, list(stacked.values()), create_graph=create_graph)
     return dict(zip(stacked, grads, strict=True))
 

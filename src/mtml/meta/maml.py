@@ -14,12 +14,12 @@ from torch.utils.checkpoint import checkpoint
 
 from mtml.errors import ConfigError
 from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
-from mtml.meta.episode import Episode, mean_task_loss, task_losses
+from mtml.meta.episode import Episode, episode_losses, mean_task_loss
 from mtml.meta.functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
 from mtml.meta.mlp import Linear, lowrank_adapt, lowrank_forward, supports_gradients
 from mtml.tasks import Split
 
-__all__ = ["FOMAML", "MAML"]
+__all__ = ["MAML", "fomaml"]
 
 Params = dict[str, Tensor]
 
@@ -248,7 +248,7 @@ class MAML(MetaAlgorithm):
             shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
             pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
         with torch.no_grad():
-            losses = task_losses(pred, episode.query.y)
+            losses = episode_losses(pred, episode.query.y)
         return MetaOutput(mean_task_loss(pred, episode.query.y), losses, self._accuracy(pred, episode))
 
     def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
@@ -268,7 +268,7 @@ class MAML(MetaAlgorithm):
         return out
 
 
-def FOMAML(
+def fomaml(
     model: nn.Module,
     /,
     *,

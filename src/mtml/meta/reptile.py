@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtml.meta.base import MetaOutput
-from mtml.meta.episode import Episode, task_losses
+from mtml.meta.episode import Episode, episode_losses
 from mtml.meta.functional import ParameterFilter, batched_forward
 from mtml.meta.maml import MAML
 
@@ -49,7 +49,7 @@ class Reptile(MAML):
         shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, False)
         with torch.no_grad():
             pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
-            losses = task_losses(pred, episode.query.y)
+            losses = episode_losses(pred, episode.query.y)
         params = dict(model.named_parameters())
         objective = sum((0.5 * (params[n] - w.mean(0).detach()).square().sum() for n, w in fast.items()),
                         start=torch.zeros((), dtype=pred.dtype, device=pred.device))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mtml import StopRule, build_multitask_model, train_multitask
-from mtml.datasets.synthetic import shared_projection, synthetic_linear
+from mtml.datasets import shared_projection, synthetic_linear
 
 
 def subspace_overlap(learned: torch.Tensor, true: torch.Tensor) -> float:

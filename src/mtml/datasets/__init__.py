@@ -14,7 +14,7 @@ from mtml.datasets._image_suite import images
 from mtml.datasets._movies import movies
 from mtml.datasets._penguins import penguins
 from mtml.datasets._schools import schools
-from mtml.datasets._synthetic import synthetic_linear
+from mtml.datasets._synthetic import shared_projection, synthetic_linear
 from mtml.datasets._table import table
 from mtml.datasets._tables_suite import tables
 from mtml.datasets._text import texts
@@ -51,9 +51,28 @@ FAMILIES.register("fashion_fewshot", fashion_fewshot, help="N-way K-shot over th
                   "(test episodes from the official test images)")
 
 __all__ = [
-    "DATASETS", "FAMILIES", "EpisodeSource", "GlyphSet", "fashion", "fashion_fewshot", "gaussian_classes", "glyphs",
-    "image_folder", "images", "lfw_faces", "load_glyphs", "miniimagenet", "movies", "omniglot", "penguins",
-    "pixel_nn_accuracy",
-    "schools", "sinusoid",
-    "synthetic_linear", "table", "tables", "texts",
+                  "DATASETS",
+                  "FAMILIES",
+                  "EpisodeSource",
+                  "GlyphSet",
+                  "fashion",
+                  "fashion_fewshot",
+                  "gaussian_classes",
+                  "glyphs",
+                  "image_folder",
+                  "images",
+                  "lfw_faces",
+                  "load_glyphs",
+                  "miniimagenet",
+                  "movies",
+                  "omniglot",
+                  "penguins",
+                  "pixel_nn_accuracy",
+                  "schools",
+                  "shared_projection",
+                  "sinusoid",
+                  "synthetic_linear",
+                  "table",
+                  "tables",
+                  "texts",
 ]

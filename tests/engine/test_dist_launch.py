@@ -99,3 +99,18 @@ def test_launch_stops_the_others_when_a_forked_rank_fails(tmp_path: Path, monkey
                                                r"rank\(s\) 0\. No checkpoint was written"):
         launch([str(tmp_path), "1"], 2, run_dir=tmp_path, entry=_record)
     assert time.monotonic() - t0 < 30  # not the sleeping rank's 60 s
+
+
+def _killed_then_follower(args: list[str]) -> None:
+    """Rank 1 is killed; rank 0 notices at once and stops with its own error (exit 2), as with gloo."""
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.3)
+    sys.exit(2)
+
+
+def test_the_rank_that_caused_a_failure_is_named_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTML_LAUNCH", "fork")
+    with pytest.raises(DistributedError, match=r"2-rank run failed: rank 1 was killed by SIGKILL; rank 0 stopped "
+                                               r"with the error above\. No checkpoint"):
+        launch([str(tmp_path)], 2, run_dir=tmp_path, entry=_killed_then_follower)

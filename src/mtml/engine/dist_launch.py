@@ -244,7 +244,10 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeo
         raise
     if all(c == 0 for c in codes):
         return
-    failed = [_describe(r, c) for r, c in enumerate(codes) if c != 0 and r not in stopped]
+    # causes first: a rank killed by a signal or crashing comes before ranks that stopped with their own error
+    # after seeing it (which of them exits first is a race: gloo notices a lost peer at once)
+    ranks = sorted((r for r, c in enumerate(codes) if c != 0 and r not in stopped), key=lambda r: codes[r] == 2)
+    failed = [_describe(r, codes[r]) for r in ranks]
     note = f"; stopped rank(s) {', '.join(map(str, stopped))}" if stopped else ""
     if run_dir is None:  # a job with no checkpoints (e.g. `mtml transfer`)
         hint = "Nothing was written; run the command again."

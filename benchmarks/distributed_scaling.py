@@ -13,9 +13,13 @@ Every process uses one torch thread. Worlds run in interleaved rounds (``--repea
 load hits both alike; the median per world and the ratio N/1 are printed. ``--e2e`` also times whole
 ``mtml train --nproc N`` runs (start-up included) of the same MAML setting. ``--independent`` also times N
 processes that each train on 1/N of the meta-batch with no process group at all: the upper bound that
-splitting the batch can reach on this machine, whatever the communication costs.
+splitting the batch can reach on this machine, whatever the communication costs. ``--reduce`` names the
+``MTML_DIST_REDUCE`` settings the N-process runs use (default ``process-group``); with several (``--reduce
+process-group shm``) every one runs in each round and their ratios to the first are printed: the benchmark
+that decides whether the opt-in shared-memory all-reduce keeps its place (docs/distributed.md).
 
     .venv/bin/python benchmarks/distributed_scaling.py --repeats 3
+    .venv/bin/python benchmarks/distributed_scaling.py --workloads --e2e --e2e-steps 12000 --reduce process-group shm
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
             print(json.dumps({"rate": rate}), flush=True)
 
 
-def measure(workload: str, world: int, args: argparse.Namespace) -> float:
+def measure(workload: str, world: int, args: argparse.Namespace, reduce: str = "process-group") -> float:
     """Throughput of one run with ``world`` processes (fresh interpreters, one thread each)."""
     from mtml.engine.dist_launch import free_port
 
@@ -113,7 +117,7 @@ def measure(workload: str, world: int, args: argparse.Namespace) -> float:
     procs = []
     for r in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MTML_DIST_REDUCE": reduce}
         # each worker in its own session, as torchrun and `mtml train --nproc` start them
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True))
     outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -144,17 +148,18 @@ def _shared(args: argparse.Namespace) -> list[str]:
             args.weighting, "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
-def e2e(world: int, args: argparse.Namespace, root: Path, i: int) -> float:
+def e2e(world: int, args: argparse.Namespace, root: Path, i: int, reduce: str = "process-group") -> float:
     """Wall seconds of ``mtml train`` on the shipped sinusoid config (the MAML paper's protocol: meta-validation
     of 200 tasks every 1,000 steps, meta-test of 600 tasks at 0, 1 and 10 inner steps) at ``--meta-batch``
     tasks, ``--inner-steps`` and ``--e2e-steps`` steps: start-up, meta-training, validation, meta-test, plots."""
     sets = {"data.options.meta_batch": args.meta_batch, "training.max_steps": args.e2e_steps,
             "training.algorithm_options.inner_steps": args.inner_steps}
     cmd = [sys.executable, "-m", "mtml", "train", str(ROOT / "examples" / "configs" / "sinusoid.yaml"), "--quiet",
-           "--out", str(root / f"run-{world}-{i}"), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+           "--out", str(root / f"run-{world}-{reduce}-{i}"),
+           *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     t0 = time.perf_counter()
     subprocess.run([*cmd, *(["--nproc", str(world)] if world > 1 else [])], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MTML_DIST_REDUCE": reduce})
     return time.perf_counter() - t0
 
 
@@ -175,42 +180,56 @@ def main() -> None:
     ap.add_argument("--independent", action="store_true",
                     help="also time N unsynchronised processes on 1/N of the meta-batch each (the upper bound)")
     ap.add_argument("--e2e-steps", type=int, default=300)
+    ap.add_argument("--reduce", nargs="+", default=["process-group"], choices=["process-group", "shm"],
+                    help="MTML_DIST_REDUCE of the N-process runs (several: each in every round, ratios printed)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    worlds = [1, args.nproc]
+    many = [(args.nproc, mode) for mode in args.reduce]
     print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; one thread per process; "
           f"{args.repeats} interleaved rounds; median shown", flush=True)
     for workload in args.workloads:
-        rates: dict[int, list[float]] = {w: [] for w in worlds}
+        rates: dict[tuple[int, str], list[float]] = {k: [] for k in [(1, "-"), *many]}
         for _ in range(args.repeats):
-            for w in worlds:
-                rates[w].append(measure(workload, w, args))
+            for w, mode in rates:
+                rates[(w, mode)].append(measure(workload, w, args, mode if w > 1 else "process-group"))
         unit = "tasks/s" if workload == "maml" else "task-batches/s"
-        med = {w: statistics.median(v) for w, v in rates.items()}
-        detail = "; ".join(f"{w} proc: " + ", ".join(f"{r:.0f}" for r in v) for w, v in rates.items())
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        detail = "; ".join(f"{_label(k)}: " + ", ".join(f"{r:.0f}" for r in v) for k, v in rates.items())
         size = (f"meta-batch {args.meta_batch}, {args.inner_steps} inner" if workload == "maml"
                 else f"{args.joint_tasks} tasks, {args.weighting}")
-        print(f"{workload} ({size}): 1 proc {med[1]:.0f} {unit}, {args.nproc} procs {med[args.nproc]:.0f} {unit}, "
-              f"ratio {med[args.nproc] / med[1]:.2f}x   [{detail}]", flush=True)
+        ratios = ", ".join(f"{_label(k)} {med[k]:.0f} {unit} ({med[k] / med[(1, '-')]:.2f}x)" for k in many)
+        print(f"{workload} ({size}): 1 proc {med[(1, '-')]:.0f} {unit}, {ratios}   [{detail}]", flush=True)
         if args.independent and workload == "maml":
             free = [measure_independent(workload, args.nproc, args) for _ in range(args.repeats)]
+            bound = statistics.median(free)
             print(f"  bound: {args.nproc} independent processes of meta-batch {args.meta_batch // args.nproc}, no "
-                  f"synchronisation: {statistics.median(free):.0f} {unit} together, "
-                  f"{statistics.median(free) / med[1]:.2f}x one process  [{', '.join(f'{r:.0f}' for r in free)}]",
-                  flush=True)
+                  f"synchronisation: {bound:.0f} {unit} together, {bound / med[(1, '-')]:.2f}x one process  "
+                  f"[{', '.join(f'{r:.0f}' for r in free)}]", flush=True)
     if args.e2e:
-        with tempfile.TemporaryDirectory() as tmp:
-            secs: dict[int, list[float]] = {w: [] for w in worlds}
-            for i in range(args.repeats):
-                for w in worlds:
-                    secs[w].append(e2e(w, args, Path(tmp), i))
-        med = {w: statistics.median(v) for w, v in secs.items()}
-        detail = "; ".join(f"{w} proc: " + ", ".join(f"{t:.1f}" for t in v) for w, v in secs.items())
-        print(f"mtml train examples/configs/sinusoid.yaml ({args.e2e_steps} MAML steps, meta-batch {args.meta_batch}, "
-              f"{args.inner_steps} inner, wall incl. start-up): 1 proc {med[1]:.1f} s, {args.nproc} procs "
-              f"{med[args.nproc]:.1f} s, speed-up {med[1] / med[args.nproc]:.2f}x   [{detail}]", flush=True)
+        _e2e_table(args, many)
+
+
+def _label(key: tuple[int, str]) -> str:
+    return "1 proc" if key[0] == 1 else f"{key[0]} procs {key[1]}"
+
+
+def _e2e_table(args: argparse.Namespace, many: list[tuple[int, str]]) -> None:
+    """Whole runs, 1 process and every N-process setting in each round (rounds alternate the order)."""
+    keys = [(1, "-"), *many]
+    secs: dict[tuple[int, str], list[float]] = {k: [] for k in keys}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for w, mode in (keys if i % 2 == 0 else keys[::-1]):
+                secs[(w, mode)].append(e2e(w, args, Path(tmp), i, mode if w > 1 else "process-group"))
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    detail = "; ".join(f"{_label(k)}: " + ", ".join(f"{t:.1f}" for t in v) for k, v in secs.items())
+    parts = ", ".join(f"{_label(k)} {med[k]:.1f} s (speed-up {med[(1, '-')] / med[k]:.2f}x)" for k in many)
+    versus = "".join(f"; {_label(k)} vs {_label(many[0])}: {med[many[0]] / med[k]:.2f}x" for k in many[1:])
+    print(f"mtml train examples/configs/sinusoid.yaml ({args.e2e_steps} MAML steps, meta-batch {args.meta_batch}, "
+          f"{args.inner_steps} inner, wall incl. start-up, load {os.getloadavg()[0]:.1f}): 1 proc "
+          f"{med[(1, '-')]:.1f} s, {parts}{versus}   [{detail}]", flush=True)
 
 
 if __name__ == "__main__":

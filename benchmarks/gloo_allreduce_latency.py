@@ -1,5 +1,5 @@
-"""Latency of one all-reduce between 2 processes on this machine: gloo over loopback against mtml's
-shared-memory path (``MTML_DIST_REDUCE=shm``, :mod:`mtml.engine.shm_reduce`), both through
+"""Latency of one all-reduce between 2 processes on this machine: gloo over loopback (the default) against
+mtml's opt-in shared-memory path (``MTML_DIST_REDUCE=shm``, :mod:`mtml.engine.shm_reduce`), both through
 ``mtml.engine.distributed.all_reduce_``. It is the fixed cost every data-parallel step pays once, and it
 decides when ``--nproc 2`` can win: a step whose compute per rank is not well above it gets slower with more
 ranks (see docs/distributed.md).

@@ -149,14 +149,14 @@ def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 # -- equivalence -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("config", "mode"), [(MAML, "shm"), (MAML, "process-group"), (PROTONET, "auto"),
-                                             (PCGRAD, "auto"), (ROWS, "auto"), (SHARED, "auto")],
+@pytest.mark.parametrize(("config", "mode"), [(MAML, "shm"), (MAML, "process-group"), (PROTONET, "shm"),
+                                             (PCGRAD, None), (ROWS, "shm"), (SHARED, None)],
                          ids=["maml-shm", "maml-gloo", "protonet", "joint-pcgrad", "joint-rows-uncertainty",
                               "joint-shared-rows-mgda"])
 def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any],
-                                                          mode: str) -> None:
+                                                          mode: str | None) -> None:
     one = _train(config, str(tmp_path / "one"))
-    ranks = run_ranks(_train, config, str(tmp_path / "two"), env={"MTML_DIST_REDUCE": mode})
+    ranks = run_ranks(_train, config, str(tmp_path / "two"), env={"MTML_DIST_REDUCE": mode} if mode else {})
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     assert_same_checkpoints(tmp_path / "one", tmp_path / "two")
     for _, scores, _ in ranks:  # every rank gets the gathered meta-test / test scores
@@ -191,9 +191,9 @@ def _helpers() -> dict[str, Any]:
                 "r": r_.grad, "extra": extra.tolist() if extra is not None else None}
 
 
-@pytest.mark.parametrize("mode", ["auto", "shm", "process-group"])
-def test_map_ranks_shard_and_gradient_reduction_on_two_ranks(mode: str) -> None:
-    ranks = run_ranks(_helpers, env={"MTML_DIST_REDUCE": mode})
+@pytest.mark.parametrize("mode", [None, "shm", "process-group"], ids=["default", "shm", "process-group"])
+def test_map_ranks_shard_and_gradient_reduction_on_two_ranks(mode: str | None) -> None:
+    ranks = run_ranks(_helpers, env={"MTML_DIST_REDUCE": mode} if mode else {})
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
     for r, (_, got, _) in enumerate(ranks):
         assert got["world"] == 2
@@ -230,19 +230,27 @@ def test_too_few_items_for_the_ranks_is_a_config_error() -> None:
     assert all(r[0] == "ok" and "meta_batch" in r[1] and "2 ranks" in r[1] for r in ranks), ranks
 
 
-# -- the shared-memory all-reduce ------------------------------------------------------------------------
+# -- the shared-memory all-reduce (MTML_DIST_REDUCE=shm, opt-in) -----------------------------------------
+def _own_files() -> list[str]:
+    """This rank's shared-memory files (named after the creating pid, so other test runs do not interfere)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"mtml-reduce-{os.getpid()}-*"))
+
+
 def _sums() -> dict[str, Any]:
-    """Many all-reduces of changing sizes and dtypes (both buffers reused many times), one above the shared
-    slot size (the process group's path), each checked against the exact sum on every rank."""
+    """Many all-reduces of changing sizes and dtypes (both buffers reused many times, ranks arriving in
+    changing orders), and tensors of several slots (chunked), each checked against the exact sum in rank order
+    on every rank."""
     import mtml.engine.distributed as d
 
     with session():
         shared = d._shared()
         w, r = world_size(), rank()
         exact, bits = True, []
-        for k in range(200):
-            n = 1 + (k * 37) % 3000
+        sizes = [1 + (k * 37) % 3000 for k in range(200)] + [0, 65_536, 65_537, 150_001]
+        for k, n in enumerate(sizes):
             dtype = torch.float64 if k % 3 == 0 else torch.float32
+            if (k + r) % 7 == 0:
+                time.sleep(0.001)  # this rank arrives late: the others wait, post early, and must not race ahead
             g = torch.Generator().manual_seed(k)
             parts = [torch.randn(n, generator=g, dtype=dtype) for _ in range(w)]
             got = d.all_reduce_(parts[r].clone())
@@ -251,11 +259,11 @@ def _sums() -> dict[str, Any]:
                 want += p
             exact &= torch.equal(got, want)
             bits.append(float(got.double().sum()))
-        big = torch.full((100_000,), float(r + 1))  # 400 kB: more than a slot
+        ints = d.all_reduce_(torch.arange(5, dtype=torch.int64) * (r + 1))
+        big = torch.full((100_000,), float(r + 1))  # 400 kB: two chunks
         d.all_reduce_(big)
-        leftover = sorted(p.name for p in Path("/dev/shm").glob("mtml-reduce-*")) if Path("/dev/shm").is_dir() else []
         return {"shared": shared is not None, "exact": exact, "bits": bits, "big": float(big[0]),
-                "leftover": leftover}
+                "ints": ints.tolist(), "leftover": _own_files()}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -266,6 +274,72 @@ def test_shared_memory_all_reduce_is_exact_and_leaves_no_file(world: int) -> Non
     assert all(x["shared"] and x["exact"] for x in results)
     assert all(x["bits"] == results[0]["bits"] for x in results)  # the same bits on every rank
     assert all(x["big"] == world * (world + 1) / 2 and x["leftover"] == [] for x in results)
+    assert all(x["ints"] == [i * world * (world + 1) // 2 for i in range(5)] for x in results)
+
+
+def _mismatched(kind: str) -> str:
+    import mtml.engine.distributed as d
+
+    with session():
+        r = rank()
+        tensor = torch.ones(3 + r) if kind == "size" else torch.ones(4, dtype=torch.float64 if r else torch.float32)
+        try:
+            d.all_reduce_(tensor)
+        except DistributedError as exc:
+            return str(exc)
+    return "summed"
+
+
+@pytest.mark.parametrize(("kind", "shown"), [("size", "rank 0: 3 float32, rank 1: 4 float32"),
+                                             ("dtype", "rank 0: 4 float32, rank 1: 4 float64")])
+def test_ranks_passing_different_sizes_or_dtypes_all_fail_before_summing(kind: str, shown: str) -> None:
+    ranks = run_ranks(_mismatched, kind, env={"MTML_DIST_REDUCE": "shm", "MTML_DIST_TIMEOUT": "20"}, timeout=40)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    for r, (_, message, seconds) in enumerate(ranks):
+        assert f"rank {r} of 2" in message and "different tensors" in message and shown in message, message
+        assert seconds < 15  # found at once, not at the timeout
+
+
+def _peer_dies_in_set_up() -> tuple[str, list[str]]:
+    import mtml.engine.distributed as d
+    import mtml.engine.shm_reduce as s
+
+    if os.environ["RANK"] == "1":
+        s.SharedReducer.attach = lambda *args: os._exit(3)  # type: ignore[assignment,method-assign]
+    with session():
+        try:
+            d.all_reduce_(torch.ones(2))
+        except DistributedError as exc:
+            return str(exc), _own_files()
+    return "summed", _own_files()
+
+
+def test_a_rank_dying_during_set_up_leaves_no_file_in_dev_shm() -> None:
+    ranks = run_ranks(_peer_dies_in_set_up, env={"MTML_DIST_REDUCE": "shm", "MTML_DIST_TIMEOUT": "20"},
+                      timeout=40, needed=[0])
+    status, (message, leftover), _ = ranks[0]
+    assert status == "ok" and "setting up the shared-memory all-reduce failed" in message, ranks
+    assert leftover == []  # rank 0 created the file, its peer died before mapping it: unlinked in `finally`
+    assert ranks[1][0] == "lost"
+
+
+def _no_dev_shm() -> str:
+    import mtml.engine.distributed as d
+    import mtml.engine.shm_reduce as s
+
+    s.SHM_DIR = Path("/nonexistent-mtml-shm")  # a machine without /dev/shm: no fallback to /tmp
+    with session():
+        try:
+            d.all_reduce_(torch.ones(2))
+        except DistributedError as exc:
+            return str(exc)
+    return "summed"
+
+
+def test_shared_memory_needs_dev_shm_and_says_so_on_every_rank() -> None:
+    ranks = run_ranks(_no_dev_shm, env={"MTML_DIST_REDUCE": "shm"})
+    assert all(r[0] == "ok" and "MTML_DIST_REDUCE=shm" in r[1] and "/nonexistent-mtml-shm is not a writable "
+               "directory" in r[1] for r in ranks), ranks
 
 
 def _reduce_once() -> float:
@@ -273,25 +347,34 @@ def _reduce_once() -> float:
         return float(reduce_gradients([], torch.ones(1))[0])  # type: ignore[index]
 
 
-def _mixed_modes() -> tuple[float, bool]:
+def _mixed_modes(modes: tuple[str | None, str | None]) -> tuple[float, bool]:
     import mtml.engine.distributed as d
 
-    os.environ["MTML_DIST_REDUCE"] = "process-group" if os.environ["RANK"] == "0" else "shm"
+    mode = modes[int(os.environ["RANK"])]
+    if mode is None:
+        os.environ.pop("MTML_DIST_REDUCE", None)
+    else:
+        os.environ["MTML_DIST_REDUCE"] = mode
     with session():
         total = _reduce_once()
-        return total, d._shared() is None
+        return total, d._shared() is not None
 
 
-def test_ranks_started_with_different_reduce_modes_follow_rank_0() -> None:
-    ranks = run_ranks(_mixed_modes, timeout=30)
+@pytest.mark.parametrize(("modes", "shared"), [(("process-group", "shm"), False), ((None, "shm"), False),
+                                               (("shm", "process-group"), True), ((None, None), False)],
+                         ids=["gloo-shm", "unset-shm", "shm-gloo", "default"])
+def test_ranks_started_with_different_reduce_modes_follow_rank_0(modes: tuple[str | None, str | None],
+                                                                 shared: bool) -> None:
+    ranks = run_ranks(_mixed_modes, modes, timeout=30)
     assert [r[0] for r in ranks] == ["ok", "ok"], ranks
-    assert all(r[1] == (2.0, True) for r in ranks), ranks  # both summed through the process group
+    assert all(r[1] == (2.0, shared) for r in ranks), ranks  # the process group unless rank 0 opts in
 
 
-def test_a_bad_reduce_mode_is_a_config_error() -> None:
-    ranks = run_ranks(_reduce_once, env={"MTML_DIST_REDUCE": "fast"})
-    assert all(r[0] == "ConfigError" and "MTML_DIST_REDUCE" in r[1] and "process-group" in r[1]
-               for r in ranks), ranks
+@pytest.mark.parametrize(("value", "extra"), [("fast", ""), ("auto", "auto was removed")])
+def test_a_bad_reduce_mode_is_a_config_error(value: str, extra: str) -> None:
+    ranks = run_ranks(_reduce_once, env={"MTML_DIST_REDUCE": value})
+    assert all(r[0] == "ConfigError" and f"MTML_DIST_REDUCE must be one of process-group, shm. Got {value!r}" in r[1]
+               and extra in r[1] for r in ranks), ranks
 
 
 # -- faults ----------------------------------------------------------------------------------------------

@@ -6,11 +6,10 @@ are unchanged. The group is started from the environment ``torchrun`` (or ``mtml
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; gloo on CPU, NCCL on GPU. Collectives time out
 after ``MTML_DIST_TIMEOUT`` seconds (default 120) instead of PyTorch's 30 minutes.
 
-Ranks that share one x86-64 machine sum their tensors (up to 256 KiB: gradients, metrics) through shared memory
-(:mod:`mtml.engine.shm_reduce`) rather than gloo's loopback sockets, whose fixed ~1 ms per call here is as
-long as a small model's whole step. ``MTML_DIST_REDUCE`` chooses: ``auto`` (default: shared memory when every
-rank can map the same file, else the process group), ``shm`` (required: an error if not possible) or
-``process-group`` (always gloo/NCCL); rank 0's setting applies to every rank.
+Tensors are summed with the process group's own all-reduce. ``MTML_DIST_REDUCE=shm`` opts CPU ranks of one
+Linux machine into a shared-memory all-reduce (:mod:`mtml.engine.shm_reduce`) instead of gloo's loopback
+sockets, whose fixed ~1.2 ms per call is as long as a small model's whole step; ``process-group`` (the
+default) always uses gloo/NCCL. Rank 0's setting applies to every rank.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mtml.engine.shm_reduce import SharedReducer, supported_here
+from mtml.engine.shm_reduce import MismatchError, SharedReducer, problem_here
 from mtml.errors import ConfigError, MtmlError
 
 __all__ = [
@@ -53,7 +52,7 @@ class DistributedError(MtmlError, RuntimeError):
 
 #: each process group's shared-memory reducer (``None``: that group uses its own all-reduce)
 _REDUCERS: weakref.WeakKeyDictionary[Any, SharedReducer | None] = weakref.WeakKeyDictionary()
-REDUCE_MODES = ("auto", "shm", "process-group")
+REDUCE_MODES = ("process-group", "shm")
 
 
 def is_distributed() -> bool:
@@ -153,52 +152,51 @@ def shard(n: int, what: str = "items") -> slice:
 
 def reduce_mode() -> str:
     """``MTML_DIST_REDUCE``: how tensors are summed over ranks (see the module docstring)."""
-    mode = os.environ.get("MTML_DIST_REDUCE", "auto")
+    mode = os.environ.get("MTML_DIST_REDUCE", "process-group")
     if mode not in REDUCE_MODES:
-        raise ConfigError(f"MTML_DIST_REDUCE must be one of {', '.join(REDUCE_MODES)}. Got {mode!r}.")
+        why = " (auto was removed: the default is the process group, shared memory is opt-in)" if mode == "auto" else ""
+        raise ConfigError(f"MTML_DIST_REDUCE must be one of {', '.join(REDUCE_MODES)}. Got {mode!r}{why}.")
     return mode
 
 
 def _set_up_shared() -> SharedReducer | None:
-    """Collective, once per process group: a shared-memory reducer if every rank can map rank 0's file."""
+    """Collective, once per process group: the shared-memory reducer when rank 0 asks for it (every rank
+    raises when one cannot map rank 0's file); ``None`` for the process group's all-reduce."""
     mode = reduce_mode()
     if dist.get_backend() != "gloo":
         if mode == "shm":
-            raise ConfigError("MTML_DIST_REDUCE=shm needs CPU ranks (the gloo backend); use auto on GPUs.")
+            raise ConfigError("MTML_DIST_REDUCE=shm needs CPU ranks (the gloo backend); unset it on GPUs.")
         return None
     box: list[Any] = [mode]  # rank 0's setting decides for all, so ranks started with different ones agree
     _collective("setting up the all-reduce", lambda: dist.broadcast_object_list(box, src=0))
-    mode = box[0]
-    if mode == "process-group":
+    if box[0] != "shm":
         return None
     w, r = world_size(), rank()
     reducer: SharedReducer | None = None
-    problem = "" if supported_here() else f"{os.uname().machine} is not x86-64"
-    offer: tuple[str, bytes] | None = None
-    if r == 0 and not problem:
-        try:
-            reducer, path, token = SharedReducer.create(w)
-            offer = (path, token)
-        except OSError as exc:
-            problem = f"rank 0 could not create its file ({exc})"
-    box = [offer]
-    _collective("setting up the shared-memory all-reduce", lambda: dist.broadcast_object_list(box, src=0))
-    offer = box[0]
-    if r != 0 and offer is not None and not problem:
-        try:
-            reducer = SharedReducer.attach(offer[0], r, w, offer[1])
-        except (OSError, RuntimeError, ValueError) as exc:
-            problem = f"rank {r} could not map {offer[0]} ({exc})"
-    if offer is None and not problem:
-        problem = "rank 0 offered no file"
-    problems = [p for p in all_gather_objects(problem, "setting up the shared-memory all-reduce") if p]
-    if r == 0 and offer is not None:
-        Path(offer[0]).unlink(missing_ok=True)  # every rank has mapped it (or given up): no file outlives the run
+    problem, offer = problem_here(), None
+    try:
+        if r == 0 and not problem:
+            try:
+                reducer, path, token = SharedReducer.create(w)
+                offer = (path, token)
+            except OSError as exc:
+                problem = f"rank 0 could not create its file ({exc})"
+        box = [offer]
+        _collective("setting up the shared-memory all-reduce", lambda: dist.broadcast_object_list(box, src=0))
+        if r != 0 and box[0] is not None and not problem:
+            try:
+                reducer = SharedReducer.attach(box[0][0], r, w, box[0][1])
+            except (OSError, RuntimeError, ValueError) as exc:
+                problem = f"rank {r} could not map {box[0][0]} ({exc})"
+        if box[0] is None and not problem:
+            problem = "rank 0 offered no file"
+        problems = [p for p in all_gather_objects(problem, "setting up the shared-memory all-reduce") if p]
+    finally:
+        if offer is not None:  # rank 0: every rank has mapped it, or set-up failed: no file outlives it
+            Path(offer[0]).unlink(missing_ok=True)
     if problems:
-        if mode == "shm":
-            raise DistributedError(f"MTML_DIST_REDUCE=shm, but the ranks cannot share memory: {problems[0]}. Use "
-                                   "auto (falls back to the process group's all-reduce).")
-        return None
+        raise DistributedError(f"MTML_DIST_REDUCE=shm, but the ranks cannot share memory: {problems[0]}. Unset "
+                               "it to sum through the process group.")
     return reducer
 
 
@@ -210,12 +208,16 @@ def _shared() -> SharedReducer | None:
 
 
 def all_reduce_(tensor: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
-    """Sum ``tensor`` over ranks, in place (no-op on one rank); through shared memory when the ranks share a
-    machine and the tensor fits (see the module docstring), else the process group's all-reduce."""
+    """Sum ``tensor`` over ranks, in place (no-op on one rank): the process group's all-reduce, or shared
+    memory under ``MTML_DIST_REDUCE=shm`` for CPU tensors of the dtypes it sums (see the module docstring)."""
     if is_distributed():
         shared = _shared()
-        if shared is not None and shared.fits(tensor):
-            _collective(what, lambda: shared.all_reduce_(tensor, env_timeout()))
+        if shared is not None and shared.takes(tensor):
+            try:
+                _collective(what, lambda: shared.all_reduce_(tensor, env_timeout()))
+            except MismatchError as exc:
+                raise DistributedError(f"rank {rank()} of {world_size()}: {what} failed: {exc}. Every rank must "
+                                       "pass the same sizes and dtypes, in the same order.") from None
         else:
             _collective(what, lambda: dist.all_reduce(tensor))
     return tensor

@@ -177,7 +177,8 @@ def _lazy_encoder(max_length: int) -> EncodeFn:
 def _inputs(all_texts: list[str], inputs: str, max_length: int, cache_dir: str | None, progress: bool) -> Tensor:
     if inputs == "tokens":
         transformers = require_for("transformers", "texts")
-        return tokenize(transformers.AutoTokenizer.from_pretrained(str(minilm_dir())), all_texts, max_length)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+        return tokenize(tokenizer, all_texts, max_length)
     dim = int(json.loads((minilm_dir() / "config.json").read_text())["hidden_size"])
     cache = EmbeddingCache(f"{MODEL_ID}-max{max_length}", dim, cache_dir)
     emb = cache.embed(all_texts, _lazy_encoder(max_length), progress=progress, description="encoding texts")

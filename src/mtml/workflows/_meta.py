@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mtml.datasets import EpisodeSource
 from mtml.engine import FitResult, ProgressHook, Run, fit, make_optimizer
 from mtml.engine.dist_steps import sharded_meta_step
 from mtml.engine.distributed import map_ranks
@@ -22,7 +23,7 @@ def judged_steps(algorithm: MetaAlgorithm) -> int:
     return algorithm.test_inner_steps if algorithm.uses_inner_steps else 0
 
 
-def _parts(built: Built) -> tuple[Any, MetaAlgorithm]:
+def _parts(built: Built) -> tuple[EpisodeSource, MetaAlgorithm]:
     assert built.family is not None and built.algorithm is not None, "a meta-learning config's build"
     return built.family, built.algorithm
 

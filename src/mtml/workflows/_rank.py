@@ -16,10 +16,9 @@ import torch
 
 from mtml.config import Config
 from mtml.errors import ConfigError, ShapeError, UnknownNameError
-from mtml.groups import labelled_only
 from mtml.tasks import Task
 from mtml.transfer import ESTIMATORS, Source, estimate_all, head_probs
-from mtml.workflows._build import dataset_tasks, load_source
+from mtml.workflows._build import load_source, target_tasks
 
 __all__ = ["rank_sources", "source_outputs"]
 
@@ -41,7 +40,7 @@ def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[t
 def _target_tasks(target: Config, task: str | None) -> list[Task]:
     if target.is_meta:
         raise ConfigError("--target must be a joint (multi-task) config: its tasks' data are the target.")
-    tasks = [labelled_only(t) for t in dataset_tasks(target)]  # each target task is scored alone
+    tasks = target_tasks(target)
     if task is None:
         return tasks
     chosen = [t for t in tasks if t.name == task]

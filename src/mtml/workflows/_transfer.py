@@ -24,13 +24,12 @@ from mtml.atomic import atomic_write_text, is_free_dir
 from mtml.config import Config, load_config
 from mtml.engine.distributed import broadcast_from_main, is_distributed, is_main, map_ranks, session
 from mtml.errors import ConfigError, RunExistsError
-from mtml.groups import labelled_only
 from mtml.meta import mean_ci
 from mtml.nn import HierarchicalModel
 from mtml.report import plot_transfer, transfer_markdown
 from mtml.tasks import Split, Task, TaskKind
 from mtml.transfer import STRATEGIES, Source, Strategy, trunk_blocks
-from mtml.workflows._build import dataset_tasks, load_source, task_family
+from mtml.workflows._build import load_source, target_tasks, task_family
 
 __all__ = ["TransferResult", "check_output_dir", "parse_sizes", "subsample", "t_critical", "transfer",
            "write_outputs"]
@@ -65,16 +64,6 @@ def parse_sizes(sizes: Sequence[Size] | str) -> list[Size]:
     if not out:
         raise ConfigError("sizes: give at least one size, e.g. 1,5,20,all.")
     return out
-
-
-def _dataset_tasks(config: Config) -> list[Task]:
-    # a target task is fitted and scored alone: rows without its label carry nothing for it
-    return [labelled_only(t) for t in dataset_tasks(config)]
-
-
-def _family(config: Config, shots: int) -> Any:
-    """The task family of a meta-learning ``config`` with ``shots`` support examples per class."""
-    return task_family(config, shots=shots)
 
 
 def _episode_tasks(family: Any, generator: torch.Generator) -> list[Task]:
@@ -244,8 +233,8 @@ def _prepare(source_run: str | Path, target_config: str | Path | Config, strateg
     if target.is_meta and "all" in parsed:
         raise ConfigError(f"target '{target.data.dataset}' is a task family (episodes of a few shots); size "
                           "'all' has no meaning there, use numbers of shots such as 1,5,20.")
-    fixed = None if target.is_meta else _dataset_tasks(target)
-    probe = fixed or _episode_tasks(_family(target, int(parsed[0])), torch.Generator().manual_seed(0))
+    fixed = None if target.is_meta else target_tasks(target)
+    probe = fixed or _episode_tasks(task_family(target, shots=int(parsed[0])), torch.Generator().manual_seed(0))
     _check(source, probe, chosen)
     return _Plan(source, target, parsed, chosen, fixed, probe)
 
@@ -273,7 +262,7 @@ def _grid(plan: _Plan, repeats: int, seed: int) -> tuple[dict[tuple[str, str, st
     One job per draw (size, repeat), which runs every strategy on it; jobs are spread over the ranks of a
     process group and gathered in order, so the result does not depend on the number of ranks."""
     families = ({} if plan.fixed is not None else
-                {si: _family(plan.target, int(size)) for si, size in enumerate(plan.sizes)})
+                {si: task_family(plan.target, shots=int(size)) for si, size in enumerate(plan.sizes)})
 
     def draw(job: tuple[int, int]) -> tuple[float, dict[str, dict[str, float]]]:
         si, r = job

@@ -52,7 +52,7 @@ def maml_config(meta_batch: int, steps: int, inner_steps: int = 1) -> dict[str, 
 def _maml_worker(args: argparse.Namespace) -> float:
     from mtml.config import Config
     from mtml.engine import make_optimizer
-    from mtml.engine.dist_steps import sharded_meta_step
+    from mtml.engine._dist_steps import sharded_meta_step
     from mtml.meta import meta_parameters
     from mtml.workflows import build
 
@@ -67,7 +67,7 @@ def _maml_worker(args: argparse.Namespace) -> float:
 def _joint_worker(args: argparse.Namespace) -> float:
     from mtml.datasets import DATASETS
     from mtml.engine import TaskBatcher, make_optimizer
-    from mtml.engine.dist_steps import sharded_joint_step
+    from mtml.engine._dist_steps import sharded_joint_step
     from mtml.nn import build_multitask_model
     from mtml.weighting import WEIGHTINGS
 
@@ -84,7 +84,7 @@ def _joint_worker(args: argparse.Namespace) -> float:
 
 def _time(step: Any, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` calls of ``step`` after ``warmup`` calls, all ranks starting together."""
-    from mtml.engine.distributed import all_reduce_
+    from mtml.engine._distributed import all_reduce_
 
     for _ in range(warmup):
         step()
@@ -97,7 +97,7 @@ def _time(step: Any, warmup: int, steps: int) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from mtml.engine.distributed import is_main, session
+    from mtml.engine._distributed import is_main, session
 
     torch.set_num_threads(1)
     with session():
@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(workload: str, world: int, args: argparse.Namespace, reduce: str = "process-group") -> float:
     """Throughput of one run with ``world`` processes (fresh interpreters, one thread each)."""
-    from mtml.engine.dist_launch import free_port
+    from mtml.engine._dist_launch import free_port
 
     port = free_port()
     cmd = [sys.executable, __file__, "--worker", "--workload", workload, *_shared(args)]

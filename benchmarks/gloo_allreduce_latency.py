@@ -1,6 +1,6 @@
 """Latency of one all-reduce between 2 processes on this machine: gloo over loopback (the default) against
-mtml's opt-in shared-memory path (``MTML_DIST_REDUCE=shm``, :mod:`mtml.engine.shm_reduce`), both through
-``mtml.engine.distributed.all_reduce_``. It is the fixed cost every data-parallel step pays once, and it
+mtml's opt-in shared-memory path (``MTML_DIST_REDUCE=shm``, :mod:`mtml.engine._shm_reduce`), both through
+``mtml.engine._distributed.all_reduce_``. It is the fixed cost every data-parallel step pays once, and it
 decides when ``--nproc 2`` can win: a step whose compute per rank is not well above it gets slower with more
 ranks (see docs/distributed.md).
 
@@ -22,7 +22,7 @@ def _worker(rank: int, port: int, mode: str, numel: int, iterations: int) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       MTML_DIST_REDUCE=mode)
     torch.set_num_threads(1)
-    from mtml.engine.distributed import all_reduce_, session
+    from mtml.engine._distributed import all_reduce_, session
 
     with session():
         x = torch.randn(numel)

@@ -42,7 +42,7 @@ import torch
 
 from mtml.config import Config
 from mtml.engine import StopRule, TrainResult, train_multitask
-from mtml.engine.joint import predict
+from mtml.engine._joint import predict
 from mtml.errors import ConfigError
 from mtml.nn import ARCHITECTURES
 from mtml.tasks import Split, Task, TaskKind

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from mtml.engine.joint import joint_step
+from mtml.engine._joint import joint_step
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split, Task
 from mtml.weighting import WEIGHTINGS

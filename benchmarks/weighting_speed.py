@@ -17,7 +17,7 @@ same batch; all candidates of both shapes for one task count run interleaved rou
 ratios are measured under the same machine load. Per task count T the benchmark times:
 
 * floor — one trunk pass, all heads, the summed loss and one ``backward`` (what any step costs at least);
-* mtml ``equal`` — :func:`mtml.engine.joint.joint_step` with equal weights;
+* mtml ``equal`` — :func:`mtml.engine._joint.joint_step` with equal weights;
 * mtml, per method — ``joint_step`` with ``gramian: auto`` (the fastest exact way; ``used`` = the backend
   ``GramianTape`` picked) and with ``gramian: representation`` (the cheaper representation-level variant);
 * LibMTL — its weighting class's ``backward(losses)`` with ``rep_grad=False`` (one ``backward`` per task, then
@@ -30,7 +30,7 @@ ratios are measured under the same machine load. Per task count T the benchmark 
   ``losses.backward(weights)`` (Nash-MTL has no Gramian weighting in TorchJD: jac route only); TorchJD has no
   GradNorm or DB-MTL. ``TorchJD best`` is the faster of its two routes.
 
-All implementations compute the task losses with :func:`mtml.engine.joint.task_losses` (one MSE reduction).
+All implementations compute the task losses with :func:`mtml.engine._joint.task_losses` (one MSE reduction).
 Numbers are medians over ``--reps`` interleaved rounds after one warm-up call, on ``--threads`` threads
 (default 1). TorchJD's autogram route is slow at many tasks (about 2 s per step at T = 64 on one thread):
 ``--autogram-reps K`` times it in the first K rounds only, ``--skip TorchJD-autogram`` leaves it out.
@@ -64,8 +64,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import mtml.engine.joint as joint
-from mtml.engine.joint import joint_step, task_losses
+import mtml.engine._joint as joint
+from mtml.engine._joint import joint_step, task_losses
 from mtml.nn import MultiTaskModel, mlp
 from mtml.nn._conv import Conv4
 from mtml.tasks import Split, Task, TaskKind

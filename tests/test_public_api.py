@@ -45,19 +45,12 @@ def test_every_public_name_exists_and_is_documented_in_all() -> None:
         assert len(set(module.__all__)) == len(module.__all__), f"{name}.__all__ repeats a name"
 
 
-# Not yet renamed (issue 18 is open on them): their speed paths and all-reduce were being decided when the other
-# packages went private. Remove a package from here when its modules become ``_name.py``.
-PENDING = ("mtml.meta.", "mtml.engine.")
-
-
 def test_modules_behind_the_packages_are_private() -> None:
     """Every module of a subpackage except its ``__init__`` is ``_name.py``; the package root holds the public
     modules of PUBLIC and private ones only."""
     public_modules = []
     for info in pkgutil.walk_packages(mtml.__path__, "mtml."):
         leaf = info.name.rpartition(".")[2]
-        if info.name.startswith(PENDING):
-            continue
         if not info.ispkg and not leaf.startswith("_") and info.name not in PUBLIC:
             public_modules.append(info.name)
     assert not public_modules, f"modules that should be private (_name.py) or listed in PUBLIC: {public_modules}"

@@ -1,7 +1,7 @@
 """Every shipped config whose tasks share rows makes one trunk pass per task group per step (and no more).
 
 Each config is built as ``mtml train`` builds it (shrunk data), one batch is drawn by the trainer's batcher and
-one :func:`~mtml.engine.joint.joint_step` counts the rows that go through the trunk: every group's batch exactly
+one :func:`~mtml.engine._joint.joint_step` counts the rows that go through the trunk: every group's batch exactly
 once. Tasks on the same rows used to run the trunk once per task.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from mtml.config import load_config
 from mtml.datasets._fashion import DEFAULT_ROOT
-from mtml.engine.joint import TaskBatcher, joint_step
+from mtml.engine._joint import TaskBatcher, joint_step
 from mtml.groups import task_groups
 from mtml.weighting import WEIGHTINGS
 from mtml.workflows import build

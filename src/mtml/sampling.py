@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.errors import ConfigError, DataError
-from mtml.meta.base import check_int
-from mtml.meta.episode import Episode
+from mtml.meta import Episode
 from mtml.tasks import Split
 
 __all__ = ["FewShotClassification", "SinusoidTasks", "few_shot_splits", "split_classes", "split_groups"]

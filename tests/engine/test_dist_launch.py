@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mtml.engine.dist_launch import _Forked, launch, launch_method
-from mtml.engine.distributed import DistributedError
+from mtml.engine._dist_launch import _Forked, launch, launch_method
+from mtml.engine._distributed import DistributedError
 from mtml.errors import ConfigError
 
 

@@ -27,8 +27,8 @@ import yaml
 
 from mtml.config import Config
 from mtml.engine import load_checkpoint
-from mtml.engine.dist_launch import free_port
-from mtml.engine.distributed import (
+from mtml.engine._dist_launch import free_port
+from mtml.engine._distributed import (
     DistributedError,
     map_ranks,
     rank,
@@ -240,7 +240,7 @@ def _sums() -> dict[str, Any]:
     """Many all-reduces of changing sizes and dtypes (both buffers reused many times, ranks arriving in
     changing orders), and tensors of several slots (chunked), each checked against the exact sum in rank order
     on every rank."""
-    import mtml.engine.distributed as d
+    import mtml.engine._distributed as d
 
     with session():
         shared = d._shared()
@@ -278,7 +278,7 @@ def test_shared_memory_all_reduce_is_exact_and_leaves_no_file(world: int) -> Non
 
 
 def _mismatched(kind: str) -> str:
-    import mtml.engine.distributed as d
+    import mtml.engine._distributed as d
 
     with session():
         r = rank()
@@ -301,8 +301,8 @@ def test_ranks_passing_different_sizes_or_dtypes_all_fail_before_summing(kind: s
 
 
 def _peer_dies_in_set_up() -> tuple[str, list[str]]:
-    import mtml.engine.distributed as d
-    import mtml.engine.shm_reduce as s
+    import mtml.engine._distributed as d
+    import mtml.engine._shm_reduce as s
 
     if os.environ["RANK"] == "1":
         s.SharedReducer.attach = lambda *args: os._exit(3)  # type: ignore[assignment,method-assign]
@@ -324,8 +324,8 @@ def test_a_rank_dying_during_set_up_leaves_no_file_in_dev_shm() -> None:
 
 
 def _no_dev_shm() -> str:
-    import mtml.engine.distributed as d
-    import mtml.engine.shm_reduce as s
+    import mtml.engine._distributed as d
+    import mtml.engine._shm_reduce as s
 
     s.SHM_DIR = Path("/nonexistent-mtml-shm")  # a machine without /dev/shm: no fallback to /tmp
     with session():
@@ -348,7 +348,7 @@ def _reduce_once() -> float:
 
 
 def _mixed_modes(modes: tuple[str | None, str | None]) -> tuple[float, bool]:
-    import mtml.engine.distributed as d
+    import mtml.engine._distributed as d
 
     mode = modes[int(os.environ["RANK"])]
     if mode is None:

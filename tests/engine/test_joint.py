@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from mtml.datasets import synthetic_linear
 from mtml.engine import StopRule, TaskBatcher, evaluate, joint_step, make_optimizer, objective, predict, train_multitask
-from mtml.engine.joint import task_losses
+from mtml.engine._joint import task_losses
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.nn import MultiTaskModel, build_multitask_model
 from mtml.tasks import Split, Task

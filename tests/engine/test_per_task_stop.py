@@ -14,7 +14,7 @@ from torch import nn
 from mtml.config import Config
 from mtml.datasets import synthetic_linear
 from mtml.engine import Run, StopRule, load_checkpoint
-from mtml.engine.trainer import TrainResult, train_multitask
+from mtml.engine._trainer import TrainResult, train_multitask
 from mtml.errors import ConfigError
 from mtml.nn import MultiTaskModel, build_multitask_model
 from mtml.tasks import Split, Task, TaskKind
@@ -166,7 +166,7 @@ def test_config_key_round_trip_and_training_from_config(tmp_path: Path) -> None:
 
 
 def test_a_stopped_task_keeps_its_best_even_if_it_would_improve_later() -> None:
-    from mtml.engine.trainer import TaskBests
+    from mtml.engine._trainer import TaskBests
 
     tasks = _tasks()
     model = build_multitask_model(tasks, trunk_hidden=(8,), share_trunk=False)

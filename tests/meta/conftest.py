@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import Tensor, nn
 
-from mtml.meta import Episode
+from mtml.meta import Episode, speed_paths
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Split
 
@@ -63,3 +65,54 @@ def model_kind(request: pytest.FixtureRequest) -> str:
 def episode_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
+
+
+#: the speed-path settings an oracle runs under: name → switches turned off (see :func:`mtml.meta.speed_paths`)
+PATHS = {"fast": {}, "autograd": {"hand_gradients": False}, "vmap": {"mlp_chain": False, "grouped_conv": False}}
+
+
+class PathSpy:
+    """Counts the engine calls of :mod:`mtml.meta._functional` so a test can assert which path ran."""
+
+    ENGINES = ("chain_forward", "chain_gradients", "conv_forward", "_vmap_forward")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import mtml.meta._functional as functional
+
+        self.calls = dict.fromkeys(self.ENGINES, 0)
+        for name in self.ENGINES:
+            original = getattr(functional, name)
+
+            def counted(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)  # type: ignore[operator]
+
+            monkeypatch.setattr(functional, name, counted)
+
+    def ran(self) -> set[str]:
+        return {name for name, count in self.calls.items() if count}
+
+    def reset(self) -> None:
+        self.calls = dict.fromkeys(self.ENGINES, 0)
+
+
+def expected_engines(model_kind: str, paths: str, *, gradients: bool = True) -> set[str]:
+    """What :class:`PathSpy` must see for a model of ``model_kind`` (see :func:`make_model`) under ``paths``;
+    ``gradients``: the run takes inner-loop gradients (not only forward passes)."""
+    if model_kind == "vmap" or paths == "vmap":
+        return {"_vmap_forward"}
+    if paths == "autograd" or not gradients:
+        return {"chain_forward"}
+    return {"chain_forward", "chain_gradients"}
+
+
+@pytest.fixture
+def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
+    return PathSpy(monkeypatch)
+
+
+@pytest.fixture(params=list(PATHS))
+def paths(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each speed-path setting of :data:`PATHS`; the test runs inside it."""
+    with speed_paths(**PATHS[str(request.param)]):
+        yield str(request.param)

@@ -14,15 +14,25 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-import mtml.meta.functional as functional
 from mtml.config import Config
 from mtml.datasets._fashion import DEFAULT_ROOT
 from mtml.errors import ConfigError
-from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, batched_forward, meta_parameters, meta_step, task_gradients
-from mtml.meta.conv import conv_chain, conv_forward
+from mtml.meta import (
+    ALGORITHMS,
+    Episode,
+    MetaAlgorithm,
+    batched_forward,
+    meta_parameters,
+    meta_step,
+    speed_paths,
+    task_gradients,
+)
+from mtml.meta._conv import conv_chain, conv_forward
 from mtml.nn import Conv4, MultiTaskModel, build_backbone, feature_dim
 from mtml.sampling import few_shot_splits
 from mtml.workflows import build, train
+
+from .conftest import PathSpy
 
 torch.set_num_threads(1)
 
@@ -101,9 +111,7 @@ def test_conv4_is_recognised_and_other_convolutions_are_not() -> None:
 
 
 # -- oracles: grouped convolution == vmap(functional_call), float64 ---------------------------------------------
-def _vmap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From here on (in this test) ``batched_forward`` takes the general ``vmap(functional_call)`` path."""
-    monkeypatch.setattr(functional, "conv_chain", lambda module: None)
+VMAP = {"grouped_conv": False}  # the general vmap(functional_call) path
 
 
 def _per_task(params: Mapping[str, Tensor], tasks: int, scale: float = 0.05) -> dict[str, Tensor]:
@@ -114,7 +122,7 @@ def _per_task(params: Mapping[str, Tensor], tasks: int, scale: float = 0.05) -> 
 
 @pytest.mark.parametrize("norm", ["group", "layer", "none"])
 @pytest.mark.parametrize("which", ["all", "trunk", "heads", "norms"])
-def test_grouped_forward_equals_vmap(norm: str, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_forward_equals_vmap(norm: str, which: str, path_spy: PathSpy) -> None:
     net = model(norm=norm, dtype=torch.float64)
     params = dict(net.named_parameters())
     pick = {"all": lambda n: True, "trunk": lambda n: n.startswith("trunk."),
@@ -127,18 +135,24 @@ def test_grouped_forward_equals_vmap(norm: str, which: str, monkeypatch: pytest.
     assert chain is not None
     grouped = conv_forward(chain, {**shared, **fast}, x)
     assert torch.equal(batched_forward(net, shared, fast, x), grouped)
-    _vmap(monkeypatch)
-    torch.testing.assert_close(grouped, batched_forward(net, shared, fast, x), rtol=0, atol=1e-10)
+    assert path_spy.ran() == {"conv_forward"}
+    path_spy.reset()
+    with speed_paths(**VMAP):
+        torch.testing.assert_close(grouped, batched_forward(net, shared, fast, x), rtol=0, atol=1e-10)
+    assert path_spy.ran() == {"_vmap_forward"}
 
 
-def test_grouped_task_gradients_equal_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_task_gradients_equal_vmap(path_spy: PathSpy) -> None:
     net = model(dtype=torch.float64)
     params = dict(net.named_parameters())
     fast = _per_task(params, 3)
     support = episode(tasks=3, shots=2, dtype=torch.float64).support
     grouped = task_gradients(net, {}, fast, support)
-    _vmap(monkeypatch)
-    reference = task_gradients(net, {}, fast, support)
+    assert path_spy.ran() == {"conv_forward"}
+    path_spy.reset()
+    with speed_paths(**VMAP):
+        reference = task_gradients(net, {}, fast, support)
+    assert path_spy.ran() == {"_vmap_forward"}
     for n in fast:
         assert grouped[n].shape == (3, *params[n].shape)
         torch.testing.assert_close(grouped[n], reference[n], rtol=0, atol=1e-8)
@@ -158,13 +172,16 @@ def _meta_gradient(algorithm: MetaAlgorithm, net: nn.Module, ep: Episode) -> dic
     ("anil", {}), ("reptile", {"inner_steps": 2}),
 ])
 def test_second_order_meta_gradient_grouped_equals_vmap(name: str, options: dict[str, Any],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        path_spy: PathSpy) -> None:
     net = model(dtype=torch.float64)
     algorithm = ALGORITHMS.create(name, net, inner_lr=0.3, **options).double()
     ep = episode(tasks=3, shots=1, query=2, dtype=torch.float64)
     grouped = _meta_gradient(algorithm, net, ep)
-    _vmap(monkeypatch)
-    reference = _meta_gradient(algorithm, net, ep)
+    assert path_spy.ran() == {"conv_forward"}
+    path_spy.reset()
+    with speed_paths(**VMAP):  # the same algorithm object: its cached plan follows the switch
+        reference = _meta_gradient(algorithm, net, ep)
+    assert path_spy.ran() == {"_vmap_forward"}
     assert grouped.keys() == reference.keys() and grouped
     for n, g in grouped.items():
         torch.testing.assert_close(g, reference[n], rtol=0, atol=1e-6, msg=f"{name}: meta-gradient of {n}")

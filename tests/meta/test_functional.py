@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mtml.meta import batched_forward, linear_chain, parameter_filter, task_gradients
-from mtml.meta.mlp import Linear
+from mtml.meta._mlp import Linear
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split
 

@@ -14,9 +14,8 @@ from torch.func import functional_call
 
 from mtml.meta import ALGORITHMS, Episode, MetaAlgorithm, MetaSGD
 from mtml.nn import MultiTaskModel
-from mtml.tasks import Split
 
-from .conftest import make_episode, make_model
+from .conftest import PathSpy, expected_engines, make_episode, make_model
 
 TOL = dict(rtol=1e-5, atol=1e-7)
 GRADIENT_BASED = ["maml", "fomaml", "anil", "boil", "metasgd"]
@@ -128,58 +127,43 @@ def assert_same_objective(algorithm: MetaAlgorithm, model: nn.Module, episode: E
 
 @pytest.mark.parametrize("name", GRADIENT_BASED)
 @pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("factored", [False, True], ids=["stacked", "factored"])
-def test_gradient_based_equals_loop(name: str, steps: int, factored: bool, model_kind: str,
-                                    episode_kind: str) -> None:
+def test_gradient_based_equals_loop(name: str, steps: int, paths: str, model_kind: str, episode_kind: str,
+                                    path_spy: PathSpy) -> None:
     model = make_model(model_kind)
     episode = make_episode(episode_kind)
     algorithm = ALGORITHMS.create(name, model, inner_lr=0.3, inner_steps=steps).double()
-    algorithm.factored_rank = 10**6 if factored else 0  # type: ignore[attr-defined]
     spec = {"anil": "heads", "boil": "trunk"}.get(name, "all")
     assert_same_objective(algorithm, model, episode, loop_maml(algorithm, model, episode, spec))
+    assert path_spy.ran() == expected_engines(model_kind, paths)
 
 
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("which", ["biases", "weights", "middle"])
-def test_factored_inner_loop_with_partial_adaptation_equals_loop(which: str, steps: int, episode_kind: str) -> None:
+def test_partial_adaptation_equals_loop(which: str, steps: int, paths: str, episode_kind: str,
+                                        path_spy: PathSpy) -> None:
     """Layers whose bias adapts but not their weight, weights without their biases, a fast layer between shared
-    ones: every case of the factored form against the textbook loop."""
+    ones: the hand-derived backward pass stops and skips where it should."""
     model = make_model("mlp")
     episode = make_episode(episode_kind)
     keep = {"biases": lambda n: n.endswith("bias"), "weights": lambda n: n.endswith("weight"),
             "middle": lambda n: n.startswith("2.")}[which]
-    for factored in (0, 10**6):
-        algorithm = ALGORITHMS.create("maml", model, inner_lr=0.3, inner_steps=steps, adapt=keep)
-        algorithm.factored_rank = factored  # type: ignore[attr-defined]
-        names = [n for n, _ in model.named_parameters() if keep(n)]
-        losses = []
-        for t in range(episode.num_tasks):
-            params = loop_inner(model, episode.support.x[t], episode.support.y[t], names, lambda n: 0.3, steps,
-                                second_order=True)
-            losses.append(loss_of(call(model, params, episode.query.x[t]), episode.query.y[t]))
-        assert_same_objective(algorithm, model, episode, torch.stack(losses).mean())
-
-
-def test_factored_path_is_taken_by_default_for_one_step_on_a_wide_mlp() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).double()
-    episode = Episode(*(Split(torch.randn(5, 10, 1, dtype=torch.float64), torch.randn(5, 10, 1, dtype=torch.float64))
-                        for _ in range(2)))
-    one, five = (ALGORITHMS.create("maml", model, inner_lr=0.01, inner_steps=s) for s in (1, 5))
-    names = one._prepare(model)[2]  # type: ignore[attr-defined]
-    assert one._factored(names, episode.support)  # type: ignore[attr-defined]
-    assert not five._factored(names, episode.support)  # type: ignore[attr-defined]
-    assert_same_objective(one, model, episode, loop_maml(one, model, episode, "all"))
+    algorithm = ALGORITHMS.create("maml", model, inner_lr=0.3, inner_steps=steps, adapt=keep)
+    names = [n for n, _ in model.named_parameters() if keep(n)]
+    losses = []
+    for t in range(episode.num_tasks):
+        params = loop_inner(model, episode.support.x[t], episode.support.y[t], names, lambda n: 0.3, steps,
+                            second_order=True)
+        losses.append(loss_of(call(model, params, episode.query.x[t]), episode.query.y[t]))
+    assert_same_objective(algorithm, model, episode, torch.stack(losses).mean())
+    assert path_spy.ran() == expected_engines("mlp", paths)
 
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "anil"])
-@pytest.mark.parametrize("factored", [0, 10**6], ids=["stacked", "factored"])
-def test_zero_head_equals_loop_from_a_zeroed_head(name: str, factored: int, model_kind: str,
-                                                 episode_kind: str) -> None:
+def test_zero_head_equals_loop_from_a_zeroed_head(name: str, paths: str, model_kind: str,
+                                                 episode_kind: str, path_spy: PathSpy) -> None:
     model = make_model(model_kind)
     episode = make_episode(episode_kind)
     algorithm = ALGORITHMS.create(name, model, inner_lr=0.3, inner_steps=2, zero_head=True)
-    algorithm.factored_rank = factored  # type: ignore[attr-defined]
     zeroed = copy.deepcopy(model)
     head = adapted_names(zeroed, "heads")
     with torch.no_grad():
@@ -189,6 +173,7 @@ def test_zero_head_equals_loop_from_a_zeroed_head(name: str, factored: int, mode
     spec = "heads" if name == "anil" else "all"
     reference = loop_maml(algorithm, zeroed, episode, spec)
     ours = algorithm.meta_objective(model, episode).objective
+    assert path_spy.ran() == expected_engines(model_kind, paths)
     torch.testing.assert_close(ours, reference, **TOL)
     trunk = [n for n, _ in model.named_parameters() if n not in head]
     mine = dict(zip(trunk, torch.autograd.grad(ours, [dict(model.named_parameters())[n] for n in trunk]),
@@ -204,7 +189,7 @@ def test_zero_head_equals_loop_from_a_zeroed_head(name: str, factored: int, mode
     torch.testing.assert_close(before, expected, **TOL)
 
 
-def test_metasgd_learned_rates_equal_loop(model_kind: str) -> None:
+def test_metasgd_learned_rates_equal_loop(paths: str, model_kind: str, path_spy: PathSpy) -> None:
     model = make_model(model_kind)
     episode = make_episode("regression")
     algorithm = MetaSGD(model, inner_lr=0.2, inner_steps=2).double()
@@ -212,6 +197,7 @@ def test_metasgd_learned_rates_equal_loop(model_kind: str) -> None:
         for rate in algorithm.rates.values():
             rate.uniform_(0.05, 0.4)
     assert_same_objective(algorithm, model, episode, loop_maml(algorithm, model, episode, "all"))
+    assert path_spy.ran() == expected_engines(model_kind, paths)
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -250,7 +236,8 @@ def test_ridge_equals_loop(shots: int, model_kind: str, episode_kind: str) -> No
 
 
 @pytest.mark.parametrize("name", [*GRADIENT_BASED, "reptile"])
-def test_evaluate_equals_loop_at_every_step(name: str, model_kind: str, episode_kind: str) -> None:
+def test_evaluate_equals_loop_at_every_step(name: str, paths: str, model_kind: str, episode_kind: str,
+                                            path_spy: PathSpy) -> None:
     model = make_model(model_kind)
     episode = make_episode(episode_kind)
     algorithm = ALGORITHMS.create(name, model, inner_lr=0.3, inner_steps=1, test_inner_steps=4).double()
@@ -270,6 +257,7 @@ def test_evaluate_equals_loop_at_every_step(name: str, model_kind: str, episode_
                                 second_order=False, detach=True)
             want.append(loss_of(call(model, params, episode.query.x[t]), episode.query.y[t]))
         torch.testing.assert_close(got["loss"], torch.stack(want).detach(), **TOL)
+    assert path_spy.ran() == expected_engines(model_kind, paths)
 
 
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient(model_kind: str) -> None:

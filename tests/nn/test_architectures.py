@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtml.datasets  # noqa: F401  (the data layer registers architectures that load files: minilm)
-from mtml.engine.joint import joint_step, task_losses
+from mtml.engine._joint import joint_step, task_losses
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.nn import ARCHITECTURES, build_model
 from mtml.nn._architectures import CrossStitchTrunk

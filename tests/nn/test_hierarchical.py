@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtml.engine.joint import evaluate, task_losses
+from mtml.engine._joint import evaluate, task_losses
 from mtml.errors import ConfigError
 from mtml.nn._hierarchical import HierarchicalModel
 from mtml.tasks import Split, Task

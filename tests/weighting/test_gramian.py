@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtml.engine.joint import joint_step, task_losses
+from mtml.engine._joint import joint_step, task_losses
 from mtml.errors import ConfigError
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split, Task, TaskKind

@@ -79,7 +79,7 @@ def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume:
 
 def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, quiet: bool,
                   nproc: int, timeout: float | None, seeds: str | None = None) -> None:
-    """``--nproc N``: start N local ranks of the same command (see :mod:`mtml.engine.dist_launch`)."""
+    """``--nproc N``: start N local ranks of the same command (see :func:`mtml.engine.launch`)."""
     from mtml.config import load_config
     from mtml.engine import Run
     from mtml.workflows import default_run_dir
@@ -101,10 +101,10 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
 
 def start_ranks(args: list[str], nproc: int, timeout: float | None, run_dir: Path | None = None, *,
                 trains: bool = True) -> None:
-    """Run ``mtml <args>`` as ``nproc`` local ranks (see :mod:`mtml.engine.dist_launch`); ``trains``: the
+    """Run ``mtml <args>`` as ``nproc`` local ranks (see :func:`mtml.engine.launch`); ``trains``: the
     workers build ``torch.optim`` optimisers, whose imports the launcher then makes once for all of them."""
     from mtml.cli._app import main
-    from mtml.engine.dist_launch import OPTIMIZER_IMPORTS, launch
+    from mtml.engine import OPTIMIZER_IMPORTS, launch
 
     _check_launch(timeout)
     launch(args, nproc, run_dir=run_dir, timeout=timeout, entry=main, preload=OPTIMIZER_IMPORTS if trains else ())

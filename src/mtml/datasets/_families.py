@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mtml.errors import ConfigError
-from mtml.meta.episode import EpisodeSampler
+from mtml.meta import EpisodeSampler
 from mtml.sampling import SinusoidTasks, few_shot_splits
 
 __all__ = ["EpisodeSource", "gaussian_classes", "sinusoid"]

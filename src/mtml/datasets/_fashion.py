@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.datasets._families import EpisodeSource
 from mtml.datasets._images import ToFloat, check_flatten
 from mtml.errors import ConfigError, DataError
-from mtml.meta.base import check_int
 from mtml.sampling import FewShotClassification
 from mtml.tasks import Split, Task, TaskKind
 

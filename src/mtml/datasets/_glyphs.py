@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.datasets._glyphs_augment import GlyphAugment, augment
 from mtml.datasets._glyphs_cache import cache_dir_for, cache_key, read_entry, write_entry
 from mtml.datasets._glyphs_fonts import FontInfo, alphabet_letters, discover_fonts
 from mtml.datasets._glyphs_render import Prototypes, render_alphabets
 from mtml.errors import ConfigError
-from mtml.meta.base import check_int
 
 __all__ = ["STYLES", "GlyphAugment", "GlyphSet", "load_glyphs"]
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.datasets._families import EpisodeSource
 from mtml.datasets._glyphs import GlyphSet, load_glyphs
 from mtml.errors import ConfigError
-from mtml.meta.base import check_int
-from mtml.meta.episode import EpisodeSampler
+from mtml.meta import EpisodeSampler
 from mtml.sampling import FewShotClassification, split_groups
 
 __all__ = ["glyph_splits", "glyphs", "pixel_nn_accuracy"]

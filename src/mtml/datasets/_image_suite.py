@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.datasets._faces import lfw_faces
 from mtml.datasets._fashion import fashion
 from mtml.datasets._glyphs import STYLES, load_glyphs
 from mtml.datasets._images import check_flatten
 from mtml.datasets._util import split_indices
 from mtml.errors import ConfigError, DataError
-from mtml.meta.base import check_int
 from mtml.tasks import Split, Task, TaskKind
 
 __all__ = ["DEFAULT_ALPHABETS", "FONT_STYLES", "images"]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtml._checks import check_int
 from mtml.errors import ConfigError, DataError
-from mtml.meta.base import check_int
 from mtml.sampling import FewShotClassification
 
 __all__ = ["IMAGE_SUFFIXES", "Progress", "ToFloat", "check_classes", "check_flatten", "check_reader_options",

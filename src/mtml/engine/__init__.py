@@ -1,15 +1,50 @@
 """The engine: step functions, the fit loop, checkpoints and run directories."""
 
-from mtml.engine.checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
-from mtml.engine.dist_steps import sharded_joint_step, sharded_meta_step
-from mtml.engine.distributed import DistributedError, map_ranks
-from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
-from mtml.engine.joint import TaskBatcher, evaluate, joint_step, objective, predict
-from mtml.engine.run import Run
-from mtml.engine.trainer import TrainResult, make_optimizer, train_multitask
+from mtml.engine._checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from mtml.engine._dist_launch import OPTIMIZER_IMPORTS, launch
+from mtml.engine._dist_steps import sharded_joint_step, sharded_meta_step
+from mtml.engine._distributed import (
+    DistributedError,
+    broadcast_from_main,
+    is_distributed,
+    is_main,
+    local_device,
+    map_ranks,
+    session,
+)
+from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
+from mtml.engine._joint import TaskBatcher, evaluate, joint_step, objective, predict
+from mtml.engine._run import Run
+from mtml.engine._trainer import TrainResult, check_stop_per_task, make_optimizer, train_multitask
 
 __all__ = [
-    "Checkpoint", "DistributedError", "FitResult", "ProgressHook", "Run", "StopRule", "TaskBatcher", "TrainResult",
-    "evaluate", "fit", "joint_step", "load_checkpoint", "make_optimizer", "map_ranks", "objective", "predict",
-    "restore", "save_checkpoint", "sharded_joint_step", "sharded_meta_step", "train_multitask",
+    "OPTIMIZER_IMPORTS",
+    "Checkpoint",
+    "DistributedError",
+    "FitResult",
+    "ProgressHook",
+    "Run",
+    "StopRule",
+    "TaskBatcher",
+    "TrainResult",
+    "broadcast_from_main",
+    "check_stop_per_task",
+    "evaluate",
+    "fit",
+    "is_distributed",
+    "is_main",
+    "joint_step",
+    "launch",
+    "load_checkpoint",
+    "local_device",
+    "make_optimizer",
+    "map_ranks",
+    "objective",
+    "predict",
+    "restore",
+    "save_checkpoint",
+    "session",
+    "sharded_joint_step",
+    "sharded_meta_step",
+    "train_multitask",
 ]

@@ -9,18 +9,19 @@ Every algorithm is built the same way, from the model it meta-learns and keyword
     meta_evaluate(algorithm, model, test_sampler, num_tasks=600, generator=generator)
 """
 
-from mtml.meta.anil import anil
-from mtml.meta.base import MetaAlgorithm, MetaOutput
-from mtml.meta.boil import boil
-from mtml.meta.episode import Episode, EpisodeSampler, episode_losses, task_accuracy
-from mtml.meta.functional import batched_forward, embed, parameter_filter, task_gradients
-from mtml.meta.maml import MAML, fomaml
-from mtml.meta.metasgd import MetaSGD
-from mtml.meta.mlp import linear_chain
-from mtml.meta.protonet import ProtoNet
-from mtml.meta.r2d2 import R2D2, ridge_solve
-from mtml.meta.reptile import Reptile
-from mtml.meta.steps import mean_ci, meta_evaluate, meta_parameters, meta_step
+from mtml.meta._anil import anil
+from mtml.meta._base import MetaAlgorithm, MetaOutput
+from mtml.meta._boil import boil
+from mtml.meta._episode import Episode, EpisodeSampler, episode_losses, task_accuracy
+from mtml.meta._functional import batched_forward, embed, parameter_filter, task_gradients
+from mtml.meta._maml import MAML, fomaml
+from mtml.meta._metasgd import MetaSGD
+from mtml.meta._mlp import linear_chain
+from mtml.meta._paths import SpeedPaths, current_paths, speed_paths
+from mtml.meta._protonet import ProtoNet
+from mtml.meta._r2d2 import R2D2, ridge_solve
+from mtml.meta._reptile import Reptile
+from mtml.meta._steps import mean_ci, meta_evaluate, meta_parameters, meta_step
 from mtml.registry import Registry
 
 ALGORITHMS: Registry[MetaAlgorithm] = Registry("algorithm")
@@ -44,9 +45,11 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "Reptile",
+    "SpeedPaths",
     "anil",
     "batched_forward",
     "boil",
+    "current_paths",
     "embed",
     "episode_losses",
     "fomaml",
@@ -57,6 +60,7 @@ __all__ = [
     "meta_step",
     "parameter_filter",
     "ridge_solve",
+    "speed_paths",
     "task_accuracy",
     "task_gradients",
 ]

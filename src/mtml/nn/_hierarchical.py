@@ -127,8 +127,8 @@ class _Slot(nn.Module):
 
 class HierarchicalModel(MultiTaskModel):
     """``MultiTaskModel`` whose heads are one :class:`HierarchicalHeads`: trained by the marginal likelihood
-    (:meth:`training_losses`, what :func:`mtml.engine.joint.task_losses` calls), predicting with the BLUPs that
-    :meth:`refit` computes from the tasks' training rows (what :func:`mtml.engine.joint.evaluate` calls first).
+    (:meth:`training_losses`, what :func:`mtml.engine._joint.task_losses` calls), predicting with the BLUPs that
+    :meth:`refit` computes from the tasks' training rows (what :func:`mtml.engine._joint.evaluate` calls first).
     """
 
     def __init__(self, trunk: nn.Module, tasks: Sequence[Task], d: int, *, random: Sequence[int] | None = None,

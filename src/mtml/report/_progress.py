@@ -1,4 +1,4 @@
-"""A rich progress bar for :func:`mtml.engine.fit`: step, loss, per-task losses, best validation, ETA."""
+"""A rich progress bar for :func:`mtml.engine._fit`: step, loss, per-task losses, best validation, ETA."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from mtml.tasks import Task
 
 __all__ = ["AffinityAccumulator", "TagRecorder", "lookahead_affinity", "negative_transfer"]
 
-Batch = Mapping[str, tuple[Tensor, ...]]  # (x, y) or (x, y, mask), as mtml.engine.joint's batches
+Batch = Mapping[str, tuple[Tensor, ...]]  # (x, y) or (x, y, mask), as mtml.engine._joint's batches
 
 
 class _ManyLosses(nn.Module):

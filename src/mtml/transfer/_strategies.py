@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtml._checks import check_int, check_positive
 from mtml.errors import ConfigError, DivergedError
 from mtml.meta import MetaAlgorithm
-from mtml.meta.base import check_int, check_positive
 from mtml.nn import HierarchicalHeads, HierarchicalModel
 from mtml.registry import Registry
 from mtml.tasks import Split, Task, TaskKind

@@ -114,7 +114,7 @@ class GramianTape:
     """Records, during the forward pass, what the chosen Gramian backend needs; then computes the Gramian and,
     for the layer-wise backends, the weighted gradient of the shared layers without a second trunk backward.
 
-    Usage (what :func:`~mtml.engine.joint.joint_step` does)::
+    Usage (what :func:`~mtml.engine._joint.joint_step` does)::
 
         tape = GramianTape(model, "auto")
         with tape:

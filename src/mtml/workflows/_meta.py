@@ -1,4 +1,4 @@
-"""Meta-learning runs: a built config (task family, one-head model, algorithm) → :func:`~mtml.engine.fit`,
+"""Meta-learning runs: a built config (task family, one-head model, algorithm) → :func:`~mtml.engine._fit`,
 with meta-validation for early stopping and the meta-test protocol at the end."""
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from typing import Any
 import torch
 
 from mtml.datasets import EpisodeSource
-from mtml.engine import FitResult, ProgressHook, Run, fit, make_optimizer
-from mtml.engine.dist_steps import sharded_meta_step
-from mtml.engine.distributed import map_ranks
+from mtml.engine import FitResult, ProgressHook, Run, fit, make_optimizer, map_ranks, sharded_meta_step
 from mtml.meta import Episode, MetaAlgorithm, meta_evaluate, meta_parameters
 from mtml.workflows._build import Built, stop_rule
 

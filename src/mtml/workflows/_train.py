@@ -12,9 +12,21 @@ from typing import Any
 import torch
 
 from mtml.config import Config
-from mtml.engine import ProgressHook, Run, TrainResult, evaluate, load_checkpoint, restore, train_multitask
-from mtml.engine.distributed import broadcast_from_main, is_main, local_device, map_ranks, session
-from mtml.engine.trainer import check_stop_per_task
+from mtml.engine import (
+    ProgressHook,
+    Run,
+    TrainResult,
+    broadcast_from_main,
+    check_stop_per_task,
+    evaluate,
+    is_main,
+    load_checkpoint,
+    local_device,
+    map_ranks,
+    restore,
+    session,
+    train_multitask,
+)
 from mtml.errors import ConfigError
 from mtml.report import plot_learning_curves
 from mtml.workflows._build import Built, build, default_run_dir, read_config, resolve_device, seeded, stop_rule

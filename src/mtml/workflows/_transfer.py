@@ -22,7 +22,7 @@ import torch
 
 from mtml.atomic import atomic_write_text, is_free_dir
 from mtml.config import Config, load_config
-from mtml.engine.distributed import broadcast_from_main, is_distributed, is_main, map_ranks, session
+from mtml.engine import broadcast_from_main, is_distributed, is_main, map_ranks, session
 from mtml.errors import ConfigError, RunExistsError
 from mtml.meta import mean_ci
 from mtml.nn import HierarchicalModel
@@ -164,7 +164,7 @@ def transfer(
     """Evaluate transfer strategies from ``source_run`` to the tasks of ``target_config``.
 
     Started by ``torchrun`` (or ``mtml transfer --nproc N``), the draws (``sizes × repeats``, every strategy
-    on each) are spread over the ranks with :func:`~mtml.engine.distributed.map_ranks`; the result is the
+    on each) are spread over the ranks with :func:`~mtml.engine._distributed.map_ranks`; the result is the
     one a single process computes, every rank returns it and rank 0 writes ``out``.
 
     Args:

@@ -7,7 +7,7 @@ are unchanged. The group is started from the environment ``torchrun`` (or ``mtml
 after ``MTML_DIST_TIMEOUT`` seconds (default 120) instead of PyTorch's 30 minutes.
 
 Tensors are summed with the process group's own all-reduce. ``MTML_DIST_REDUCE=shm`` opts CPU ranks of one
-Linux machine into a shared-memory all-reduce (:mod:`mtml.engine.shm_reduce`) instead of gloo's loopback
+Linux machine into a shared-memory all-reduce (:mod:`mtml.engine._shm_reduce`) instead of gloo's loopback
 sockets, whose fixed ~1.2 ms per call is as long as a small model's whole step; ``process-group`` (the
 default) always uses gloo/NCCL. Rank 0's setting applies to every rank.
 """
@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mtml.engine.shm_reduce import MismatchError, SharedReducer, problem_here
+from mtml.engine._shm_reduce import MismatchError, SharedReducer, problem_here
 from mtml.errors import ConfigError, MtmlError
 
 __all__ = [

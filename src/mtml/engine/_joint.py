@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtml.engine.distributed import map_ranks
+from mtml.engine._distributed import map_ranks
 from mtml.errors import ConfigError
 from mtml.groups import TaskGroup, task_groups
 from mtml.nn import MultiTaskModel

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtml.meta.maml import MAML
+from mtml.meta._maml import MAML
 
 __all__ = ["anil"]
 

@@ -5,9 +5,9 @@ parameter is either still tied across tasks (its own shape, as at the start of a
 ``[tasks, *shape]``. :func:`batched_forward` maps ``x: [tasks, n, *input]`` to ``[tasks, n, *output]`` and
 :func:`task_gradients` gives each task's gradient of its own loss. Two engines compute them:
 
-- the **speed path** (:mod:`mtml.meta.mlp`): MLP chains run as batched matrix products on the stacked
+- the **speed path** (:mod:`mtml.meta._mlp`): MLP chains run as batched matrix products on the stacked
   weights and are differentiated by hand — no ``vmap``, no ``autograd.grad``;
-- the **grouped-convolution path** (:mod:`mtml.meta.conv`): Conv-4-like chains on images ``[tasks, n, C, H, W]``
+- the **grouped-convolution path** (:mod:`mtml.meta._conv`): Conv-4-like chains on images ``[tasks, n, C, H, W]``
   fold the tasks into the channels and run each convolution with per-task weights as one grouped ``conv2d``;
   autograd differentiates it;
 - the **general path**: any other module runs through ``torch.func.vmap`` over
@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
-from mtml.meta.conv import ConvChain, conv_chain, conv_forward
-from mtml.meta.episode import episode_losses
-from mtml.meta.mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
+from mtml.meta._conv import ConvChain, conv_chain, conv_forward
+from mtml.meta._episode import episode_losses
+from mtml.meta._mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
+from mtml.meta._paths import current_paths
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Split
 
@@ -49,9 +50,11 @@ Plan = list[Layer] | ConvChain | None
 
 
 def model_plan(model: nn.Module) -> Plan:
-    """The speed path ``model`` allows (see :data:`Plan`). Reading the model costs a walk of its modules, so
-    algorithms compute the plan once per model and pass it as ``chain``."""
-    return linear_chain(model) or conv_chain(model)
+    """The speed path ``model`` allows and the switches (:func:`~mtml.meta.speed_paths`) leave on (see
+    :data:`Plan`). Reading the model costs a walk of its modules, so algorithms compute the plan once per model
+    and pass it as ``chain``."""
+    paths = current_paths()
+    return (linear_chain(model) if paths.mlp_chain else None) or (conv_chain(model) if paths.grouped_conv else None)
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -89,7 +92,8 @@ def batched_forward(
     if isinstance(chain, list) and x.ndim == 3:
         return chain_forward(chain, {**shared, **fast}, x)
     if x.ndim == 5:
-        convs = chain if isinstance(chain, ConvChain) else conv_chain(model) if chain is None else None
+        convs = (chain if isinstance(chain, ConvChain) else
+                 conv_chain(model) if chain is None and current_paths().grouped_conv else None)
         if convs is not None:
             return conv_forward(convs, {**shared, **fast}, x)
     return _vmap_forward(model, shared, fast, x)
@@ -109,7 +113,8 @@ def task_gradients(
     With ``create_graph`` the gradients are differentiable (second-order meta-gradients); otherwise they are
     detached. The speed path is used when ``chain`` is given and can be differentiated by hand.
     """
-    if isinstance(chain, list) and support.x.ndim == 3 and supports_gradients(chain):
+    if (isinstance(chain, list) and support.x.ndim == 3 and supports_gradients(chain)
+            and current_paths().hand_gradients):
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             return chain_gradients(chain, {**shared, **fast}, list(fast), support.x, support.y)
     tasks = support.x.shape[0]

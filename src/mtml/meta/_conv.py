@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtml.meta.mlp import Activation, Layer, Linear, _activation, chain_forward, linear_chain, single_head
+from mtml.meta._mlp import Activation, Layer, Linear, _activation, chain_forward, linear_chain, single_head
 from mtml.nn import MultiTaskModel
 
 __all__ = ["Conv", "ConvChain", "Flatten", "Norm", "Pool", "conv_chain", "conv_forward"]
@@ -114,7 +114,7 @@ _Item = Step | Flatten | tuple[str, nn.Module]
 
 def _walk(module: nn.Module, prefix: str, out: list[_Item]) -> bool:
     """Flatten ``module`` into ``out``: image steps, a :class:`Flatten`, then ``(prefix, module)`` of the MLP
-    part (which :func:`~mtml.meta.mlp.linear_chain` flattens)."""
+    part (which :func:`~mtml.meta._mlp.linear_chain` flattens)."""
     if any(isinstance(s, Flatten) for s in out):  # after the flatten: the rest must be an MLP chain
         out.append((prefix, module))
         return True

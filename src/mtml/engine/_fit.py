@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mtml.engine.checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
-from mtml.engine.distributed import broadcast_from_main, fault_point, is_main
-from mtml.engine.run import Run
+from mtml.engine._checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from mtml.engine._distributed import broadcast_from_main, fault_point, is_main
+from mtml.engine._run import Run
 from mtml.errors import CheckpointError, ConfigError, DivergedError
 
 __all__ = ["FitResult", "ProgressHook", "StopRule", "fit"]

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
-from mtml.meta.base import MetaAlgorithm
-from mtml.meta.episode import Episode
-from mtml.meta.functional import embed
+from mtml.meta._base import MetaAlgorithm
+from mtml.meta._episode import Episode
+from mtml.meta._functional import embed
 from mtml.tasks import Split
 
 __all__ = ["ProtoNet", "class_means"]

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mtml._checks import check_int, check_positive
 from mtml.errors import ConfigError
-from mtml.meta.base import MetaAlgorithm, MetaOutput, Scores, check_int, check_positive
-from mtml.meta.episode import Episode, episode_losses, mean_task_loss
-from mtml.meta.functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
-from mtml.meta.mlp import Linear, lowrank_adapt, lowrank_forward, supports_gradients
+from mtml.meta._base import MetaAlgorithm, MetaOutput, Scores
+from mtml.meta._episode import Episode, episode_losses, mean_task_loss
+from mtml.meta._functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
+from mtml.meta._paths import current_paths
 from mtml.tasks import Split
 
 __all__ = ["MAML", "fomaml"]
@@ -30,15 +31,6 @@ class _ModelPlan(NamedTuple):
     chain: Plan  # the speed path (MLP chain, conv chain or None)
     names: list[str]  # the adapted parameters
     zeroed: frozenset[str]  # the head parameters that start at zero (``zero_head``)
-    factor_width: int  # widest adapted Linear's smaller side if the chain factors (see ``_factored``), else 0
-
-
-def _factor_width(chain: Plan, params: Params, names: list[str]) -> int:
-    if not (isinstance(chain, list) and supports_gradients(chain)):
-        return 0
-    wanted = set(names)
-    return max((min(params[layer.weight].shape) for layer in chain
-                if isinstance(layer, Linear) and layer.weight in wanted), default=0)
 
 
 class MAML(MetaAlgorithm):
@@ -48,7 +40,7 @@ class MAML(MetaAlgorithm):
     support loss, ``φₜ ← φₜ − α ∇L(φₜ; supportₜ)`` for ``inner_steps`` steps starting at ``θ``; the outer loss
     is the mean query loss at ``φₜ``, differentiated back to ``θ`` through the inner loop (second order) or,
     with ``first_order=True``, treating the inner gradients as constants. All tasks adapt at once: their
-    parameters are stacked ``[tasks, *shape]`` and run through :func:`~mtml.meta.functional.batched_forward`
+    parameters are stacked ``[tasks, *shape]`` and run through :func:`~mtml.meta._functional.batched_forward`
     (batched matrix products for MLPs, ``torch.func.vmap`` otherwise); one ``autograd.grad`` of the summed
     support losses gives every task its own gradient because tasks do not share adapted parameters.
 
@@ -73,9 +65,6 @@ class MAML(MetaAlgorithm):
     """
 
     uses_inner_steps = True
-    #: the largest inner-loop update rank (steps × support rows) to run in factored form (``None``: the
-    #: measured default rule of :meth:`_factored`; ``0`` never)
-    factored_rank: int | None = None
 
     def __init__(
         self,
@@ -107,17 +96,17 @@ class MAML(MetaAlgorithm):
         self.zero_head = zero_head
         self.adapt_spec = adapt
         self._plan_key: tuple[object, ...] = ()
-        self._plan = _ModelPlan(None, [], frozenset(), 0)
+        self._plan = _ModelPlan(None, [], frozenset())
         self.fast_names(model)  # validates the filter now rather than at the first step
 
     def _prepare(self, model: nn.Module) -> tuple[Params, Plan, list[str]]:
         """The model's parameters, its MLP chain (or ``None``) and the adapted names, cached per model.
 
-        The cache key holds every parameter's name, identity and ``requires_grad``, so replacing or freezing
-        parameters rebuilds it.
+        The cache key holds every parameter's name, identity and ``requires_grad`` and the speed-path switches,
+        so replacing or freezing parameters, or switching a path off, rebuilds it.
         """
         params: Params = dict(model.named_parameters())
-        key = (id(model), *((n, id(p), p.requires_grad) for n, p in params.items()))
+        key = (id(model), current_paths(), *((n, id(p), p.requires_grad) for n, p in params.items()))
         if key != self._plan_key:
             keep = parameter_filter(model, self.adapt_spec)
             names = [n for n, p in params.items() if p.requires_grad and keep(n)]
@@ -135,7 +124,7 @@ class MAML(MetaAlgorithm):
                                       "'all' or 'heads', or drop zero_head.")
             chain = model_plan(model)
             self._plan_key = key
-            self._plan = _ModelPlan(chain, names, zeroed, _factor_width(chain, params, names))
+            self._plan = _ModelPlan(chain, names, zeroed)
         return params, self._plan.chain, self._plan.names
 
     def fast_names(self, model: nn.Module) -> list[str]:
@@ -214,39 +203,10 @@ class MAML(MetaAlgorithm):
         shared = {n: p for n, p in params.items() if n not in adapted}
         return batched_forward(model, shared, adapted, x, chain=chain)
 
-    def _factored(self, names: list[str], support: Split) -> bool:
-        """Whether the training inner loop runs in factored form (:class:`~mtml.meta.mlp.LowRank`).
-
-        It needs an MLP chain differentiable by hand, one scalar step size (not Meta-SGD's) and no
-        checkpointing; then it is used when the update rank (inner steps × support rows) is at most
-        :attr:`factored_rank`, by default at most 16 and half the widest adapted layer's smaller side. Measured
-        on the sinusoid MLP 1-40-40-1 with 25 tasks on one quiet core (median of 10 rounds of 100 meta-steps):
-        one step of 10 rows 1.70 → 1.52 ms, of 5 rows 1.88 → 1.56 ms, two steps of 5 rows 2.66 → 2.35 ms, one
-        step of 20 rows 1.90 → 1.83 ms, but two steps of 10 rows 2.76 → 2.94 ms (slower).
-        """
-        width = self._plan.factor_width  # read off the model once, in _prepare
-        if not width or support.x.ndim != 3 or self.checkpoint_inner:
-            return False
-        if any(isinstance(self.rate(n, True), Tensor) for n in names):
-            return False
-        rank = self.inner_steps * int(support.x.shape[1])
-        if self.factored_rank is not None:
-            return rank <= self.factored_rank
-        return rank <= min(16, width // 2)
-
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
-        params, chain, names = self._prepare(model)
-        if self._factored(names, episode.support):
-            assert isinstance(chain, list)
-            shared, fast = self._start(params, names, differentiable=True)
-            with torch.set_grad_enabled(not self.first_order and torch.is_grad_enabled()):
-                state = lowrank_adapt(chain, {**shared, **fast}, names, episode.support.x, episode.support.y,
-                                      lr=float(self.rate(names[0], True)), steps=self.inner_steps)
-            pred = lowrank_forward(chain, state, episode.query.x)
-        else:
-            shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
-            pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
+        pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
         with torch.no_grad():
             losses = episode_losses(pred, episode.query.y)
         return MetaOutput(mean_task_loss(pred, episode.query.y), losses, self._accuracy(pred, episode))

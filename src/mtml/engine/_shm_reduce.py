@@ -131,7 +131,7 @@ class SharedReducer:
     @classmethod
     def create(cls, world: int) -> tuple[SharedReducer, str, bytes]:
         """Rank 0: a new file in /dev/shm with its semaphores set up; returns the reducer, the file's path and
-        the token the others check. The caller unlinks the file (see :mod:`mtml.engine.distributed`)."""
+        the token the others check. The caller unlinks the file (see :mod:`mtml.engine._distributed`)."""
         problem = problem_here()
         if problem:
             raise OSError(problem)

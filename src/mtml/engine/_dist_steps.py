@@ -2,9 +2,9 @@
 all-reduced (summed) gradient equals the gradient of one process on the whole batch.
 
 Every rank draws the SAME global batch or episode from the shared seeded generator and keeps its slice
-(:func:`~mtml.engine.distributed.shard`). Its loss is scaled by its share of the batch, so summing gradients
+(:func:`~mtml.engine._distributed.shard`). Its loss is scaled by its share of the batch, so summing gradients
 over ranks gives the global mean gradient. Outside a process group both functions are the plain
-:func:`~mtml.engine.joint.joint_step` and :func:`~mtml.meta.meta_step`.
+:func:`~mtml.engine._joint.joint_step` and :func:`~mtml.meta.meta_step`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mtml.engine.distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
-from mtml.engine.joint import Batch, StepResult, joint_step, task_losses, unpack
+from mtml.engine._distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
+from mtml.engine._joint import Batch, StepResult, joint_step, task_losses, unpack
 from mtml.errors import ConfigError
 from mtml.meta import Episode, MetaAlgorithm, meta_step
 from mtml.nn import MultiTaskModel
@@ -116,7 +116,7 @@ def sharded_joint_step(
     *,
     gramian: str | None = None,
 ) -> StepResult:
-    """:func:`~mtml.engine.joint.joint_step` on the global ``batch``, split over the ranks.
+    """:func:`~mtml.engine._joint.joint_step` on the global ``batch``, split over the ranks.
 
     With at least as many tasks as ranks (and no rows shared by tasks), each rank takes whole tasks; otherwise
     each input's rows are split (a task group's rows once for the whole group), and as task losses are means over

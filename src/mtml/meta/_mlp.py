@@ -25,12 +25,9 @@ from mtml.nn import MultiTaskModel
 __all__ = [
     "Activation",
     "Linear",
-    "LowRank",
     "chain_forward",
     "chain_gradients",
     "linear_chain",
-    "lowrank_adapt",
-    "lowrank_forward",
     "single_head",
     "supports_gradients",
 ]
@@ -134,16 +131,10 @@ def chain_forward(chain: list[Layer], params: Mapping[str, Tensor], x: Tensor,
     Each parameter is shared (its own shape) or per task (``[tasks, *shape]``), told apart by its number of
     dimensions. ``trace`` (if given) collects every step's input and, last, the output.
     """
-    return _run(chain, x, lambda z, i, layer: _linear(z, layer, params), trace)
-
-
-def _run(chain: list[Layer], x: Tensor, linear: Callable[[Tensor, int, Linear], Tensor],
-         trace: list[Tensor] | None) -> Tensor:
-    """The chain on ``x`` with ``linear(x, index, layer)`` for its Linear steps (see :func:`chain_forward`)."""
-    for i, layer in enumerate(chain):
+    for layer in chain:
         if trace is not None:
             trace.append(x)
-        x = linear(x, i, layer) if isinstance(layer, Linear) else layer.forward(x)
+        x = _linear(x, layer, params) if isinstance(layer, Linear) else layer.forward(x)
     if trace is not None:
         trace.append(x)
     return x
@@ -189,94 +180,3 @@ def chain_gradients(chain: list[Layer], params: Mapping[str, Tensor], names: lis
             w = params[layer.weight]
             delta = torch.bmm(delta, w) if w.ndim == 3 else delta @ w
     return {name: grads[name] for name in names}
-
-
-# -- factored inner loop -------------------------------------------------------------------------------------
-@dataclass
-class LowRank:
-    """Every task's adapted chain, kept as the shared parameters plus the inner-loop updates in factored form.
-
-    An inner SGD step changes a ``Linear`` layer's weight by ``−lr·δᵀh`` per task, where ``h [rows, in]`` is
-    the layer's input and ``δ [rows, out]`` the gradient at its output, and its bias by ``−lr·Σ_rows δ``: a
-    rank-``rows`` update. After steps ``1..s`` from the shared ``θ``, task ``t``'s layer is
-    ``W_t = W − lr·Dₜᵀ Hₜ`` and ``b_t = b − lr·Dₜᵀ1`` with the steps' ``h`` and ``δ`` concatenated along rows
-    (``H [tasks, R, in]``, ``D [tasks, R, out]``, ``R = s·rows``). Applied to ``z [tasks, n, in]`` that is
-    ``F.linear(z, W, b) − lr·(z Hₜᵀ + 1) Dₜ``: one shared product plus two thin batched ones, and no per-task
-    ``[out, in]`` matrix is ever formed. When ``R`` is small next to the layer's width this takes fewer
-    operations, and fewer autograd nodes for the outer backward pass, than stacking ``[tasks, out, in]``
-    weights. Only a scalar step size factors this way (Meta-SGD's per-element rates do not).
-
-    Attributes:
-        params: every parameter of the chain at its starting value (shared shapes).
-        lr: the inner step size.
-        factors: chain index → ``(H, D)`` for each layer whose weight adapts.
-        with_bias: chain indices whose bias adapts along with the weight (the ``+ 1`` above).
-        biases: chain index → per-task bias ``[tasks, out]`` for layers whose bias adapts but weight does not.
-    """
-
-    params: Mapping[str, Tensor]
-    lr: float
-    factors: dict[int, tuple[Tensor, Tensor]]
-    with_bias: frozenset[int]
-    biases: dict[int, Tensor]
-
-
-def _lowrank_linear(x: Tensor, i: int, layer: Linear, state: LowRank) -> Tensor:
-    w = state.params[layer.weight]
-    b = None if layer.bias is None else state.params[layer.bias]
-    if i in state.factors:
-        h, d = state.factors[i]
-        k = (torch.baddbmm(x.new_ones((1, 1, 1)), x, h.transpose(1, 2)) if i in state.with_bias
-             else torch.bmm(x, h.transpose(1, 2)))
-        return torch.baddbmm(F.linear(x, w, b), k, d, alpha=-state.lr)
-    if i in state.biases:
-        return torch.baddbmm(state.biases[i].unsqueeze(1), x, w.t().expand(x.shape[0], -1, -1))
-    return F.linear(x, w, b)
-
-
-def lowrank_forward(chain: list[Layer], state: LowRank, x: Tensor, trace: list[Tensor] | None = None) -> Tensor:
-    """The adapted chain on ``x: [tasks, n, in]`` → ``[tasks, n, out]`` (``trace`` as in :func:`chain_forward`)."""
-    return _run(chain, x, lambda z, i, layer: _lowrank_linear(z, i, layer, state), trace)
-
-
-def lowrank_adapt(chain: list[Layer], params: Mapping[str, Tensor], names: list[str], x: Tensor, y: Tensor,
-                  *, lr: float, steps: int) -> LowRank:
-    """``steps`` inner SGD steps at rate ``lr`` on each task's mean loss on ``(x, y)``, for parameters ``names``,
-    starting from ``params`` (shared shapes) → the adapted chain in factored form (:class:`LowRank`).
-
-    The same steps as :func:`chain_gradients` followed by ``w − lr·g``, differentiated the same way (the result
-    keeps the graph back to ``params`` when grad mode is on). Requires :func:`supports_gradients`.
-    """
-    wanted = set(names)
-    fast_weight = {i for i, layer in enumerate(chain) if isinstance(layer, Linear) and layer.weight in wanted}
-    fast_bias = {i for i, layer in enumerate(chain)
-                 if isinstance(layer, Linear) and layer.bias is not None and layer.bias in wanted}
-    first = min(fast_weight | fast_bias)
-    state = LowRank(params, lr, {}, frozenset(fast_weight & fast_bias), {})
-    for _ in range(steps):
-        trace: list[Tensor] = []
-        delta = _output_delta(lowrank_forward(chain, state, x, trace), y)
-        factors: dict[int, tuple[Tensor, Tensor]] = {}
-        biases: dict[int, Tensor] = {}
-        for i in range(len(chain) - 1, first - 1, -1):
-            layer = chain[i]
-            if isinstance(layer, Activation):
-                assert layer.backward is not None
-                delta = layer.backward(delta, trace[i], trace[i + 1])
-                continue
-            if i in fast_weight:
-                old = state.factors.get(i)
-                factors[i] = ((trace[i], delta) if old is None else
-                              (torch.cat((old[0], trace[i]), 1), torch.cat((old[1], delta), 1)))
-            elif i in fast_bias:
-                start = state.biases.get(i)
-                b = params[layer.bias] if start is None else start  # type: ignore[index]
-                biases[i] = torch.sub(b, delta.sum(1), alpha=lr)
-            if i > first:
-                back = delta @ params[layer.weight]
-                if i in state.factors:
-                    h, d = state.factors[i]
-                    back = torch.baddbmm(back, torch.bmm(delta, d.transpose(1, 2)), h, alpha=-lr)
-                delta = back
-        state = LowRank(params, lr, factors, state.with_bias, biases)
-    return state

@@ -1,9 +1,9 @@
-"""The meta-algorithm interface and the validation helpers its constructors share.
+"""The meta-algorithm interface.
 
 A meta-algorithm turns a support split into task-specific state (:meth:`MetaAlgorithm.adapt`), predicts the
 query split from that state (:meth:`MetaAlgorithm.predict`) and exposes the outer objective whose gradient
 updates the meta-learner (:meth:`MetaAlgorithm.meta_objective`). Everything is vectorised over the tasks of an
-:class:`~mtml.meta.episode.Episode`. Algorithms are ``nn.Module`` s so that learned state (Meta-SGD's rates,
+:class:`~mtml.meta._episode.Episode`. Algorithms are ``nn.Module`` s so that learned state (Meta-SGD's rates,
 the ridge head's regulariser and scale) lives in parameters that optimisers and checkpoints see.
 """
 
@@ -17,28 +17,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtml.errors import ConfigError
-from mtml.meta.episode import Episode, episode_losses, task_accuracy
+from mtml.meta._episode import Episode, episode_losses, task_accuracy
 from mtml.tasks import Split
 
-__all__ = ["MetaAlgorithm", "MetaOutput", "Scores", "check_int", "check_positive"]
+__all__ = ["MetaAlgorithm", "MetaOutput", "Scores"]
 
 Scores = dict[str, Tensor]
 """Per-task metrics of one episode: ``{"loss": [tasks]}``, plus ``"accuracy"`` for classification."""
-
-
-def check_positive(name: str, value: float, fix: str) -> float:
-    """``value`` as a float if it is a finite number > 0, else :class:`ConfigError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-        raise ConfigError(f"`{name}` must be a finite number > 0. Got {value!r}. {fix}")
-    return float(value)
-
-
-def check_int(name: str, value: int, minimum: int, fix: str) -> int:
-    """``value`` if it is an int ≥ ``minimum``, else :class:`ConfigError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}. Got {value!r}. {fix}")
-    return value
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtml.meta.base import MetaOutput
-from mtml.meta.episode import Episode, episode_losses
-from mtml.meta.functional import ParameterFilter, batched_forward
-from mtml.meta.maml import MAML
+from mtml.meta._base import MetaOutput
+from mtml.meta._episode import Episode, episode_losses
+from mtml.meta._functional import ParameterFilter, batched_forward
+from mtml.meta._maml import MAML
 
 __all__ = ["Reptile"]
 

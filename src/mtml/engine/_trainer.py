@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtml.engine.checkpoint import save_checkpoint
-from mtml.engine.dist_steps import sharded_joint_step
-from mtml.engine.distributed import is_main
-from mtml.engine.fit import FitResult, ProgressHook, StopRule, fit
-from mtml.engine.joint import Batch, TaskBatcher, evaluate, objective
-from mtml.engine.run import Run
+from mtml.engine._checkpoint import save_checkpoint
+from mtml.engine._dist_steps import sharded_joint_step
+from mtml.engine._distributed import is_main
+from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
+from mtml.engine._joint import Batch, TaskBatcher, evaluate, objective
+from mtml.engine._run import Run
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.groups import tasks_to
 from mtml.nn import MultiTaskModel

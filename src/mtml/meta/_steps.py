@@ -9,14 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtml._checks import check_int
 from mtml.errors import ConfigError
-from mtml.meta.base import MetaAlgorithm, check_int
-from mtml.meta.episode import Episode, EpisodeSampler
+from mtml.meta._base import MetaAlgorithm
+from mtml.meta._episode import Episode, EpisodeSampler
 
 __all__ = ["Mapper", "mean_ci", "meta_evaluate", "meta_parameters", "meta_step"]
 
 #: ``map_fn(fn, items) -> [fn(x) for x in items]``, possibly spread over processes
-#: (:func:`mtml.engine.distributed.map_ranks`).
+#: (:func:`mtml.engine._distributed.map_ranks`).
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]
 
 
@@ -77,7 +78,7 @@ def meta_evaluate(
         num_tasks: tasks to score (the last episode is truncated to hit it exactly).
         generator: randomness for a sampler; default a generator seeded with 0.
         map_fn: how to map the scoring over episodes; default a plain loop. Pass
-            :func:`mtml.engine.distributed.map_ranks` to spread the episodes over the ranks of a process group.
+            :func:`mtml.engine._distributed.map_ranks` to spread the episodes over the ranks of a process group.
 
     Returns:
         ``{"loss@S": mean, "loss@S_ci95": half-width, ...}`` for each step count ``S`` (and ``accuracy@S`` for

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtml._checks import check_positive
 from mtml.errors import ConfigError
-from mtml.meta.base import MetaAlgorithm, check_positive
-from mtml.meta.functional import embed
+from mtml.meta._base import MetaAlgorithm
+from mtml.meta._functional import embed
 from mtml.tasks import Split
 
 __all__ = ["R2D2", "RidgeHead", "ridge_solve"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtml.meta.functional import ParameterFilter
-from mtml.meta.maml import MAML
+from mtml.meta._functional import ParameterFilter
+from mtml.meta._maml import MAML
 
 __all__ = ["MetaSGD"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from mtml.engine.distributed import DistributedError
+from mtml.engine._distributed import DistributedError
 from mtml.errors import ConfigError
 
 __all__ = ["LAUNCH_METHODS", "OPTIMIZER_IMPORTS", "PRELOAD", "free_port", "launch", "launch_method"]

@@ -1,0 +1,108 @@
+"""Do the meta-learning speed paths earn their place? Whole shipped runs with each one switched off.
+
+DESIGN.md's rule: a speed path stays only while switching it off makes a shipped config's *whole run* (training,
+meta-validation and the meta-test protocol, as ``mtml train`` runs it) at least 1.2x slower, and an oracle test
+covers each of its branches. This benchmark runs ``mtml train`` in this process on shipped configs, once with
+every path on and once with each applicable path off (:func:`mtml.meta.speed_paths`), in interleaved rounds so
+that machine load hits all variants alike, and prints the whole-run time of each variant, its ratio to all-on
+(``off/on``: how much the path buys) and the final meta-test loss (the paths compute the same thing, so the
+losses agree up to floating-point reordering).
+
+Runs are shortened by ``--scale``: ``max_steps``, ``eval_every``, ``meta_val_tasks`` and ``meta_test_tasks``
+are all multiplied by it, so the mix of training, validation and testing stays that of a shipped run that goes
+to ``max_steps``; patience is switched off so every variant runs the same steps.
+
+    .venv/bin/python benchmarks/speed_paths.py                          # every config below, 3 rounds
+    .venv/bin/python benchmarks/speed_paths.py --configs sinusoid --rounds 5 --scale 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from mtml.cli import main
+from mtml.meta import speed_paths
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mtml" / "configs"
+
+#: config → (default scale, the variants that apply: name → switches turned off)
+MLP = {"all on": {}, "factored off": {"factored": False}, "hand gradients off": {"hand_gradients": False},
+       "factored + hand grads off": {"factored": False, "hand_gradients": False},
+       "MLP chain off (vmap)": {"mlp_chain": False}}
+CONV = {"all on": {}, "grouped conv off (vmap)": {"grouped_conv": False}}
+PLAN: dict[str, tuple[float, dict[str, dict[str, bool]]]] = {
+    "sinusoid": (0.05, MLP),
+    "glyphs_maml_5w1s": (0.1, CONV),
+    "glyphs_fomaml_5w1s": (0.1, CONV),
+    "glyphs_anil_5w1s": (0.1, CONV),
+    "glyphs_maml_20w1s": (0.04, CONV),
+}
+
+
+def overrides(config: Path, scale: float) -> list[str]:
+    training = yaml.safe_load(config.read_text())["training"]
+    meta_batch = max(1, int(yaml.safe_load(config.read_text())["data"]["options"].get("meta_batch", 1)))
+    steps = max(1, round(training["max_steps"] * scale))
+    every = max(1, round(training.get("eval_every", 1000) * scale))
+    val = max(meta_batch, round(training.get("meta_val_tasks", 200) * scale))
+    test = max(meta_batch, round(training.get("meta_test_tasks", 600) * scale))
+    out = [f"training.max_steps={steps}", f"training.eval_every={every}", f"training.meta_val_tasks={val}",
+           f"training.meta_test_tasks={test}", "training.patience=1000000"]
+    return [a for o in out for a in ("--set", o)]
+
+
+def one_run(config: Path, scale: float, off: dict[str, bool], root: Path) -> tuple[float, float]:
+    out = Path(tempfile.mkdtemp(dir=root)) / "run"
+    with speed_paths(**off), contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        main(["train", str(config), "--quiet", "--out", str(out), *overrides(config, scale)])
+        seconds = time.perf_counter() - start
+    test = json.loads((out / "summary.json").read_text())["test"]
+    scores = next(iter(test.values()))
+    last = max((k for k in scores if k.startswith("loss@") and not k.endswith("_ci95")),
+               key=lambda k: int(k.split("@")[1]))
+    return seconds, float(scores[last])
+
+
+def main_(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            default_scale, variants = PLAN[name]
+            scale = args.scale or default_scale
+            config = CONFIGS / f"{name}.yaml"
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            losses: dict[str, float] = {}
+            one_run(config, scale * 0.1, {}, Path(tmp))  # warm-up: imports, data caches, first-call kernels
+            for _ in range(args.rounds):
+                for variant, off in variants.items():
+                    seconds, loss = one_run(config, scale, off, Path(tmp))
+                    times[variant].append(seconds)
+                    losses[variant] = loss
+            base = statistics.median(times["all on"])
+            print(f"\n{name}.yaml at scale {scale} ({' '.join(overrides(config, scale)[1::2])}), "
+                  f"{args.rounds} rounds, whole `mtml train` run in this process")
+            best = min(times["all on"])
+            print(f"{'variant':<26} {'median s':>9} {'min s':>7} {'off/on median':>14} {'off/on min':>11} "
+                  f"{'test loss':>10}  rounds s")
+            for variant in variants:
+                t = times[variant]
+                rounds = " ".join(f"{s:.2f}" for s in t)
+                print(f"{variant:<26} {statistics.median(t):9.2f} {min(t):7.2f} {statistics.median(t) / base:14.2f} "
+                      f"{min(t) / best:11.2f} {losses[variant]:10.4f}  {rounds}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(PLAN), choices=list(PLAN))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=None, help="override each config's default scale")
+    main_(parser.parse_args())

@@ -11,6 +11,8 @@ from mtml.meta._mlp import Linear
 from mtml.nn import MultiTaskModel, mlp
 from mtml.tasks import Split
 
+from .conftest import PathSpy
+
 TASKS = 3
 ACTIVATIONS = [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.2), nn.GELU(), nn.GELU("tanh"), nn.SiLU()]
 
@@ -44,7 +46,7 @@ def test_chain_detection() -> None:
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda m: repr(m))
 @pytest.mark.parametrize("subset", ["all", "heads", "trunk"])
-def test_speed_path_matches_vmap_and_autograd(act: nn.Module, subset: str) -> None:
+def test_speed_path_matches_vmap_and_autograd(act: nn.Module, subset: str, path_spy: PathSpy) -> None:
     model = chain_model(act)
     keep = parameter_filter(model, subset)
     names = [n for n, _ in model.named_parameters() if keep(n)]
@@ -55,8 +57,13 @@ def test_speed_path_matches_vmap_and_autograd(act: nn.Module, subset: str) -> No
     chain = linear_chain(model)
     torch.testing.assert_close(batched_forward(model, shared, fast, support.x, chain=chain),
                                batched_forward(model, shared, fast, support.x, chain=None))
+    path_spy.reset()
     fast_grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=True)
+    # SiLU has no differentiable ATen backward: its chain takes autograd through the batched forward instead
+    assert path_spy.ran() == ({"chain_forward"} if isinstance(act, nn.SiLU) else {"chain_gradients"})
+    path_spy.reset()
     slow_grads = task_gradients(model, shared, fast, support, chain=None, create_graph=True)
+    assert path_spy.ran() == {"_vmap_forward"}
     probe = sum((fast_grads[n] * torch.cos(torch.arange(fast_grads[n].numel(), dtype=torch.float64))
                  .view_as(fast_grads[n])).sum() for n in names)
     probe_slow = sum((slow_grads[n] * torch.cos(torch.arange(slow_grads[n].numel(), dtype=torch.float64))
@@ -73,13 +80,14 @@ def test_speed_path_matches_vmap_and_autograd(act: nn.Module, subset: str) -> No
             torch.testing.assert_close(a, b)
 
 
-def test_classification_gradients_match() -> None:
+def test_classification_gradients_match(path_spy: PathSpy) -> None:
     model = chain_model(nn.ReLU(), out=4)
     shared, fast = per_task(model, [n for n, _ in model.named_parameters()], tied=set())
     g = torch.Generator().manual_seed(6)
     support = Split(torch.randn(TASKS, 8, 3, generator=g, dtype=torch.float64),
                     torch.randint(0, 4, (TASKS, 8), generator=g))
     a = task_gradients(model, shared, fast, support, chain=linear_chain(model))
+    assert path_spy.ran() == {"chain_gradients"}
     b = task_gradients(model, shared, fast, support, chain=None)
     for n in a:
         torch.testing.assert_close(a[n], b[n])

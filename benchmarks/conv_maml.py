@@ -1,86 +1,180 @@
-"""Second-order MAML on a Conv-4 trunk: the grouped-convolution path against ``vmap(functional_call)``.
+"""MAML on conv backbones: mtml's execution engines side by side with learn2learn, in one process.
 
-One meta-step (one inner step, query loss, outer backward, Adam) on 5-way 1-shot 28×28 episodes with 15 query
-examples per class, for several meta-batch sizes. Both paths start from the same weights and see the same
-episode; they run in interleaved rounds and the median ms per meta-step of each is printed with their ratio.
-The vmap path is forced by wrapping the trunk in a module that the grouped path does not recognise.
+One meta-step (inner step(s) on the support set, query loss, outer backward, Adam) on random 1×28×28 N-way
+K-shot episodes, for several meta-batch sizes. Implementations:
 
-    .venv/bin/python benchmarks/conv_maml.py --tasks 8 16 32 --iterations 5
+- ``mtml loop``: one task at a time through the model's own forward, one ``backward()`` per task (the default
+  for image models);
+- ``mtml one backward``: the same forward, one ``backward()`` for the episode (``speed_paths(task_backward=False)``);
+- ``mtml vmap``: ``vmap(functional_call)`` (``speed_paths(task_loop=False)``);
+- ``learn2learn``: ``l2l.algorithms.MAML``, ``clone()`` and ``adapt()`` per task and one ``backward()`` per
+  task, as its own examples do (installed by ``benchmarks/setup_peers.sh`` into ``build/venv-bench``).
+
+All start from the same weights and see the same episodes; they run in interleaved rounds (so machine load hits
+all alike) and the median ms per meta-step is printed with each one's speed relative to learn2learn
+(``l2l ms / ms``). Before timing, each implementation's meta-gradient on the first episode is compared with
+learn2learn's (largest entry-wise difference relative to the largest gradient entry).
+
+    bash benchmarks/setup_peers.sh
+    build/venv-bench/bin/python benchmarks/conv_maml.py --tasks 4 16 --ways 5 20
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtml.meta import ALGORITHMS, Episode, meta_step
-from mtml.nn import MultiTaskModel
-from mtml.nn._backbones import build_backbone, feature_dim
+from mtml.meta import ALGORITHMS, Episode, meta_parameters, meta_step, speed_paths
+from mtml.nn import MultiTaskModel, build_backbone, feature_dim
 from mtml.tasks import Split
 
-
-class Opaque(nn.Module):
-    """The same trunk behind a ``forward`` the grouped path cannot see through: it runs under ``vmap``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+Step = Callable[[Episode], None]
+ENGINES = {"mtml loop": {}, "mtml one backward": {"task_backward": False}, "mtml vmap": {"task_loop": False}}
 
 
-def episode(tasks: int, ways: int, query: int, generator: torch.Generator) -> Episode:
-    xs = torch.randn(tasks, ways, 1, 28, 28, generator=generator)
+def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Generator) -> Episode:
+    xs = torch.randn(tasks, ways * shots, 1, 28, 28, generator=generator)
     xq = torch.randn(tasks, ways * query, 1, 28, 28, generator=generator)
-    ys = torch.arange(ways).repeat(tasks, 1)
+    ys = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
     yq = torch.arange(ways).repeat_interleave(query).repeat(tasks, 1)
     return Episode(Split(xs, ys), Split(xq, yq), ways=ways)
 
 
-def timed(model: nn.Module, ep: Episode, iterations: int) -> list[float]:
-    algorithm = ALGORITHMS.create("maml", model, inner_lr=0.4, inner_steps=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    meta_step(algorithm, model, ep, optimizer)  # warm-up
+def mtml_gradient(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool],
+                  ep: Episode) -> list[Tensor]:
+    with speed_paths(**off):
+        algorithm = ALGORITHMS.create(args.algorithm, model, inner_lr=args.inner_lr, inner_steps=args.steps)
+        params = list(model.parameters())
+        return list(torch.autograd.grad(algorithm.meta_objective(model, ep).objective, params))
+
+
+def build_mtml(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool]) -> Step:
+    algorithm = ALGORITHMS.create(args.algorithm, model, inner_lr=args.inner_lr, inner_steps=args.steps)
+    optimizer = torch.optim.Adam(meta_parameters(algorithm, model), lr=1e-3)
+
+    def step(ep: Episode) -> None:
+        with speed_paths(**off):
+            meta_step(algorithm, model, ep, optimizer)
+
+    return step
+
+
+def l2l_losses(maml: nn.Module, ep: Episode, steps: int) -> Callable[[int], Tensor]:
+    def task(t: int) -> Tensor:
+        learner = maml.clone()  # type: ignore[operator]
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(ep.support.x[t]), ep.support.y[t]))
+        return F.cross_entropy(learner(ep.query.x[t]), ep.query.y[t]) / ep.num_tasks
+
+    return task
+
+
+def build_l2l(model: nn.Module, args: argparse.Namespace) -> Step:
+    l2l = importlib.import_module("learn2learn")
+    maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=args.algorithm == "fomaml")
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+
+    def step(ep: Episode) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task = l2l_losses(maml, ep, args.steps)
+        for t in range(ep.num_tasks):
+            task(t).backward()
+        optimizer.step()
+
+    return step
+
+
+def l2l_gradient(model: nn.Module, args: argparse.Namespace, ep: Episode) -> list[Tensor] | None:
+    try:
+        l2l = importlib.import_module("learn2learn")
+    except ImportError:
+        return None
+    maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=args.algorithm == "fomaml")
+    task = l2l_losses(maml, ep, args.steps)
+    total = sum((task(t) for t in range(ep.num_tasks)), start=torch.zeros(()))
+    return list(torch.autograd.grad(total, list(model.parameters())))
+
+
+def relative_gap(a: list[Tensor], b: list[Tensor]) -> float:
+    scale = max(float(g.abs().max()) for g in b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) / scale
+
+
+def timed(step: Step, ep: Episode, iterations: int) -> list[float]:
     out = []
     for _ in range(iterations):
         start = time.perf_counter()
-        meta_step(algorithm, model, ep, optimizer)
+        step(ep)
         out.append((time.perf_counter() - start) * 1000)
     return out
 
 
+def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
+    torch.manual_seed(0)
+    options = {"width": args.width, "norm": "group"} if args.backbone == "conv4" else {}
+    trunk = build_backbone(args.backbone, (1, 28, 28), options)
+    base = MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), ways)})
+    ep = episode(tasks, ways, args.shots, args.query, torch.Generator().manual_seed(tasks * 100 + ways))
+    engines = ENGINES
+    reference = (l2l_gradient(nn.Sequential(copy.deepcopy(base.trunk), copy.deepcopy(base.heads["task"])), args, ep)
+                 if args.algorithm in ("maml", "fomaml") else None)  # learn2learn's MAML class: MAML and FOMAML
+    gaps = {}
+    if reference is not None:
+        for name, off in engines.items():
+            gaps[name] = relative_gap(mtml_gradient(copy.deepcopy(base), args, off, ep), reference)
+    steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off) for name, off in engines.items()}
+    if reference is not None:
+        steps["learn2learn"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
+                                                       copy.deepcopy(base.heads["task"])), args)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step(ep)  # warm-up
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name] += timed(step, ep, args.iterations)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base_ms = medians.get("learn2learn")
+    print(f"\n{args.algorithm}, {args.backbone}, {ways}-way {args.shots}-shot, {args.query} query/class, "
+          f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median of "
+          f"{args.rounds}x{args.iterations} meta-steps")
+    print(f"{'implementation':<14} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16}")
+    for name, ms in medians.items():
+        ratio = f"{base_ms / ms:11.2f}x" if base_ms else f"{'-':>12}"
+        gap = f"{gaps[name]:16.1e}" if name in gaps else f"{'-':>16}"
+        print(f"{name:<14} {ms:9.1f} {ratio} {gap}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--ways", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--query", type=int, default=None, help="query examples per class (default 15 at 5-way, "
+                        "5 otherwise)")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--algorithm", default="maml", choices=["maml", "fomaml", "anil"])
+    parser.add_argument("--backbone", default="conv4", choices=["conv4", "resnet12"])
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--norm", default="group")
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"MAML 1 inner step, 5-way 1-shot, 15 query/class, 1×28×28, Conv-4 width {args.width} norm {args.norm}, "
-          f"{args.threads} thread(s); median ms per meta-step over {args.rounds}×{args.iterations} iterations")
-    print(f"{'tasks':>5} {'vmap ms':>9} {'grouped ms':>11} {'vmap/grouped':>13}")
-    for tasks in args.tasks:
-        torch.manual_seed(0)
-        trunk = build_backbone("conv4", (1, 28, 28), {"width": args.width, "norm": args.norm})
-        base = MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), 5)})
-        ep = episode(tasks, 5, 15, torch.Generator().manual_seed(tasks))
-        times: dict[str, list[float]] = {"vmap": [], "grouped": []}
-        for _ in range(args.rounds):
-            grouped = copy.deepcopy(base)
-            vmapped = MultiTaskModel(Opaque(copy.deepcopy(base.trunk)), {"task": copy.deepcopy(base.heads["task"])})
-            times["vmap"] += timed(vmapped, ep, args.iterations)
-            times["grouped"] += timed(grouped, ep, args.iterations)
-        v, g = statistics.median(times["vmap"]), statistics.median(times["grouped"])
-        print(f"{tasks:>5} {v:>9.1f} {g:>11.1f} {v / g:>12.2f}x", flush=True)
+    for ways in args.ways:
+        for tasks in args.tasks:
+            query = args.query
+            args.query = query if query is not None else (15 if ways == 5 else 5)
+            run(args, tasks, ways)
+            args.query = query
 
 
 if __name__ == "__main__":

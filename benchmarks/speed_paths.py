@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mtml" / "configs"
 
 #: config → (default scale, the variants that apply: name → switches turned off)
 MLP = {"all on": {}, "hand gradients off": {"hand_gradients": False}, "MLP chain off (vmap)": {"mlp_chain": False}}
-CONV = {"all on": {}, "grouped conv off (vmap)": {"grouped_conv": False}}
+CONV = {"all on": {}, "task loop off (vmap)": {"task_loop": False}}
 PLAN: dict[str, tuple[float, dict[str, dict[str, bool]]]] = {
     "sinusoid": (0.05, MLP),
     "glyphs_maml_5w1s": (0.1, CONV),

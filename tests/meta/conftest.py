@@ -68,13 +68,13 @@ def episode_kind(request: pytest.FixtureRequest) -> str:
 
 
 #: the speed-path settings an oracle runs under: name → switches turned off (see :func:`mtml.meta.speed_paths`)
-PATHS = {"fast": {}, "autograd": {"hand_gradients": False}, "vmap": {"mlp_chain": False, "grouped_conv": False}}
+PATHS = {"fast": {}, "autograd": {"hand_gradients": False}, "vmap": {"mlp_chain": False, "task_loop": False}}
 
 
 class PathSpy:
     """Counts the engine calls of :mod:`mtml.meta._functional` so a test can assert which path ran."""
 
-    ENGINES = ("chain_forward", "chain_gradients", "conv_forward", "_vmap_forward")
+    ENGINES = ("chain_forward", "chain_gradients", "_loop_forward", "_vmap_forward")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import mtml.meta._functional as functional

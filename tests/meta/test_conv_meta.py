@@ -1,5 +1,5 @@
-"""Meta-learning with convolutional backbones: every algorithm on image episodes, and the grouped-convolution
-path against the general ``vmap`` path (float64 oracles for outputs, per-task gradients and meta-gradients)."""
+"""Meta-learning with convolutional backbones: every algorithm on image episodes, and the task loop against the
+general ``vmap`` path and a plain loop (float64 oracles for outputs, per-task gradients and meta-gradients)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from mtml.meta import (
     Episode,
     MetaAlgorithm,
     batched_forward,
+    meta_backward,
     meta_parameters,
     meta_step,
     speed_paths,
     task_gradients,
 )
-from mtml.meta._conv import conv_chain, conv_forward
 from mtml.nn import Conv4, MultiTaskModel, build_backbone, feature_dim
 from mtml.sampling import few_shot_splits
 from mtml.workflows import build, train
@@ -90,28 +90,17 @@ def test_every_algorithm_learns_a_conv_episode(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["maml", "protonet"])
-def test_resnet12_runs_through_the_general_path(name: str) -> None:
+def test_resnet12_runs_through_the_task_loop(name: str, path_spy: PathSpy) -> None:
     net = model("resnet12")
-    assert conv_chain(net) is None  # residual: not a chain, so MAML takes vmap(functional_call)
     algorithm = ALGORITHMS.create(name, net, **OPTIONS.get(name, {}))
     optimizer = torch.optim.Adam(meta_parameters(algorithm, net), lr=1e-3)
     out = meta_step(algorithm, net, episode(), optimizer)
     assert torch.isfinite(torch.tensor(out["loss"]))
+    assert path_spy.ran() == ({"_loop_forward"} if name == "maml" else set())  # ProtoNet embeds all tasks at once
 
 
-def test_conv4_is_recognised_and_other_convolutions_are_not() -> None:
-    chain = conv_chain(model(norm="layer"))
-    assert chain is not None and len(chain.head) == 1
-    kinds = [type(step).__name__ for step in chain.steps[:4]]
-    assert kinds == ["Conv", "Norm", "Pool", "Activation"]  # ReLU → pool runs as pool → ReLU (equal, cheaper)
-    assert conv_chain(model(norm="none")) is not None
-    strided = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 2))
-    assert conv_chain(strided) is None
-    assert conv_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is None  # no convolution: MLP business
-
-
-# -- oracles: grouped convolution == vmap(functional_call), float64 ---------------------------------------------
-VMAP = {"grouped_conv": False}  # the general vmap(functional_call) path
+# -- oracles: the task loop == vmap(functional_call) == a plain loop, float64 -----------------------------------
+VMAP = {"task_loop": False}  # the general vmap(functional_call) path
 
 
 def _per_task(params: Mapping[str, Tensor], tasks: int, scale: float = 0.05) -> dict[str, Tensor]:
@@ -120,42 +109,41 @@ def _per_task(params: Mapping[str, Tensor], tasks: int, scale: float = 0.05) -> 
             for n, p in params.items()}
 
 
-@pytest.mark.parametrize("norm", ["group", "layer", "none"])
-@pytest.mark.parametrize("which", ["all", "trunk", "heads", "norms"])
-def test_grouped_forward_equals_vmap(norm: str, which: str, path_spy: PathSpy) -> None:
-    net = model(norm=norm, dtype=torch.float64)
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+@pytest.mark.parametrize("which", ["all", "trunk", "heads", "norms", "none"])
+def test_task_loop_forward_equals_vmap(backbone: str, which: str, path_spy: PathSpy) -> None:
+    net = model(backbone, dtype=torch.float64)
     params = dict(net.named_parameters())
     pick = {"all": lambda n: True, "trunk": lambda n: n.startswith("trunk."),
-            "heads": lambda n: n.startswith("heads."), "norms": lambda n: ".1." in n}[which]
-    names = [n for n in params if pick(n)] or list(params)
+            "heads": lambda n: n.startswith("heads."), "norms": lambda n: "norm" in n or ".1." in n,
+            "none": lambda n: False}[which]
+    names = [n for n in params if pick(n)]
+    assert names or which == "none"
     fast = _per_task({n: params[n] for n in names}, 3)
     shared = {n: p for n, p in params.items() if n not in fast}
     x = episode(tasks=3, dtype=torch.float64).query.x
-    chain = conv_chain(net)
-    assert chain is not None
-    grouped = conv_forward(chain, {**shared, **fast}, x)
-    assert torch.equal(batched_forward(net, shared, fast, x), grouped)
-    assert path_spy.ran() == {"conv_forward"}
+    looped = batched_forward(net, shared, fast, x)
+    assert path_spy.ran() == {"_loop_forward"}
     path_spy.reset()
     with speed_paths(**VMAP):
-        torch.testing.assert_close(grouped, batched_forward(net, shared, fast, x), rtol=0, atol=1e-10)
+        torch.testing.assert_close(looped, batched_forward(net, shared, fast, x), rtol=0, atol=1e-10)
     assert path_spy.ran() == {"_vmap_forward"}
 
 
-def test_grouped_task_gradients_equal_vmap(path_spy: PathSpy) -> None:
+def test_task_loop_gradients_equal_vmap(path_spy: PathSpy) -> None:
     net = model(dtype=torch.float64)
     params = dict(net.named_parameters())
     fast = _per_task(params, 3)
     support = episode(tasks=3, shots=2, dtype=torch.float64).support
-    grouped = task_gradients(net, {}, fast, support)
-    assert path_spy.ran() == {"conv_forward"}
+    looped = task_gradients(net, {}, fast, support)
+    assert path_spy.ran() == {"_loop_forward"}
     path_spy.reset()
     with speed_paths(**VMAP):
         reference = task_gradients(net, {}, fast, support)
     assert path_spy.ran() == {"_vmap_forward"}
     for n in fast:
-        assert grouped[n].shape == (3, *params[n].shape)
-        torch.testing.assert_close(grouped[n], reference[n], rtol=0, atol=1e-8)
+        assert looped[n].shape == (3, *params[n].shape)
+        torch.testing.assert_close(looped[n], reference[n], rtol=0, atol=1e-8)
 
 
 def _meta_gradient(algorithm: MetaAlgorithm, net: nn.Module, ep: Episode) -> dict[str, Tensor]:
@@ -171,30 +159,31 @@ def _meta_gradient(algorithm: MetaAlgorithm, net: nn.Module, ep: Episode) -> dic
     ("maml", {"inner_steps": 2}), ("boil", {}), ("metasgd", {}), ("maml", {"first_order": True}),
     ("anil", {}), ("reptile", {"inner_steps": 2}),
 ])
-def test_second_order_meta_gradient_grouped_equals_vmap(name: str, options: dict[str, Any],
+def test_second_order_meta_gradient_task_loop_equals_vmap(name: str, options: dict[str, Any],
                                                         path_spy: PathSpy) -> None:
     net = model(dtype=torch.float64)
     algorithm = ALGORITHMS.create(name, net, inner_lr=0.3, **options).double()
     ep = episode(tasks=3, shots=1, query=2, dtype=torch.float64)
-    grouped = _meta_gradient(algorithm, net, ep)
-    assert path_spy.ran() == {"conv_forward"}
+    looped = _meta_gradient(algorithm, net, ep)
+    assert path_spy.ran() == {"_loop_forward"}
     path_spy.reset()
     with speed_paths(**VMAP):  # the same algorithm object: its cached plan follows the switch
         reference = _meta_gradient(algorithm, net, ep)
     assert path_spy.ran() == {"_vmap_forward"}
-    assert grouped.keys() == reference.keys() and grouped
-    for n, g in grouped.items():
+    assert looped.keys() == reference.keys() and looped
+    for n, g in looped.items():
         torch.testing.assert_close(g, reference[n], rtol=0, atol=1e-6, msg=f"{name}: meta-gradient of {n}")
-    assert any(g.abs().max() > 1e-4 for n, g in grouped.items() if n.startswith("model.trunk.0."))
+    assert any(g.abs().max() > 1e-4 for n, g in looped.items() if n.startswith("model.trunk.0."))
 
 
-def test_grouped_gradients_match_a_loop_over_tasks() -> None:
+def test_task_loop_gradients_match_a_loop_over_tasks(path_spy: PathSpy) -> None:
     """Oracle against the plainest computation: each task alone, through the module's own forward."""
     net = model(dtype=torch.float64)
     params = dict(net.named_parameters())
     fast = _per_task(params, 2)
     support = episode(tasks=2, shots=2, dtype=torch.float64).support
     batched = task_gradients(net, {}, fast, support)
+    assert path_spy.ran() == {"_loop_forward"}
     for t in range(2):
         mine = {n: w[t].clone().requires_grad_() for n, w in fast.items()}
         logits = torch.func.functional_call(net, mine, (support.x[t], "task"))
@@ -209,10 +198,8 @@ def test_split_batches_share_nothing() -> None:
     net = model(dtype=torch.float64)
     fast = _per_task(dict(net.named_parameters()), 2)
     x = episode(tasks=2, query=3, dtype=torch.float64).query.x
-    chain = conv_chain(net)
-    assert chain is not None
-    full = conv_forward(chain, fast, x)
-    alone = conv_forward(chain, fast, x[:, :1])
+    full = batched_forward(net, {}, fast, x)
+    alone = batched_forward(net, {}, fast, x[:, :1])
     torch.testing.assert_close(full[:, :1], alone, rtol=0, atol=1e-12)
 
 
@@ -258,7 +245,6 @@ def test_build_meta_puts_a_linear_head_on_the_conv_backbone() -> None:
     assert isinstance(exp.model.trunk, Conv4) and exp.family.input_shape == (1, 28, 28)
     head = exp.model.heads["task"]
     assert isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) and head[0].in_features == 8
-    assert conv_chain(exp.model) is not None  # MAML on it takes the grouped-convolution path
     with pytest.raises(ConfigError, match=r"model\.backbone: conv4"):
         build(Config.from_dict(_config("maml", backbone="mlp", backbone_options={})))
 
@@ -279,3 +265,37 @@ def test_shipped_glyphs_configs_validate(algorithm: str) -> None:
     cfg = Config.from_dict(yaml.safe_load(text))
     assert (cfg.data.dataset, cfg.model.backbone, cfg.training.algorithm) == ("glyphs", "conv4", algorithm)
     assert (cfg.data.options["ways"], cfg.data.options["shots"]) == (5, 1)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "metasgd", "protonet"])
+def test_meta_backward_one_task_at_a_time_equals_one_backward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images back-propagate task by task (each task's objective scaled by 1/tasks): the same gradients, losses
+    and accuracies as one backward pass of the episode's mean."""
+    ep = episode(tasks=3, shots=1, query=2, dtype=torch.float64)
+    results = []
+    for per_task in (True, False):
+        net = model(dtype=torch.float64)
+        algorithm = ALGORITHMS.create(name, net, **OPTIONS.get(name, {})).double()
+        calls: list[int] = []
+
+        def counted(m: nn.Module, e: Episode, calls: list[int] = calls,
+                    original: Any = algorithm.meta_objective) -> Any:
+            calls.append(e.num_tasks)
+            return original(m, e)
+
+        monkeypatch.setattr(algorithm, "meta_objective", counted)
+        with speed_paths(task_backward=per_task):
+            out = meta_backward(algorithm, net, ep)
+        # gradient-based algorithms split an image episode into its tasks; ProtoNet keeps one batched pass
+        assert calls == ([1, 1, 1] if per_task and name != "protonet" else [3])
+        grads = [p.grad.clone() for p in meta_parameters(algorithm, net) if p.grad is not None]
+        results.append((grads, out))
+    (a, out_a), (b, out_b) = results
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out_a.losses, out_b.losses, rtol=1e-9, atol=1e-12)
+    if name != "reptile":  # ½‖θ − φ̄‖² is not a mean over tasks; its gradient θ − φ̄ is (checked above)
+        torch.testing.assert_close(out_a.objective, out_b.objective, rtol=1e-9, atol=1e-12)
+    if out_b.accuracy is not None:
+        torch.testing.assert_close(out_a.accuracy, out_b.accuracy)

@@ -17,7 +17,7 @@ from torch import Tensor
 from mtml.engine._distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
 from mtml.engine._joint import Batch, StepResult, joint_step, task_losses, unpack
 from mtml.errors import ConfigError
-from mtml.meta import Episode, MetaAlgorithm, meta_step
+from mtml.meta import Episode, MetaAlgorithm, meta_backward, meta_step
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Split, Task
 from mtml.weighting import Weighting, task_jacobian
@@ -49,8 +49,7 @@ def sharded_meta_step(algorithm: MetaAlgorithm, model: torch.nn.Module, episode:
     n = episode.num_tasks
     local = shard_episode(episode)
     optimizer.zero_grad(set_to_none=True)
-    out = algorithm.meta_objective(model, local)
-    (out.objective * (local.num_tasks / n)).backward()
+    out = meta_backward(algorithm, model, local, scale=local.num_tasks / n)
     acc = out.accuracy.sum() if out.accuracy is not None else out.losses.new_zeros(())
     stats = reduce_gradients(_optimized(optimizer), torch.stack([out.losses.sum(), acc.to(out.losses)]).detach())
     assert stats is not None

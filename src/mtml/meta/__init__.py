@@ -21,7 +21,7 @@ from mtml.meta._paths import SpeedPaths, current_paths, speed_paths
 from mtml.meta._protonet import ProtoNet
 from mtml.meta._r2d2 import R2D2, ridge_solve
 from mtml.meta._reptile import Reptile
-from mtml.meta._steps import mean_ci, meta_evaluate, meta_parameters, meta_step
+from mtml.meta._steps import mean_ci, meta_backward, meta_evaluate, meta_parameters, meta_step
 from mtml.registry import Registry
 
 ALGORITHMS: Registry[MetaAlgorithm] = Registry("algorithm")
@@ -55,6 +55,7 @@ __all__ = [
     "fomaml",
     "linear_chain",
     "mean_ci",
+    "meta_backward",
     "meta_evaluate",
     "meta_parameters",
     "meta_step",

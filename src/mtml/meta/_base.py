@@ -81,6 +81,14 @@ class MetaAlgorithm(nn.Module):
             scores = self.score(self.predict(model, adapted, episode.query.x), episode)
         return {s: scores for s in steps}
 
+    def backward_chunk(self, episode: Episode) -> int:
+        """Tasks per backward pass in :func:`~mtml.meta.meta_step` (default: all of them in one).
+
+        The meta-objective is a mean over tasks, so back-propagating it chunk by chunk (each chunk's objective
+        scaled by its share of the tasks) gives the same gradient while holding one chunk's graph at a time.
+        """
+        return episode.num_tasks
+
     def check_episode(self, episode: Episode) -> None:
         """Raise :class:`ConfigError` when this algorithm cannot handle ``episode`` (kind, shots)."""
 

@@ -69,7 +69,11 @@ class Episode:
 
     def task(self, index: int) -> Episode:
         """The episode holding only task ``index`` (still with a leading task dimension of 1)."""
-        pick = slice(index, index + 1)
+        return self.tasks(index, index + 1)
+
+    def tasks(self, start: int, stop: int) -> Episode:
+        """The episode holding tasks ``start`` to ``stop − 1`` (their support and query sets, views)."""
+        pick = slice(start, stop)
         return Episode(Split(self.support.x[pick], self.support.y[pick]),
                        Split(self.query.x[pick], self.query.y[pick]), self.ways)
 

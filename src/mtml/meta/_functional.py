@@ -3,18 +3,17 @@
 Parameters come in two dicts: ``shared`` (used by every task) and ``fast`` (adapted per task). A fast
 parameter is either still tied across tasks (its own shape, as at the start of an inner loop) or stacked
 ``[tasks, *shape]``. :func:`batched_forward` maps ``x: [tasks, n, *input]`` to ``[tasks, n, *output]`` and
-:func:`task_gradients` gives each task's gradient of its own loss. Two engines compute them:
+:func:`task_gradients` gives each task's gradient of its own loss. Three engines compute them:
 
 - the **speed path** (:mod:`mtml.meta._mlp`): MLP chains run as batched matrix products on the stacked
   weights and are differentiated by hand — no ``vmap``, no ``autograd.grad``;
-- the **grouped-convolution path** (:mod:`mtml.meta._conv`): Conv-4-like chains on images ``[tasks, n, C, H, W]``
-  fold the tasks into the channels and run each convolution with per-task weights as one grouped ``conv2d``;
-  autograd differentiates it;
+- the **task loop** for image models (inputs ``[tasks, n, C, H, W]``): one task at a time through the model's
+  own forward (``functional_call`` on that task's parameters), all tasks in one call while they share them;
 - the **general path**: any other module runs through ``torch.func.vmap`` over
   ``torch.func.functional_call``, and one ``autograd.grad`` of the summed task losses gives every task its own
   gradient (tasks share no adapted parameter, so the sum separates).
 
-Both are differentiable to any order, so an outer loop can back-propagate through an inner loop built on them.
+All are differentiable to any order, so an outer loop can back-propagate through an inner loop built on them.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
-from mtml.meta._conv import ConvChain, conv_chain, conv_forward
 from mtml.meta._episode import episode_losses
 from mtml.meta._mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.meta._paths import current_paths
@@ -45,16 +43,15 @@ __all__ = [
 
 ParameterFilter = Callable[[str], bool]
 
-Plan = list[Layer] | ConvChain | None
-"""How :func:`batched_forward` runs a model: an MLP chain, a conv chain, or ``None`` (``vmap``)."""
+Plan = list[Layer] | None
+"""How :func:`batched_forward` runs a model: an MLP chain, or ``None`` (the task loop for images, else ``vmap``)."""
 
 
 def model_plan(model: nn.Module) -> Plan:
     """The speed path ``model`` allows and the switches (:func:`~mtml.meta.speed_paths`) leave on (see
     :data:`Plan`). Reading the model costs a walk of its modules, so algorithms compute the plan once per model
     and pass it as ``chain``."""
-    paths = current_paths()
-    return (linear_chain(model) if paths.mlp_chain else None) or (conv_chain(model) if paths.grouped_conv else None)
+    return linear_chain(model) if current_paths().mlp_chain else None
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -75,6 +72,18 @@ def _vmap_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[
     return vmap(one_task)(stacked, x)
 
 
+def _loop_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
+                  x: Tensor) -> Tensor:
+    """One task at a time through the model's own forward, each with its slice of the per-task parameters."""
+    ndim = {n: p.ndim for n, p in model.named_parameters()}
+    stacked = {n: w for n, w in fast.items() if w.ndim > ndim[n]}
+    common = {**shared, **{n: w for n, w in fast.items() if n not in stacked}}
+    if not stacked:  # every task has the same parameters: one call on all tasks' examples
+        return _call(model, common, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    return torch.stack([_call(model, {**common, **{n: w[t] for n, w in stacked.items()}}, x[t])
+                        for t in range(x.shape[0])])
+
+
 def batched_forward(
     model: nn.Module,
     shared: Mapping[str, Tensor],
@@ -85,17 +94,13 @@ def batched_forward(
 ) -> Tensor:
     """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters → ``[tasks, n, *output]``.
 
-    ``chain`` (from :func:`model_plan`) selects the speed path: an MLP chain for ``[tasks, n, features]``, a conv
-    chain (grouped convolutions) for images ``[tasks, n, C, H, W]``. Without it an image model is read here on
-    every call; anything else goes through ``vmap(functional_call)``.
+    ``chain`` (from :func:`model_plan`) selects the speed path for ``[tasks, n, features]``; images
+    ``[tasks, n, C, H, W]`` take the task loop; anything else goes through ``vmap(functional_call)``.
     """
     if isinstance(chain, list) and x.ndim == 3:
         return chain_forward(chain, {**shared, **fast}, x)
-    if x.ndim == 5:
-        convs = (chain if isinstance(chain, ConvChain) else
-                 conv_chain(model) if chain is None and current_paths().grouped_conv else None)
-        if convs is not None:
-            return conv_forward(convs, {**shared, **fast}, x)
+    if x.ndim == 5 and current_paths().task_loop:
+        return _loop_forward(model, shared, fast, x)
     return _vmap_forward(model, shared, fast, x)
 
 

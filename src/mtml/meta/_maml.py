@@ -203,6 +203,13 @@ class MAML(MetaAlgorithm):
         shared = {n: p for n, p in params.items() if n not in adapted}
         return batched_forward(model, shared, adapted, x, chain=chain)
 
+    def backward_chunk(self, episode: Episode) -> int:
+        """One task per backward pass on images (the task loop builds one graph per task anyway: freeing each
+        before the next is faster, see docs/backbones.md); all tasks at once otherwise (switch: ``task_backward``)."""
+        if episode.support.x.ndim == 5 and current_paths().task_loop and current_paths().task_backward:
+            return 1
+        return episode.num_tasks
+
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
         shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)

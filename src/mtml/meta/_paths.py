@@ -2,7 +2,7 @@
 
 Every speed path computes what the general path computes (``vmap(functional_call)`` and one ``autograd.grad``),
 only faster; each one stays in the code only while a whole shipped run measures it worth its lines
-(``benchmarks/speed_paths.py``). Inside ``with speed_paths(grouped_conv=False): ...`` the models read in that
+(``benchmarks/speed_paths.py``). Inside ``with speed_paths(task_loop=False): ...`` the models read in that
 block take the general path instead. The switches live in a :class:`contextvars.ContextVar`, so they are local to
 the thread (and asyncio task) that set them and are restored when the block ends; nothing is set at import.
 """
@@ -28,13 +28,18 @@ class SpeedPaths:
             (:mod:`mtml.meta._mlp`); off, they go through ``vmap(functional_call)``.
         hand_gradients: on an MLP chain, every task's inner gradient is back-propagated by hand with the same
             batched products; off, one ``autograd.grad`` of the chain's forward gives them.
-        grouped_conv: Conv-4-like chains on images fold the tasks into the channels and run per-task weights as
-            one grouped convolution (:mod:`mtml.meta._conv`); off, they go through ``vmap(functional_call)``.
+        task_loop: image models (inputs ``[tasks, n, C, H, W]``) run one task at a time through their own
+            forward (``functional_call`` on each task's parameters, all tasks at once while they share them); off,
+            they go through ``vmap(functional_call)``.
+        task_backward: with the task loop, :func:`~mtml.meta.meta_step` back-propagates one task at a time
+            (:meth:`~mtml.meta.MetaAlgorithm.backward_chunk`), as learn2learn's examples do; off, one backward
+            pass for the episode.
     """
 
     mlp_chain: bool = True
     hand_gradients: bool = True
-    grouped_conv: bool = True
+    task_loop: bool = True
+    task_backward: bool = True
 
 
 _CURRENT: ContextVar[SpeedPaths] = ContextVar("mtml_speed_paths", default=SpeedPaths())  # noqa: B039 (frozen)

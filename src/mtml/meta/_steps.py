@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from mtml._checks import check_int
 from mtml.errors import ConfigError
-from mtml.meta._base import MetaAlgorithm
+from mtml.meta._base import MetaAlgorithm, MetaOutput
 from mtml.meta._episode import Episode, EpisodeSampler
 
-__all__ = ["Mapper", "mean_ci", "meta_evaluate", "meta_parameters", "meta_step"]
+__all__ = ["Mapper", "mean_ci", "meta_backward", "meta_evaluate", "meta_parameters", "meta_step"]
 
 #: ``map_fn(fn, items) -> [fn(x) for x in items]``, possibly spread over processes
 #: (:func:`mtml.engine._distributed.map_ranks`).
@@ -34,13 +34,36 @@ def meta_step(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode,
     Returns ``{"loss": mean query loss after adaptation}`` plus ``"accuracy"`` for classification episodes.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = algorithm.meta_objective(model, episode)
-    out.objective.backward()
+    out = meta_backward(algorithm, model, episode)
     optimizer.step()
     metrics = {"loss": float(out.losses.mean())}
     if out.accuracy is not None:
         metrics["accuracy"] = float(out.accuracy.mean())
     return metrics
+
+
+def meta_backward(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode, scale: float = 1.0) -> MetaOutput:
+    """Back-propagate ``scale ×`` the meta-objective of ``episode`` into the parameters' ``.grad``, in chunks of
+    :meth:`~mtml.meta.MetaAlgorithm.backward_chunk` tasks, each chunk's objective weighted by its share of the
+    tasks → the episode's detached per-task losses and accuracies, and as ``objective`` the detached sum of the
+    weighted chunk objectives (the episode's objective when that is a mean over tasks; for Reptile only its
+    gradient, ``θ − φ̄``, adds up that way)."""
+    n = episode.num_tasks
+    chunk = max(1, min(n, algorithm.backward_chunk(episode)))
+    parts: list[MetaOutput] = []
+    weighted_objectives: list[Tensor] = []
+    for start in range(0, n, chunk):
+        part = episode if chunk == n else episode.tasks(start, min(n, start + chunk))
+        out = algorithm.meta_objective(model, part)
+        weighted = out.objective * (part.num_tasks / n)
+        (weighted * scale).backward()
+        parts.append(out)
+        weighted_objectives.append(weighted.detach())
+    if len(parts) == 1:
+        return MetaOutput(parts[0].objective.detach(), parts[0].losses, parts[0].accuracy)
+    losses = torch.cat([o.losses for o in parts])
+    accuracy = None if parts[0].accuracy is None else torch.cat([o.accuracy for o in parts if o.accuracy is not None])
+    return MetaOutput(torch.stack(weighted_objectives).sum(), losses, accuracy)
 
 
 def mean_ci(values: Tensor, z: float = 1.959964) -> tuple[float, float]:

@@ -6,6 +6,7 @@ K-shot episodes, for several meta-batch sizes. Implementations:
 - ``mtml loop``: one task at a time through the model's own forward, one ``backward()`` per task (the default
   for image models);
 - ``mtml one backward``: the same forward, one ``backward()`` for the episode (``speed_paths(task_backward=False)``);
+- ``mtml loop bf16``: the same under bfloat16 autocast (``training.precision: bf16``);
 - ``mtml vmap``: ``vmap(functional_call)`` (``speed_paths(task_loop=False)``);
 - ``learn2learn``: ``l2l.algorithms.MAML``, ``clone()`` and ``adapt()`` per task and one ``backward()`` per
   task, as its own examples do (installed by ``benchmarks/setup_peers.sh`` into ``build/venv-bench``).
@@ -32,12 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtml.engine import autocast
 from mtml.meta import ALGORITHMS, Episode, meta_parameters, meta_step, speed_paths
 from mtml.nn import MultiTaskModel, build_backbone, feature_dim
 from mtml.tasks import Split
 
 Step = Callable[[Episode], None]
-ENGINES = {"mtml loop": {}, "mtml one backward": {"task_backward": False}, "mtml vmap": {"task_loop": False}}
+ENGINES: dict[str, tuple[dict[str, bool], str]] = {
+    "mtml loop": ({}, "fp32"), "mtml loop bf16": ({}, "bf16"), "mtml one backward": ({"task_backward": False}, "fp32"),
+    "mtml vmap": ({"task_loop": False}, "fp32"),
+}
 
 
 def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Generator) -> Episode:
@@ -48,20 +53,20 @@ def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Gene
     return Episode(Split(xs, ys), Split(xq, yq), ways=ways)
 
 
-def mtml_gradient(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool],
+def mtml_gradient(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool], precision: str,
                   ep: Episode) -> list[Tensor]:
-    with speed_paths(**off):
+    with speed_paths(**off), autocast(precision, "cpu"):
         algorithm = ALGORITHMS.create(args.algorithm, model, inner_lr=args.inner_lr, inner_steps=args.steps)
         params = list(model.parameters())
         return list(torch.autograd.grad(algorithm.meta_objective(model, ep).objective, params))
 
 
-def build_mtml(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool]) -> Step:
+def build_mtml(model: MultiTaskModel, args: argparse.Namespace, off: dict[str, bool], precision: str) -> Step:
     algorithm = ALGORITHMS.create(args.algorithm, model, inner_lr=args.inner_lr, inner_steps=args.steps)
     optimizer = torch.optim.Adam(meta_parameters(algorithm, model), lr=1e-3)
 
     def step(ep: Episode) -> None:
-        with speed_paths(**off):
+        with speed_paths(**off), autocast(precision, "cpu"):
             meta_step(algorithm, model, ep, optimizer)
 
     return step
@@ -128,9 +133,10 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
                  if args.algorithm in ("maml", "fomaml") else None)  # learn2learn's MAML class: MAML and FOMAML
     gaps = {}
     if reference is not None:
-        for name, off in engines.items():
-            gaps[name] = relative_gap(mtml_gradient(copy.deepcopy(base), args, off, ep), reference)
-    steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off) for name, off in engines.items()}
+        for name, (off, precision) in engines.items():
+            gaps[name] = relative_gap(mtml_gradient(copy.deepcopy(base), args, off, precision, ep), reference)
+    steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off, precision)
+                              for name, (off, precision) in engines.items()}
     if reference is not None:
         steps["learn2learn"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
                                                        copy.deepcopy(base.heads["task"])), args)
@@ -145,11 +151,11 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     print(f"\n{args.algorithm}, {args.backbone}, {ways}-way {args.shots}-shot, {args.query} query/class, "
           f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median of "
           f"{args.rounds}x{args.iterations} meta-steps")
-    print(f"{'implementation':<14} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16}")
+    print(f"{'implementation':<18} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16}")
     for name, ms in medians.items():
         ratio = f"{base_ms / ms:11.2f}x" if base_ms else f"{'-':>12}"
         gap = f"{gaps[name]:16.1e}" if name in gaps else f"{'-':>16}"
-        print(f"{name:<14} {ms:9.1f} {ratio} {gap}", flush=True)
+        print(f"{name:<18} {ms:9.1f} {ratio} {gap}", flush=True)
 
 
 def main() -> None:

@@ -88,6 +88,8 @@ class TrainingConfig(_Strict):
                                 "model.share_trunk: false)")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints (default: eval_every)")
     keep_checkpoints: int = Field(3, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 autocast for steps and "
+                                                       "evaluations (fp16: not yet, it needs a gradient scaler)")
 
     @field_validator("weighting", mode="before")
     @classmethod

@@ -14,11 +14,13 @@ from mtml.engine._distributed import (
 )
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import TaskBatcher, evaluate, joint_step, objective, predict
+from mtml.engine._precision import PRECISIONS, autocast, check_precision
 from mtml.engine._run import Run
 from mtml.engine._trainer import TrainResult, check_stop_per_task, make_optimizer, train_multitask
 
 __all__ = [
     "OPTIMIZER_IMPORTS",
+    "PRECISIONS",
     "Checkpoint",
     "DistributedError",
     "FitResult",
@@ -27,7 +29,9 @@ __all__ = [
     "StopRule",
     "TaskBatcher",
     "TrainResult",
+    "autocast",
     "broadcast_from_main",
+    "check_precision",
     "check_stop_per_task",
     "evaluate",
     "fit",

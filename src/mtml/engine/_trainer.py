@@ -15,6 +15,7 @@ from mtml.engine._dist_steps import sharded_joint_step
 from mtml.engine._distributed import is_main
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import Batch, TaskBatcher, evaluate, objective
+from mtml.engine._precision import autocast, check_precision
 from mtml.engine._run import Run
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.groups import tasks_to
@@ -174,6 +175,7 @@ def train_multitask(
     keep_checkpoints: int = 3,
     before_step: Callable[[Batch], object] | None = None,
     stop_per_task: bool = False,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` on every task jointly, minimising ``Σᵢ wᵢ·Lᵢ``; stop early on the mean validation loss.
 
@@ -187,7 +189,10 @@ def train_multitask(
     (its best becomes final) after ``patience`` validations without improving, as if trained alone; training
     ends at ``max_steps`` or once every task has stopped, and each task is restored from its own best step. The
     logged ``objective`` is then the mean of the tasks' best losses.
+
+    ``precision="bf16"`` runs steps and evaluations under bfloat16 autocast (:func:`~mtml.engine.autocast`).
     """
+    check_precision(precision, device)
     stop = stop or StopRule()
     _check_tasks(model, tasks)
     if stop_per_task:
@@ -216,10 +221,12 @@ def train_multitask(
             before_step(batch)
         if bests is not None:
             bests.tick()
-        return sharded_joint_step(model, by_name, batch, weighting, opt).as_dict()
+        with autocast(precision, device):
+            return sharded_joint_step(model, by_name, batch, weighting, opt).as_dict()
 
     def validate() -> dict[str, Any]:
-        metrics = evaluate(model, tasks, "val")
+        with autocast(precision, device):
+            metrics = evaluate(model, tasks, "val")
         current = objective(metrics)
         if bests is None or not math.isfinite(current):  # (a non-finite objective stops the run as diverged)
             return {"objective": current, "tasks": metrics}
@@ -239,8 +246,9 @@ def train_multitask(
         if run is not None and is_main():  # `mtml eval` and resume read the per-task best model from here
             save_checkpoint(run.best_checkpoint, modules=modules, meta={"step": result.best_step,
                                                                          "objective": result.best_objective})
-    val = evaluate(model, tasks, "val")
-    test = evaluate(model, [t for t in tasks if t.test is not None], "test")
+    with autocast(precision, device):
+        val = evaluate(model, tasks, "val")
+        test = evaluate(model, [t for t in tasks if t.test is not None], "test")
     return TrainResult(result, val, test, best_steps)
 
 

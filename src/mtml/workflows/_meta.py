@@ -9,7 +9,16 @@ from typing import Any
 import torch
 
 from mtml.datasets import EpisodeSource
-from mtml.engine import FitResult, ProgressHook, Run, fit, make_optimizer, map_ranks, sharded_meta_step
+from mtml.engine import (
+    FitResult,
+    ProgressHook,
+    Run,
+    autocast,
+    fit,
+    make_optimizer,
+    map_ranks,
+    sharded_meta_step,
+)
 from mtml.meta import Episode, MetaAlgorithm, meta_evaluate, meta_parameters
 from mtml.workflows._build import Built, stop_rule
 
@@ -43,12 +52,15 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
     key = f"loss@{k}"
 
     def step() -> dict[str, Any]:
-        return sharded_meta_step(algorithm, exp.model, _to(family.train.sample(gen), device), opt)
+        episode = _to(family.train.sample(gen), device)
+        with autocast(t.precision, device):
+            return sharded_meta_step(algorithm, exp.model, episode, opt)
 
     def score(sampler: Any, num: int, steps: list[int] | None, offset: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(seed + offset)
-        return meta_evaluate(algorithm, exp.model, _episodes(sampler, g, device), steps=steps, num_tasks=num,
-                             map_fn=map_ranks)
+        with autocast(t.precision, device):
+            return meta_evaluate(algorithm, exp.model, _episodes(sampler, g, device), steps=steps, num_tasks=num,
+                                 map_fn=map_ranks)
 
     def validate() -> dict[str, Any]:
         val = score(family.val, t.meta_val_tasks, [k], 1)
@@ -79,4 +91,5 @@ def evaluate_meta(exp: Built, *, num_tasks: int, steps: list[int] | None, seed: 
     exp.model.to(device)
     algorithm.to(device)
     episodes = _episodes(family.test, g, device)
-    return meta_evaluate(algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks, map_fn=map_ranks)
+    with autocast(exp.config.training.precision, device):
+        return meta_evaluate(algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks, map_fn=map_ranks)

@@ -17,6 +17,7 @@ from mtml.engine import (
     Run,
     TrainResult,
     broadcast_from_main,
+    check_precision,
     check_stop_per_task,
     evaluate,
     is_main,
@@ -52,6 +53,7 @@ def _prepare(config: Config) -> _Prepared:
         torch.set_num_threads(config.threads)
     device = local_device(resolve_device(config.device))
     built = build(config)
+    check_precision(config.training.precision, device)  # refused before any run directory exists
     if config.training.stop_per_task and not built.is_meta:
         check_stop_per_task(built.model)  # refused before any run directory exists
     return _Prepared(built, device)
@@ -64,7 +66,7 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
         built.model, built.tasks, weighting=built.weighting, optimizer=t.optimizer, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, stop=stop_rule(prep.config), seed=prep.config.seed,
         device=prep.device, run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints, stop_per_task=t.stop_per_task,
+        keep_checkpoints=t.keep_checkpoints, stop_per_task=t.stop_per_task, precision=t.precision,
     )
 
 

@@ -12,9 +12,9 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtml._yaml import load_yaml
 from mtml.datasets import DATASETS, FAMILIES
 from mtml.errors import ConfigError
 from mtml.meta import ALGORITHMS
@@ -219,8 +219,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not all(parts):
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example --set training.lr=0.01.")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"--set {pair!r}")
+        except ConfigError:
             value = raw
         out.append((parts, value))
     return out
@@ -244,13 +244,19 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file, apply ``--set`` overrides and validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file; give the path of a .yaml file (to continue "
+                          "a run directory use `mtml train --resume`).")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist. Example configs are in examples/configs/ "
                           "(or run `mtml demo`).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
     return Config.from_dict(apply_overrides(data, overrides or []), source=str(path))

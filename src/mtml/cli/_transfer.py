@@ -9,7 +9,7 @@ import typer
 
 from mtml.cli._app import console, prints
 from mtml.cli._runs import start_ranks
-from mtml.errors import MtmlError
+from mtml.errors import ConfigError, MtmlError
 
 
 def affinity(
@@ -105,8 +105,7 @@ def transfer_(
     """Transfer a run to a target config with each strategy; metric and gain over scratch per size, with CIs."""
     import time
 
-    import yaml
-
+    from mtml._yaml import load_yaml
     from mtml.report import TRANSFER_CAPTION, transfer_tables
     from mtml.workflows import check_output_dir, parse_sizes, transfer
 
@@ -117,7 +116,10 @@ def transfer_(
         name, dot, opt = key.partition(".")
         if not eq or not dot or not name or not opt:
             raise MtmlError(f"--option {item!r}: write STRATEGY.KEY=VALUE, e.g. --option finetune_last.k=2.")
-        options.setdefault(name, {})[opt] = yaml.safe_load(value)
+        try:
+            options.setdefault(name, {})[opt] = load_yaml(value, f"--option {item!r}")
+        except ConfigError:
+            options.setdefault(name, {})[opt] = value
     parsed = parse_sizes(sizes)
     if repeats < 1:
         raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")

@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from mtml._version import __version__
+from mtml._yaml import load_yaml
 from mtml.atomic import append_jsonl, atomic_write_text, is_free_dir
-from mtml.errors import CheckpointError, RunExistsError
+from mtml.errors import CheckpointError, ConfigError, RunExistsError
 
 __all__ = ["Run"]
 
@@ -83,9 +84,9 @@ class Run:
 
     def config(self) -> dict[str, Any]:
         try:
-            data = yaml.safe_load((self.path / "config.yaml").read_text())
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"{self.path / 'config.yaml'} is not valid YAML: {exc}") from None
+            data = load_yaml((self.path / "config.yaml").read_text(encoding="utf-8"), str(self.path / "config.yaml"))
+        except (ConfigError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.path / 'config.yaml'} cannot be read back: {exc}") from None
         return dict(data or {})
 
     def status(self) -> dict[str, Any]:

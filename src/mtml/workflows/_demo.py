@@ -7,9 +7,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
+from mtml._yaml import load_yaml
 from mtml.config import Config
 from mtml.engine import TrainResult
 from mtml.report import RichProgress, comparison_table
@@ -21,7 +21,7 @@ __all__ = ["compare", "embedded_config", "run_demo"]
 def embedded_config(name: str) -> Config:
     """A config shipped inside the package (``mtml/configs/<name>.yaml``)."""
     text = resources.files("mtml").joinpath("configs", f"{name}.yaml").read_text()
-    return Config.from_dict(yaml.safe_load(text), source=f"mtml/configs/{name}.yaml")
+    return Config.from_dict(load_yaml(text, f"mtml/configs/{name}.yaml"), source=f"mtml/configs/{name}.yaml")
 
 
 def compare(config: Config, out: Path, console: Console | None = None) -> tuple[TrainResult, TrainResult]:

@@ -106,7 +106,7 @@ class TrainingConfig(_Strict):
 
 class Config(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31, description="seed of every random draw of the run (0 to 2**31 - 1)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     data: DataConfig = Field(default_factory=lambda: DataConfig())

@@ -211,6 +211,20 @@ def _watch(procs: Sequence[_Worker], poll_s: float = 0.05) -> tuple[list[int], l
         time.sleep(poll_s)
 
 
+#: ranks per usable core beyond which :func:`launch` refuses (unless ``MTML_ALLOW_OVERSUBSCRIBE=1``)
+OVERSUBSCRIBE = 4
+
+
+def check_ranks(nproc: int) -> None:
+    """:class:`ConfigError` when ``nproc`` ranks would be more than :data:`OVERSUBSCRIBE` per usable core: a
+    thousand forked interpreters exhaust memory long before they finish anything."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if nproc > OVERSUBSCRIBE * cores and os.environ.get("MTML_ALLOW_OVERSUBSCRIBE") != "1":
+        raise ConfigError(f"--nproc {nproc} starts {nproc} processes on a machine with {cores} usable core(s); use "
+                          f"at most {OVERSUBSCRIBE * cores} (one per core is the usual choice), or set "
+                          "MTML_ALLOW_OVERSUBSCRIBE=1 to start them anyway.")
+
+
 def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeout: float | None = None,
            entry: Callable[[list[str]], object] | None = None, preload: Sequence[str] = ()) -> None:
     """Run ``mtml <args>`` as ``nproc`` ranks of one process group on this machine.
@@ -223,6 +237,7 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeo
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1. Got {nproc}.")
+    check_ranks(nproc)
     fork = entry is not None and launch_method() == "fork"
     if fork:
         for name in (*PRELOAD, *preload):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -177,7 +178,46 @@ def _build_meta(config: Config, **family_override: Any) -> Built:
         model = MultiTaskModel(trunk, {"task": head}, input_shapes={"task": family.input_shape})
         t = config.training
         algorithm = ALGORITHMS.create(t.algorithm, model, where="training.algorithm_options", **t.algorithm_options)
+    check_episode_memory(family, model)
     return Built(config, model, family=family, algorithm=algorithm)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def episode_bytes(family: EpisodeSource, model: nn.Module) -> int:
+    """A lower estimate of one training episode's float32 memory: its rows (meta-batch × ways × (shots + query
+    shots)) times the input size plus one value per output of every ``Linear`` and ``Conv2d`` layer (at the
+    input's resolution) that each row passes through."""
+    s = family.train
+    rows = (int(getattr(s, "meta_batch", 1)) * max(1, int(getattr(s, "ways", 1)))
+            * (int(getattr(s, "shots", 1)) + int(getattr(s, "query_shots", 0))))
+    pixels = math.prod(family.input_shape[1:]) if len(family.input_shape) == 3 else 1
+    per_row = math.prod(family.input_shape) + sum(
+        m.out_features if isinstance(m, nn.Linear) else m.out_channels * pixels
+        for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    return 4 * rows * per_row
+
+
+def check_episode_memory(family: EpisodeSource, model: nn.Module, available: int | None = None) -> None:
+    """:class:`ConfigError`, before anything is allocated, when one episode would not fit in the memory that is
+    available (``/proc/meminfo``'s MemAvailable, or ``available``)."""
+    need, have = episode_bytes(family, model), available if available is not None else _available_bytes()
+    if have is not None and need > have:
+        s = family.train
+        shape = " × ".join(f"{k} {getattr(s, k)}" for k in ("meta_batch", "ways", "shots", "query_shots")
+                           if hasattr(s, k))
+        raise ConfigError(f"one episode ({shape}) needs at least {need / 2**30:,.1f} GiB of activations but "
+                          f"{have / 2**30:,.1f} GiB of memory are available; lower the shots, ways or meta_batch "
+                          "(data.options, or --shots of mtml eval).")
 
 
 def default_run_dir(config: Config, root: str | Path = "runs") -> Path:

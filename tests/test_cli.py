@@ -230,6 +230,37 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, np
     assert list((out / "checkpoints").glob("step-*.safetensors"))  # the run can be continued
 
 
+def test_sigterm_stops_like_ctrl_c_marks_the_run_interrupted_and_resumes(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) used to end the process silently with run.json saying running."""
+    data = {**SMALL, "threads": 1, "training": {**SMALL["training"], "max_steps": 100_000, "eval_every": 50,
+                                                "checkpoint_every": 10}}
+    cfg = write_config(tmp_path / "long.yaml", data)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 60
+    while not list((out / "checkpoints").glob("step-*.safetensors")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.count("terminated") == 1 and "mtml train --resume" in err, err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    resumed = subprocess.Popen([sys.executable, "-m", "mtml", "train", "--resume", str(out), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 60
+    while '"resume"' not in (out / "metrics.jsonl").read_text():
+        assert resumed.poll() is None, resumed.communicate()
+        assert time.monotonic() < deadline, "the resumed run did not start"
+        time.sleep(0.02)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    resumed.send_signal(signal.SIGTERM)
+    _, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 143 and "Traceback" not in err, err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked ranks and /proc are Linux's")
 def test_ranks_end_when_the_launcher_is_killed(tmp_path: Path) -> None:
     data = {**SMALL, "threads": 1, "training": {**SMALL["training"], "max_steps": 100_000, "eval_every": 50}}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -14,6 +16,7 @@ from mtml.errors import MtmlError
 __all__ = ["INTERRUPTED", "app", "console", "err_console", "main", "prints"]
 
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT)
+TERMINATED = 143  # exit status after SIGTERM (128 + SIGTERM)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mtml: multi-task learning, meta-learning and knowledge transfer on PyTorch.")
@@ -27,9 +30,25 @@ def prints() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so it stops the way Ctrl-C does (checkpoints kept, run.json
+    marked interrupted) instead of dying silently with its run marked running."""
+
+
+_signals: list[int] = []  # the signals this process received (click turns the exception into an exit code)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _signals.append(signum)
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
-    into one-line messages without a traceback."""
+    into one-line messages without a traceback. SIGTERM is handled like Ctrl-C (exit status 143)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(args=argv, standalone_mode=False)
     except MtmlError as exc:
@@ -58,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted() -> None:
-    """Ctrl-C: one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit status 130."""
+    """Ctrl-C (or SIGTERM): one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit
+    status 130 (143 for SIGTERM)."""
+    code = TERMINATED if signal.SIGTERM in _signals else INTERRUPTED
     if "MTML_LAUNCHED" not in os.environ and prints():
-        err_console.print("interrupted. Continue a run with: mtml train --resume RUN")
-    sys.exit(INTERRUPTED)
+        what = "terminated" if code == TERMINATED else "interrupted"
+        err_console.print(f"{what}. Continue a run with: mtml train --resume RUN")
+    sys.exit(code)

@@ -73,14 +73,19 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
 def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
     """Train (or resume), then write summary.json and plots and mark the run completed."""
     config, built = prep.config, prep.built
-    with seeded(config.seed, prep.device):  # dropout draws follow the run's seed and leave the caller's RNG
-        if built.family is not None:
-            fitted, val, test = fit_meta(built, run, resume=resume, device=prep.device, progress=progress)
-            result = TrainResult(fitted, {"meta_val": val}, {config.data.dataset: test})
-            tasks = {config.data.dataset: {"kind": built.family.kind, "algorithm": config.training.algorithm}}
-        else:
-            result = _fit(prep, run, resume=resume, progress=progress)
-            tasks = {t.name: {"kind": t.kind.value, "primary_metric": t.primary_metric} for t in built.tasks}
+    try:
+        with seeded(config.seed, prep.device):  # dropout draws follow the run's seed and leave the caller's RNG
+            if built.family is not None:
+                fitted, val, test = fit_meta(built, run, resume=resume, device=prep.device, progress=progress)
+                result = TrainResult(fitted, {"meta_val": val}, {config.data.dataset: test})
+                tasks = {config.data.dataset: {"kind": built.family.kind, "algorithm": config.training.algorithm}}
+            else:
+                result = _fit(prep, run, resume=resume, progress=progress)
+                tasks = {t.name: {"kind": t.kind.value, "primary_metric": t.primary_metric} for t in built.tasks}
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: say so in run.json, keep the checkpoints
+        if is_main():
+            run.set_status("interrupted", stopped=time.time())
+        raise
     model = built.model
     summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
                **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}

@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from mtml.atomic import atomic_write_bytes
-from mtml.errors import CheckpointError
+from mtml.errors import CheckpointError, DivergedError
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -81,8 +81,21 @@ def save_checkpoint(
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     for name, gen in (generators or {}).items():
         tensors[f"rng.{name}"] = gen.get_state()
+    bad = _first_non_finite(tensors)
+    if bad is not None:
+        raise DivergedError(f"not writing checkpoint {Path(path).name}: {bad} holds NaN or inf, so the run has "
+                            "diverged; the checkpoints already written are kept. Lower training.lr (or change the "
+                            "weighting) and restart.")
     data = st_save(tensors, metadata={"mtml": json.dumps(header)})
     atomic_write_bytes(path, data)
+
+
+def _first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf (random-generator states are bytes)."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -101,6 +114,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mtml checkpoint (format {header.get('format')!r}).")
+    bad = _first_non_finite(tensors)
+    if bad is not None:  # written before mtml refused to write them
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf in {bad} (its run had diverged); delete it to "
+                              "fall back to an earlier checkpoint, or start a new run.")
     return Checkpoint(tensors, header)
 
 

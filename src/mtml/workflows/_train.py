@@ -28,7 +28,7 @@ from mtml.engine import (
     session,
     train_multitask,
 )
-from mtml.errors import ConfigError
+from mtml.errors import ConfigError, DivergedError
 from mtml.report import plot_learning_curves
 from mtml.workflows._build import Built, build, default_run_dir, read_config, resolve_device, seeded, stop_rule
 from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
@@ -85,6 +85,10 @@ def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: say so in run.json, keep the checkpoints
         if is_main():
             run.set_status("interrupted", stopped=time.time())
+        raise
+    except DivergedError:
+        if is_main():
+            run.set_status("diverged", stopped=time.time())
         raise
     model = built.model
     summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,

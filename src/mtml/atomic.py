@@ -42,12 +42,42 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written).
+
+    A torn last line left by such a crash (no final newline) is cut off first, so that it cannot swallow the
+    record appended after it.
+    """
     line = json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n"
+    _cut_torn_line(Path(path))
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _cut_torn_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate ``path`` after its last newline when it does not end with one."""
+    try:
+        fh = open(path, "r+b")  # noqa: SIM115 (closed below; a missing file is simply a new log)
+    except FileNotFoundError:
+        return
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        fh.seek(end - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            fh.seek(start)
+            cut = fh.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                return
+            pos = start
+        fh.truncate(0)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -136,3 +136,23 @@ def test_prune_keeps_newest_and_best(tmp_path: Path) -> None:
 def test_latest_checkpoint_of_an_empty_run(tmp_path: Path) -> None:
     run = Run.create(tmp_path / "r", {})
     assert run.latest_checkpoint() is None and run.checkpoints() == []
+
+
+def test_resume_sweeps_temporaries_left_by_a_killed_write(tmp_path: Path) -> None:
+    """A SIGKILL during an atomic write leaves ``.NAME.*.tmp``; the next resume removes the old ones only."""
+    import os
+    import time
+
+    from mtml.engine import Run
+
+    run = Run.create(tmp_path / "run", {"name": "x"})
+    old = run.checkpoint_dir / ".step-00000010.safetensors.abc123.tmp"
+    young = run.path / ".summary.json.def456.tmp"
+    keep = run.checkpoint_dir / "step-00000005.safetensors"
+    for path in (old, young, keep):
+        path.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(keep, (an_hour_ago, an_hour_ago))
+    assert run.sweep_temporaries() == [old]
+    assert not old.exists() and young.exists() and keep.exists()

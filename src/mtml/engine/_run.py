@@ -71,6 +71,21 @@ class Run:
                                   "`mtml train` created.")
         return cls(path)
 
+    def sweep_temporaries(self, older_than_s: float = 60.0) -> list[Path]:
+        """Delete the temporary files an interrupted atomic write left (``.NAME.*.tmp`` in the run and its
+        checkpoint folder) that are older than ``older_than_s`` seconds → the paths removed. Called on resume;
+        younger files may belong to a writer that is still running."""
+        now, removed = time.time(), []
+        for folder in (self.path, self.checkpoint_dir):
+            for tmp in folder.glob(".*.tmp"):
+                try:
+                    if now - tmp.stat().st_mtime >= older_than_s:
+                        tmp.unlink()
+                        removed.append(tmp)
+                except OSError:
+                    continue
+        return removed
+
     # -- files ------------------------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:

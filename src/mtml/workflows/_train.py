@@ -143,6 +143,7 @@ def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tup
     with session(resolve_device(config.device)):
         prep = _prepare(config)
         if is_main():
+            run.sweep_temporaries()
             run.set_status("running")
         return run, _run(prep, run, resume=True, progress=progress)
 

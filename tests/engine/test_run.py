@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -140,11 +141,6 @@ def test_latest_checkpoint_of_an_empty_run(tmp_path: Path) -> None:
 
 def test_resume_sweeps_temporaries_left_by_a_killed_write(tmp_path: Path) -> None:
     """A SIGKILL during an atomic write leaves ``.NAME.*.tmp``; the next resume removes the old ones only."""
-    import os
-    import time
-
-    from mtml.engine import Run
-
     run = Run.create(tmp_path / "run", {"name": "x"})
     old = run.checkpoint_dir / ".step-00000010.safetensors.abc123.tmp"
     young = run.path / ".summary.json.def456.tmp"

@@ -300,3 +300,13 @@ def test_task_is_frozen() -> None:
 def test_scalar_target_is_a_data_error() -> None:
     with pytest.raises(DataError, match="y is a scalar"):
         Task("t", "regression", Split(torch.zeros(1, 3), torch.tensor(1.0)))
+
+
+def test_tasks_and_splits_compare_by_identity_without_raising() -> None:
+    """`==` used to compare the tensors field by field and raise "Boolean value of Tensor ... is ambiguous"."""
+    a = Split(torch.randn(4, 2), torch.randn(4, 1))
+    b = Split(torch.randn(4, 2), torch.randn(4, 1))
+    assert a == a and a != b and len({a, b, a}) == 2
+    t = Task("t", TaskKind.REGRESSION, a, b, b)
+    u = Task("t", TaskKind.REGRESSION, b, a, a)
+    assert t == t and t != u and t in [u, t] and len({t, u}) == 2

@@ -50,7 +50,7 @@ class TaskKind(str, Enum):
     MULTILABEL = "multilabel"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: compare (and hash) by identity
 class Split:
     """One split of a task: inputs ``x: [n, *input_shape]``, targets ``y`` (see module docstring) and optionally
     ``mask: bool [n]``, True where the row has a label (None: every row has one)."""
@@ -81,7 +81,7 @@ def _default_loss(kind: TaskKind) -> LossFn:
     return F.binary_cross_entropy_with_logits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # by identity, like its splits (`==` on tensors has no single truth value)
 class Task:
     """A named learning problem.
 

@@ -25,6 +25,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,6 @@ import yaml
 from mtml.cli import main
 from mtml.meta import speed_paths
 
-CPU_TIME = False  # --cpu-time: this process's CPU seconds instead of wall-clock seconds
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mtml" / "configs"
 
 #: config → (default scale, the variants that apply: name → switches turned off)
@@ -59,12 +59,13 @@ def overrides(config: Path, scale: float) -> list[str]:
     return [a for o in out for a in ("--set", o)]
 
 
-def one_run(config: Path, scale: float, off: dict[str, bool], root: Path) -> tuple[float, float]:
+def one_run(config: Path, scale: float, off: dict[str, bool], root: Path,
+            clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(dir=root)) / "run"
     with speed_paths(**off), contextlib.redirect_stdout(io.StringIO()):
-        start = time.process_time() if CPU_TIME else time.perf_counter()
+        start = clock()
         main(["train", str(config), "--quiet", "--out", str(out), *overrides(config, scale)])
-        seconds = (time.process_time() if CPU_TIME else time.perf_counter()) - start
+        seconds = clock() - start
     test = json.loads((out / "summary.json").read_text())["test"]
     scores = next(iter(test.values()))
     last = max((k for k in scores if k.startswith("loss@") and not k.endswith("_ci95")),
@@ -73,8 +74,7 @@ def one_run(config: Path, scale: float, off: dict[str, bool], root: Path) -> tup
 
 
 def main_(args: argparse.Namespace) -> None:
-    global CPU_TIME
-    CPU_TIME = args.cpu_time
+    clock = time.process_time if args.cpu_time else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             default_scale, variants = PLAN[name]
@@ -85,13 +85,13 @@ def main_(args: argparse.Namespace) -> None:
             one_run(config, scale * 0.1, {}, Path(tmp))  # warm-up: imports, data caches, first-call kernels
             for _ in range(args.rounds):
                 for variant, off in variants.items():
-                    seconds, loss = one_run(config, scale, off, Path(tmp))
+                    seconds, loss = one_run(config, scale, off, Path(tmp), clock)
                     times[variant].append(seconds)
                     losses[variant] = loss
             base = statistics.median(times["all on"])
             print(f"\n{name}.yaml at scale {scale} ({' '.join(overrides(config, scale)[1::2])}), "
                   f"{args.rounds} rounds, whole `mtml train` run in this process, "
-                  f"{'CPU' if CPU_TIME else 'wall-clock'} seconds")
+                  f"{'CPU' if args.cpu_time else 'wall-clock'} seconds")
             best = min(times["all on"])
             print(f"{'variant':<26} {'median s':>9} {'min s':>7} {'off/on median':>14} {'off/on min':>11} "
                   f"{'test loss':>10}  rounds s")

@@ -11,14 +11,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_jsonl", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["append_jsonl", "atomic_write_bytes", "atomic_write_text", "temporaries"]
+
+
+_TEMP_SUFFIX = ".tmp"
+
+
+def temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files (``.NAME.*.tmp``) that :func:`atomic_write_bytes` calls killed mid-write left in
+    ``folder``."""
+    return sorted(Path(folder).glob(f".*{_TEMP_SUFFIX}"))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a reader sees either the old or the new file, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

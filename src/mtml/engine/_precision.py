@@ -9,7 +9,7 @@ yet: it is refused with a message rather than run without one.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -18,7 +18,7 @@ from mtml.errors import ConfigError
 __all__ = ["PRECISIONS", "Precision", "autocast", "check_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:

@@ -26,7 +26,7 @@ import yaml
 
 from mtml._version import __version__
 from mtml._yaml import load_yaml
-from mtml.atomic import append_jsonl, atomic_write_text, is_free_dir
+from mtml.atomic import append_jsonl, atomic_write_text, is_free_dir, temporaries
 from mtml.errors import CheckpointError, ConfigError, RunExistsError
 
 __all__ = ["Run"]
@@ -77,7 +77,7 @@ class Run:
         younger files may belong to a writer that is still running."""
         now, removed = time.time(), []
         for folder in (self.path, self.checkpoint_dir):
-            for tmp in folder.glob(".*.tmp"):
+            for tmp in temporaries(folder):
                 try:
                     if now - tmp.stat().st_mtime >= older_than_s:
                         tmp.unlink()

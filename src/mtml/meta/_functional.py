@@ -60,11 +60,18 @@ def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     return functional_call(model, dict(params), (x,))
 
 
-def _vmap_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
-                  x: Tensor) -> Tensor:
+def _split(model: nn.Module, shared: Mapping[str, Tensor],
+           fast: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(stacked, common)``: the fast parameters stacked ``[tasks, *shape]``, and every parameter all tasks use
+    as it is (the shared ones and the fast ones still tied)."""
     ndim = {n: p.ndim for n, p in model.named_parameters()}
     stacked = {n: w for n, w in fast.items() if w.ndim > ndim[n]}
-    common = {**shared, **{n: w for n, w in fast.items() if n not in stacked}}
+    return stacked, {**shared, **{n: w for n, w in fast.items() if n not in stacked}}
+
+
+def _vmap_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
+                  x: Tensor) -> Tensor:
+    stacked, common = _split(model, shared, fast)
 
     def one_task(stacked_t: dict[str, Tensor], x_t: Tensor) -> Tensor:
         return _call(model, {**common, **stacked_t}, x_t)
@@ -75,9 +82,7 @@ def _vmap_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[
 def _loop_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[str, Tensor],
                   x: Tensor) -> Tensor:
     """One task at a time through the model's own forward, each with its slice of the per-task parameters."""
-    ndim = {n: p.ndim for n, p in model.named_parameters()}
-    stacked = {n: w for n, w in fast.items() if w.ndim > ndim[n]}
-    common = {**shared, **{n: w for n, w in fast.items() if n not in stacked}}
+    stacked, common = _split(model, shared, fast)
     if not stacked:  # every task has the same parameters: one call on all tasks' examples
         return _call(model, common, x.flatten(0, 1)).unflatten(0, x.shape[:2])
     return torch.stack([_call(model, {**common, **{n: w[t] for n, w in stacked.items()}}, x[t])

@@ -1,4 +1,4 @@
-"""Do the meta-learning speed paths earn their place? Whole shipped runs with each one switched off.
+"""Do the speed paths earn their place? Whole shipped runs with each one switched off.
 
 DESIGN.md's rule: a speed path stays only while switching it off makes a shipped config's *whole run* (training,
 meta-validation and the meta-test protocol, as ``mtml train`` runs it) at least 1.2x slower, and an oracle test
@@ -38,17 +38,55 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mtml" / "configs"
 #: config → (default scale, the variants that apply: name → switches turned off)
 MLP = {"all on": {}, "hand gradients off": {"hand_gradients": False}, "MLP chain off (vmap)": {"mlp_chain": False}}
 CONV = {"all on": {}, "task loop off (vmap)": {"task_loop": False}}
+PACKED = {"all on": {}, "packed rows off": {"packed_rows": False}}
 PLAN: dict[str, tuple[float, dict[str, dict[str, bool]]]] = {
     "sinusoid": (0.05, MLP),
     "glyphs_maml_5w1s": (0.1, CONV),
     "glyphs_fomaml_5w1s": (0.1, CONV),
     "glyphs_anil_5w1s": (0.1, CONV),
     "glyphs_maml_20w1s": (0.04, CONV),
+    "schools": (0.5, PACKED),
+    "schools_mixed": (0.5, PACKED),
+    "groups2000": (1.0, PACKED),
+    "groups2000_mixed": (1.0, PACKED),
 }
+#: generated grouped tables (not shipped): 2,000 groups of 20 rows, a random intercept per group, two features
+GENERATED = {"groups2000": {"trunk_hidden": [16]},
+             "groups2000_mixed": {"trunk_hidden": [], "head": "hierarchical", "head_options": {"random": "all"}}}
+
+
+def generated_config(name: str, root: Path) -> Path:
+    """Write the CSV and config of a generated grouped workload under ``root``; the config's path."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    groups, rows = 2000, 20
+    owner = np.repeat(np.arange(groups), rows)
+    x1, x2 = rng.normal(size=groups * rows), rng.normal(size=groups * rows)
+    y = 1 + 0.5 * rng.normal(size=groups)[owner] + 2 * x1 - x2 + rng.normal(size=groups * rows)
+    csv = root / "groups.csv"
+    if not csv.exists():
+        pd.DataFrame({"store": owner, "x1": x1, "x2": x2, "sales": y}).to_csv(csv, index=False)
+    config = {"name": name, "seed": 0, "threads": 1,
+              "data": {"dataset": "table", "options": {"path": str(csv), "targets": {"sales": "sales"},
+                                                       "group_by": "store"}},
+              "model": GENERATED[name],
+              "training": {"weighting": {"name": "equal"}, "lr": 0.01, "batch_size": 16, "max_steps": 1000,
+                           "eval_every": 50, "patience": 20}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def overrides(config: Path, scale: float) -> list[str]:
-    training = yaml.safe_load(config.read_text())["training"]
+    loaded = yaml.safe_load(config.read_text())
+    training = loaded["training"]
+    if "algorithm" not in training:  # joint training: steps and validations
+        steps = max(1, round(training["max_steps"] * scale))
+        every = max(1, round(training.get("eval_every", 100) * scale))
+        out = [f"training.max_steps={steps}", f"training.eval_every={every}", "training.patience=1000000"]
+        return [a for o in out for a in ("--set", o)]
     meta_batch = max(1, int(yaml.safe_load(config.read_text())["data"]["options"].get("meta_batch", 1)))
     steps = max(1, round(training["max_steps"] * scale))
     every = max(1, round(training.get("eval_every", 1000) * scale))
@@ -68,6 +106,8 @@ def one_run(config: Path, scale: float, off: dict[str, bool], root: Path,
         seconds = clock() - start
     test = json.loads((out / "summary.json").read_text())["test"]
     scores = next(iter(test.values()))
+    if not any(k.startswith("loss@") for k in scores):  # joint training: the mean test loss over tasks
+        return seconds, statistics.fmean(float(m["loss"]) for m in test.values())
     last = max((k for k in scores if k.startswith("loss@") and not k.endswith("_ci95")),
                key=lambda k: int(k.split("@")[1]))
     return seconds, float(scores[last])
@@ -79,7 +119,7 @@ def main_(args: argparse.Namespace) -> None:
         for name in args.configs:
             default_scale, variants = PLAN[name]
             scale = args.scale or default_scale
-            config = CONFIGS / f"{name}.yaml"
+            config = generated_config(name, Path(tmp)) if name in GENERATED else CONFIGS / f"{name}.yaml"
             times: dict[str, list[float]] = {v: [] for v in variants}
             losses: dict[str, float] = {}
             one_run(config, scale * 0.1, {}, Path(tmp))  # warm-up: imports, data caches, first-call kernels

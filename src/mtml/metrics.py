@@ -17,33 +17,64 @@ from torch import Tensor
 __all__ = ["Metric", "auroc", "macro_f1"]
 
 
+#: ``segmented(pred, y, owner, m) -> [m]``: the metric of each of m tasks whose rows are concatenated, row i
+#: belonging to task ``owner[i]`` (every task with at least one row)
+Segmented = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A named metric and its direction (``higher_is_better``)."""
+    """A named metric and its direction (``higher_is_better``); ``segmented``, when given, computes it for many
+    tasks' rows at once (equal to ``fn`` on each task's rows, up to summation order)."""
 
     fn: Callable[[Tensor, Tensor], float]
     higher_is_better: bool
+    segmented: Segmented | None = None
 
     def __call__(self, pred: Tensor, y: Tensor) -> float:
         return self.fn(pred, y)
+
+
+def _segment_sum(values: Tensor, owner: Tensor, m: int) -> Tensor:
+    return values.new_zeros((m, *values.shape[1:])).index_add(0, owner, values)
+
+
+def _segment_mean(values: Tensor, owner: Tensor, m: int) -> Tensor:
+    rows = _segment_sum(values.new_ones(values.shape[0]), owner, m)
+    return _segment_sum(values, owner, m) / rows.reshape(-1, *[1] * (values.dim() - 1))
 
 
 def mse(pred: Tensor, y: Tensor) -> float:
     return float(F.mse_loss(pred, y))
 
 
+def _mse_segmented(pred: Tensor, y: Tensor, owner: Tensor, m: int) -> Tensor:
+    return _segment_mean(((pred - y) ** 2).mean(1), owner, m)
+
+
 def mae(pred: Tensor, y: Tensor) -> float:
     return float(F.l1_loss(pred, y))
 
 
-def r2(pred: Tensor, y: Tensor) -> float:
-    """Coefficient of determination, averaged over output columns."""
-    ss_res = ((y - pred) ** 2).sum(0)
-    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+def _mae_segmented(pred: Tensor, y: Tensor, owner: Tensor, m: int) -> Tensor:
+    return _segment_mean((pred - y).abs().mean(1), owner, m)
+
+
+def _r2_score(ss_res: Tensor, ss_tot: Tensor) -> Tensor:
     # a constant target column scores 1 if predicted exactly, else 0 (as scikit-learn), not -1e12·ss_res
     constant = ss_tot == 0
     score = torch.where(constant, (ss_res == 0).to(ss_res.dtype), 1 - ss_res / ss_tot.masked_fill(constant, 1.0))
-    return float(score.mean())
+    return score.mean(-1)
+
+
+def r2(pred: Tensor, y: Tensor) -> float:
+    """Coefficient of determination, averaged over output columns."""
+    return float(_r2_score(((y - pred) ** 2).sum(0), ((y - y.mean(0)) ** 2).sum(0)))
+
+
+def _r2_segmented(pred: Tensor, y: Tensor, owner: Tensor, m: int) -> Tensor:
+    centre = _segment_mean(y, owner, m)[owner]
+    return _r2_score(_segment_sum((y - pred) ** 2, owner, m), _segment_sum((y - centre) ** 2, owner, m))
 
 
 def macro_f1(labels_pred: Tensor, labels_true: Tensor, num_classes: int) -> float:
@@ -132,7 +163,8 @@ def _multilabel_metrics() -> dict[str, Metric]:
 def default_metrics(kind: str) -> dict[str, Metric]:
     """The default metrics of a task kind (``regression``, ``binary``, ``multiclass``, ``multilabel``)."""
     if kind == "regression":
-        return {"mse": Metric(mse, False), "mae": Metric(mae, False), "r2": Metric(r2, True)}
+        return {"mse": Metric(mse, False, _mse_segmented), "mae": Metric(mae, False, _mae_segmented),
+                "r2": Metric(r2, True, _r2_segmented)}
     if kind == "binary":
         return _binary_metrics()
     if kind == "multiclass":

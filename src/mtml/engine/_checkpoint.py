@@ -130,6 +130,23 @@ def _read_header(raw: bytes) -> dict[str, Any]:
     return meta
 
 
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)`` (strict), without its cost quadratic in the number of submodules (each
+    child scans every key for its prefix: 4 s for 2,000 task heads): when the keys and shapes match and no module
+    customises loading, every tensor is copied in place; otherwise, or on any mismatch, ``load_state_dict``
+    itself runs (and raises its own error)."""
+    targets = module.state_dict(keep_vars=True)
+    plain = all(type(m)._load_from_state_dict is nn.Module._load_from_state_dict and not m._load_state_dict_pre_hooks
+                and not m._load_state_dict_post_hooks for m in module.modules())
+    if not plain or targets.keys() != state.keys() or any(
+            targets[k].shape != v.shape for k, v in state.items()):
+        module.load_state_dict(state)
+        return
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value)
+
+
 def restore(
     ckpt: Checkpoint,
     *,
@@ -141,7 +158,7 @@ def restore(
     for name, module in modules.items():
         state = ckpt.module_state(name)
         try:
-            module.load_state_dict(state)
+            load_state(module, state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(

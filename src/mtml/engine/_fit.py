@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mtml.engine._checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
 from mtml.engine._distributed import broadcast_from_main, fault_point, is_main
 from mtml.engine._run import Run
 from mtml.errors import CheckpointError, ConfigError, DivergedError
@@ -182,7 +182,7 @@ def _snapshot(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Ten
 
 def _load_snapshot(modules: Mapping[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
     for name, module in modules.items():
-        module.load_state_dict(state[name])
+        load_state(module, state[name])
 
 
 def _train_mode(modules: Mapping[str, nn.Module], training: bool) -> None:

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from mtml.engine._distributed import map_ranks
+from mtml.engine._packed import PackedBatch, RowPool, chunk_scores, packable, packed_losses, pooled_chunks, row_pools
 from mtml.errors import ConfigError
 from mtml.groups import TaskGroup, task_groups
+from mtml.meta import current_paths
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task, TaskKind
 from mtml.weighting import GramianTape, Weighting
@@ -35,6 +37,10 @@ class TaskBatcher:
     Tasks on shared rows (a :class:`~mtml.groups.TaskGroup`) get one index draw and the same ``x`` tensor; a task
     with rows of its own gets its own draw. Sampling is without replacement within a batch and uses only
     ``generator``, so a checkpointed generator state reproduces the batch sequence exactly.
+
+    Many tasks with rows of their own (at least :data:`~mtml.engine._packed.MIN_TASKS` of one shape) are drawn as
+    one :class:`~mtml.engine._packed.RowPack` instead, with one key per row (the batch is then a
+    :class:`~mtml.engine._packed.PackedBatch`); ``speed_paths(packed_rows=False)`` draws them one by one.
     """
 
     def __init__(self, tasks: Sequence[Task], batch_size: int) -> None:
@@ -43,10 +49,19 @@ class TaskBatcher:
         self.tasks = list(tasks)
         self.groups = task_groups(self.tasks)
         self.batch_size = batch_size
+        self._pools: list[RowPool] | None = None
 
     def sample(self, generator: torch.Generator) -> Batch:
         batch: Batch = {}
+        pools: list[RowPool] = []
+        if current_paths().packed_rows:
+            if self._pools is None:
+                self._pools = row_pools(self.tasks)
+            pools = self._pools
+        pooled = {n for pool in pools for n in pool.names}
         for group in self.groups:
+            if group.tasks[0].name in pooled:
+                continue
             x, n = group.x("train"), group.rows("train")
             idx = None
             if n > self.batch_size:
@@ -56,7 +71,16 @@ class TaskBatcher:
                 s = t.train
                 y, mask = (s.y, s.mask) if idx is None else (s.y[idx], None if s.mask is None else s.mask[idx])
                 batch[t.name] = (x, y) if mask is None else (x, y, mask)
-        return {t.name: batch[t.name] for t in self.tasks}
+        packs = []
+        for pool in pools:
+            pack = pool.sample(self.batch_size, generator)
+            packs.append(pack)
+            batch.update(pool.entries(pack))
+        if not pools:
+            return {t.name: batch[t.name] for t in self.tasks}
+        out = PackedBatch((t.name, batch[t.name]) for t in self.tasks)
+        out.packs = packs
+        return out
 
 
 @dataclass
@@ -87,10 +111,10 @@ def joint_step(
     """
     names = weighting.task_names
     gram, tape = None, None
-    if weighting.needs_gramian:
+    if weighting.needs_gramian:  # (the tape follows each task's inputs through forward_many: no packs)
         tape = GramianTape(model, gramian or str(getattr(weighting, "gramian", "auto")))
         with tape:
-            losses = task_losses(model, tasks, batch, names)
+            losses = task_losses(model, tasks, dict(batch), names)
         gram = tape.gramian(losses, {n: batch[n][0] for n in names}, names)
     else:
         losses = task_losses(model, tasks, batch, names)
@@ -120,6 +144,22 @@ def task_losses(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch, 
         out = custom(tasks, batch, names)
         assert isinstance(out, Tensor)
         return out
+    packs = [p for p in getattr(batch, "packs", ()) if hasattr(model, "forward_rows") and packable(model, tasks,
+                                                                                                    p.names)]
+    wanted = set(names)
+    packs = [p for p in packs if wanted.issuperset(p.names)]
+    if packs:  # many own-row tasks: one trunk pass, one head product and one segmented sum per pack
+        if len(packs) == 1 and packs[0].names == tuple(names):
+            return packed_losses(model, tasks, packs[0])
+        position = {n: i for i, n in enumerate(names)}
+        parts = [(p.names, packed_losses(model, tasks, p)) for p in packs]
+        done = {n for p in packs for n in p.names}
+        rest = [n for n in names if n not in done]
+        if rest:
+            parts.append((tuple(rest), task_losses(model, tasks, {n: batch[n] for n in rest}, rest)))
+        index = torch.tensor([position[n] for part, _ in parts for n in part], device=parts[0][1].device)
+        values = torch.cat([v for _, v in parts])
+        return values.new_zeros(len(names)).index_copy(0, index, values)
     outputs = model.forward_many({n: batch[n][0] for n in names})
     plain = all(tasks[n].kind is TaskKind.REGRESSION and tasks[n].loss is None and len(batch[n]) == 2
                 for n in names)
@@ -163,14 +203,19 @@ def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -
     was_training = model.training
     model.eval()
     try:
-        def score(group: TaskGroup) -> dict[str, dict[str, float]]:
-            names = [t.name for t in group.tasks]
-            out = predict_many(model, names, group.x(split))
-            return {t.name: t.compute_metrics(out[t.name], t.split(split).y, t.split(split).mask)
-                    for t in group.tasks}
+        def score(item: TaskGroup | list[Task]) -> dict[str, dict[str, float]]:
+            if isinstance(item, list):  # a chunk of many own-row tasks: one forward_rows call
+                return chunk_scores(model, item, split)
+            out = predict_many(model, [t.name for t in item.tasks], item.x(split))
+            return {t.name: t.compute_metrics(out[t.name], t.split(split).y, t.split(split).mask) for t in item.tasks}
 
+        chunks: list[list[Task]] = []
+        rest = list(tasks)
+        if current_paths().packed_rows:
+            chunks, rest = pooled_chunks(model, tasks, split)
         scores: dict[str, dict[str, float]] = {}
-        for part in map_ranks(score, task_groups(tasks)):
+        items: list[TaskGroup | list[Task]] = [*chunks, *task_groups(rest)]
+        for part in map_ranks(score, items):
             scores.update(part)
         return {t.name: scores[t.name] for t in tasks}
     finally:

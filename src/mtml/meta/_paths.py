@@ -21,7 +21,7 @@ __all__ = ["SpeedPaths", "current_paths", "speed_paths"]
 
 @dataclass(frozen=True)
 class SpeedPaths:
-    """Which speed paths the meta-learning algorithms may take (all on by default).
+    """Which speed paths the meta-learning algorithms and joint training may take (all on by default).
 
     Attributes:
         mlp_chain: MLP chains run as batched matrix products on stacked per-task weights
@@ -34,12 +34,16 @@ class SpeedPaths:
         task_backward: with the task loop, :func:`~mtml.meta.meta_step` back-propagates one task at a time
             (:meth:`~mtml.meta.MetaAlgorithm.backward_chunk`), as learn2learn's examples do; off, one backward
             pass for the episode.
+        packed_rows: joint training draws the train rows of many tasks that have rows of their own (one task per
+            school or store) as one pack and scores them with one trunk pass, one stacked head product and one
+            segmented loss sum (:mod:`mtml.engine._packed`); off, each task's rows are drawn and scored on their own.
     """
 
     mlp_chain: bool = True
     hand_gradients: bool = True
     task_loop: bool = True
     task_backward: bool = True
+    packed_rows: bool = True
 
 
 _CURRENT: ContextVar[SpeedPaths] = ContextVar("mtml_speed_paths", default=SpeedPaths())  # noqa: B039 (frozen)

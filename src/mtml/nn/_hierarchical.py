@@ -105,9 +105,12 @@ class HierarchicalHeads(nn.Module):
         u = torch.cholesky_solve((zte / sigma2).transpose(1, 2).unsqueeze(-1), chol).squeeze(-1)  # [m, out, r]
         self.deviation.copy_(torch.where(n[:, None, None] > 0, u.transpose(1, 2), torch.zeros_like(u.transpose(1, 2))))
 
-    def predict(self, h: Tensor, task: int) -> Tensor:
-        """``z β + z_R u_task`` for rows of one task ``[n, out]``."""
+    def predict(self, h: Tensor, task: int | Tensor) -> Tensor:
+        """``z β + z_R u_task`` ``[n, out]`` for rows of one task, or of the task ``task[i]`` for row i (a tensor
+        ``[n]`` of task indices)."""
         z, zr = self.design(h)
+        if isinstance(task, Tensor):
+            return z @ self.mean + (zr[:, :, None] * self.deviation[task].to(h.dtype)).sum(1)
         return z @ self.mean + zr @ self.deviation[task].to(h.dtype)
 
 
@@ -153,6 +156,11 @@ class HierarchicalModel(MultiTaskModel):
     def _features(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, list[str]]:
         """Trunk features of every task's rows, concatenated, the task index of each row, and the task order of
         the rows (one pass of :meth:`trunk_plan`)."""
+        xs = list(inputs.values())
+        if not self.stem_of and len({(x.shape[1:], x.dtype) for x in xs}) == 1 and len({id(x) for x in xs}) == len(xs):
+            sizes = torch.tensor([x.shape[0] for x in xs], device=xs[0].device)  # one call, no per-task ops
+            index = torch.tensor([self.index[n] for n in inputs], device=xs[0].device)
+            return self.trunk(torch.cat(xs)), torch.repeat_interleave(index, sizes), list(inputs)
         feats, owner, order = [], [], []
         for call in self.trunk_plan(inputs):
             stem = self.stem_call(call)
@@ -166,6 +174,16 @@ class HierarchicalModel(MultiTaskModel):
                 order.append(names[0])
         return torch.cat(feats), torch.cat(owner), order
 
+    def forward_rows(self, names: Sequence[str], x: Tensor, sizes: Sequence[int],
+                     owner: Tensor | None = None) -> Tensor:
+        """Predictions ``[rows, out]`` for rows of stem-less tasks concatenated task after task (``sizes[i]`` rows
+        of ``names[i]``), each with its task's BLUP: one trunk pass."""
+        index = torch.tensor([self.index[n] for n in names], device=x.device)
+        if owner is None:
+            owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device),
+                                            torch.tensor(list(sizes), device=x.device))
+        return self.hierarchy.predict(self.features(x), index[owner])
+
     def training_losses(self, tasks: Mapping[str, Task], batch: Mapping[str, tuple[Tensor, ...]],
                         names: Sequence[str]) -> Tensor:
         """``[m]`` per-row marginal NLLs of ``names`` on ``batch`` (``{task: (x, y)}``), one trunk pass."""
@@ -173,8 +191,15 @@ class HierarchicalModel(MultiTaskModel):
             if len(batch[n]) > 2:
                 raise ConfigError(f"model.head: hierarchical does not take missing labels yet (task '{n}'); drop "
                                   "the unlabelled rows (data.options.dropna: true).")
-        h, owner, order = self._features({n: batch[n][0] for n in names})
-        y = torch.cat([batch[n][1] for n in order]).to(h.dtype)
+        packs = [p for p in getattr(batch, "packs", ()) if p.names == tuple(names) and p.mask is None]
+        if packs and not any(n in self.stem_of for n in names):  # every task in one pack: no per-task work
+            pack = packs[0]
+            h = self.trunk(pack.x)
+            owner = torch.tensor([self.index[n] for n in names], device=h.device)[pack.owner]
+            y = pack.y.to(h.dtype)
+        else:
+            h, owner, order = self._features({n: batch[n][0] for n in names})
+            y = torch.cat([batch[n][1] for n in order]).to(h.dtype)
         value, rows = self.hierarchy.nll(h, y, owner)
         index = torch.tensor([self.index[n] for n in names], device=h.device)
         return value[index] / rows[index].clamp_min(1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,14 @@ from torch import Tensor, nn
 from mtml.errors import ShapeError, UnknownNameError
 
 __all__ = ["MultiTaskModel"]
+
+
+def _linear(head: nn.Module) -> nn.Linear | None:
+    """The linear map a head is: a plain ``nn.Linear``, or one inside a one-layer ``nn.Sequential`` (what the
+    builders make); None for any other head."""
+    if type(head) is nn.Sequential and len(head._modules) == 1:  # (_modules: indexing a Sequential is slow)
+        head = next(iter(head._modules.values()))
+    return head if type(head) is nn.Linear else None
 
 
 class MultiTaskModel(nn.Module):
@@ -141,7 +149,8 @@ class MultiTaskModel(nn.Module):
             parts = torch.split(out, sizes) if len(call) > 1 else (out,)  # (a 1-piece split costs a copy backward)
             own = [names[0] for _, names in call if len(names) == 1]
             k = len(own)
-            if own and self._stackable(own) and sum(sizes[:k]) * out.shape[1] * self.heads[own[0]].out_features \
+            lin = _linear(self.heads[own[0]]) if own else None
+            if own and lin is not None and self._stackable(own) and sum(sizes[:k]) * out.shape[1] * lin.out_features \
                     <= 1 << 22:
                 feats = out[: sum(sizes[:k])] if k < len(call) else out
                 outputs.update(zip(own, torch.split(self._stacked_linear(own, feats, sizes[:k]), sizes[:k]),
@@ -152,40 +161,90 @@ class MultiTaskModel(nn.Module):
                 outputs.update(self._heads_on(names, part))
         return {task: outputs[task] for task in inputs}
 
+    def forward_rows(self, names: Sequence[str], x: Tensor, sizes: Sequence[int],
+                     owner: Tensor | None = None) -> Tensor:
+        """Outputs ``[rows, outputs]`` for rows of several stem-less tasks concatenated task after task:
+        ``sizes[i]`` rows of ``names[i]`` (``owner [rows]``: each row's position in ``names``, when at hand).
+
+        One trunk pass; linear heads of one shape as one stacked product, other heads one call each. What
+        :func:`mtml.engine` uses for own-row tasks drawn as one pack; equal to :meth:`forward_many` on the pieces.
+        """
+        missing = [n for n in names if n not in self.heads]
+        if missing:
+            raise UnknownNameError(f"unknown tasks {missing}; the model has heads for: {', '.join(self.task_names)}.")
+        for want in {self.input_shapes.get(n) for n in names}:
+            if want is not None and tuple(x.shape[1:]) != want:
+                raise ShapeError(f"rows have per-example shape {tuple(x.shape[1:])}, but tasks {list(names)[:3]}... "
+                                 f"were built for {want}; give x as [rows, {', '.join(map(str, want))}].")
+        bad = [n for n in names if n in self.stem_of]
+        if bad:
+            raise ShapeError(f"forward_rows runs no stems, and tasks {bad[:3]} have one; use forward_many.")
+        feats = self.trunk(x)
+        names = list(names)
+        lin = _linear(self.heads[names[0]])
+        if lin is not None and self._stackable(names) and feats.shape[0] * feats.shape[1] * lin.out_features <= 1 << 22:
+            return self._stacked_linear(names, feats, list(sizes), owner)
+        return torch.cat([self.heads[n](p) for n, p in zip(names, torch.split(feats, list(sizes)), strict=True)])
+
     def _heads_on(self, names: list[str], feats: Tensor) -> dict[str, Tensor]:
         """Every head of ``names`` on the same features ``[rows, d]``; plain linear heads as one matmul."""
-        heads = [self.heads[n] for n in names]
-        if len(heads) < 2 or not all(type(h) is nn.Linear and h.bias is not None for h in heads):
-            return {n: h(feats) for n, h in zip(names, heads, strict=True)}
-        weight = torch.cat([h.weight for h in heads if isinstance(h, nn.Linear)])  # [Σ out, d]
-        bias = torch.cat([h.bias for h in heads if isinstance(h, nn.Linear) and h.bias is not None])
+        linears = [_linear(self.heads[n]) for n in names]
+        heads = [h for h in linears if h is not None and h.bias is not None]
+        if len(heads) < 2 or len(heads) < len(names):
+            return {n: self.heads[n](feats) for n in names}
+        weight = torch.cat([h.weight for h in heads])  # [Σ out, d]
+        bias = torch.cat([h.bias for h in heads if h.bias is not None])
         out = torch.addmm(bias, feats, weight.T)
-        widths = [h.out_features for h in heads if isinstance(h, nn.Linear)]
+        widths = [h.out_features for h in heads]
         if len(set(widths)) == 1:  # task-major views: their backward stacks contiguous pieces (a split's is slow)
             parts = out.reshape(out.shape[0], len(heads), widths[0]).transpose(0, 1).unbind(0)
             return dict(zip(names, parts, strict=True))
         return dict(zip(names, torch.split(out, widths, dim=1), strict=True))
 
     def _stackable(self, names: list[str]) -> bool:
-        heads = [self.heads[n] for n in names]
-        return len(heads) >= 4 and all(
-            type(h) is nn.Linear and h.bias is not None and h.weight.shape == heads[0].weight.shape for h in heads
-        )
+        return self._stacked_heads(names) is not None
 
-    def _stacked_linear(self, names: list[str], feats: Tensor, sizes: list[int]) -> Tensor:
+    def _stacked_heads(self, names: list[str]) -> list[nn.Linear] | None:
+        """The linear maps of ``names``' heads when there are at least 4, all with a bias and of one shape.
+
+        The answer is remembered for the last few name lists and checked against the head modules by identity
+        (thousands of heads: their parameter shapes are read once, not on every step)."""
+        modules = self.heads._modules
+        heads = [modules[n] for n in names]
+        cache: dict[tuple[str, ...], tuple[list[nn.Module], list[nn.Linear] | None]] = self.__dict__.setdefault(
+            "_stack_cache", {})
+        hit = cache.get(key := tuple(names))
+        if hit is not None and len(hit[0]) == len(heads) and all(a is b for a, b in zip(hit[0], heads, strict=True)):
+            return hit[1]
+        linears = [_linear(h) for h in heads]
+        first = linears[0]
+        answer: list[nn.Linear] | None = None
+        if len(linears) >= 4 and first is not None:
+            shape = first.weight.shape
+            if all(h is not None and h.bias is not None and h.weight.shape == shape for h in linears):
+                answer = linears  # type: ignore[assignment]
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = (heads, answer)
+        return answer
+
+    def _stacked_linear(self, names: list[str], feats: Tensor, sizes: list[int], owner: Tensor | None = None
+                        ) -> Tensor:
         """All linear heads of a group in one batched op: row r uses the weights of its own task.
 
         Gradients flow through ``torch.stack`` back to each head's own parameters, so the result equals
         calling each head on its slice (an oracle test checks this).
         """
-        heads = [self.heads[n] for n in names]
-        weight = torch.stack([h.weight for h in heads if isinstance(h, nn.Linear)])  # [m, out, d]
-        bias = torch.stack([h.bias for h in heads if isinstance(h, nn.Linear)])  # [m, out]
+        heads = self._stacked_heads(names)
+        assert heads is not None
+        weight = torch.stack([h._parameters["weight"] for h in heads])  # type: ignore[misc]  # [m, out, d]
+        bias = torch.stack([h._parameters["bias"] for h in heads])  # type: ignore[misc]  # [m, out]
         if len(set(sizes)) == 1:
             x = feats.reshape(len(names), sizes[0], -1)
             return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)).reshape(feats.shape[0], -1)
-        owner = torch.repeat_interleave(torch.arange(len(names), device=feats.device),
-                                        torch.tensor(sizes, device=feats.device))
+        if owner is None:
+            owner = torch.repeat_interleave(torch.arange(len(names), device=feats.device),
+                                            torch.tensor(sizes, device=feats.device))
         return torch.einsum("nd,nod->no", feats, weight[owner]) + bias[owner]
 
     # -- parameter groups --------------------------------------------------------------------------------

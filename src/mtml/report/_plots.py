@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from mtml.atomic import atomic_write_bytes
@@ -75,15 +76,16 @@ def plot_learning_curves(records: Iterable[dict[str, Any]], out_dir: str | Path,
     else:
         fig = new_figure((7, 4.5))
         ax = fig.subplots()
-        for task in tasks:
-            c = val.get(task, {})
-            ax.plot(list(c), list(c.values()), color="tab:blue", alpha=0.12, lw=0.8)
+        # one artist for all per-task curves: thousands of separate lines take seconds to draw and to place a
+        # legend around
+        curves = [list(val[t].items()) for t in tasks if val.get(t)]
+        ax.add_collection(LineCollection(curves, colors="tab:blue", alpha=0.12, linewidths=0.8))
         steps = sorted({s for c in val.values() for s in c})
         mean = [sum(val[t][s] for t in val if s in val[t]) / sum(1 for t in val if s in val[t]) for s in steps]
         ax.plot(steps, mean, color="black", lw=2, label=f"mean of {len(val)} tasks")
         ax.set(title="validation loss per task", xlabel="step", ylabel="loss")
-        _mark_best(ax, best)
-        ax.legend()
+        _mark_best(ax, best, loc="upper right")
+        ax.autoscale_view()
     save_figure(fig, path)
     return [path]
 
@@ -97,7 +99,7 @@ def _panel(ax: Any, task: str, train: dict[int, float], val: dict[int, float]) -
     ax.legend(fontsize=8)
 
 
-def _mark_best(ax: Any, best: int | None) -> None:
+def _mark_best(ax: Any, best: int | None, *, loc: str = "best") -> None:
     if best:
         ax.axvline(best, color="grey", ls="--", lw=1, label=f"best step {best}")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc=loc)

@@ -13,7 +13,7 @@ from mtml.nn import build_hierarchical, build_multitask_model
 from mtml.tasks import Split, Task
 
 
-def _tasks(m: int = 12, kind: str = "regression", seed: int = 0) -> list[Task]:
+def _tasks(m: int = 34, kind: str = "regression", seed: int = 0) -> list[Task]:
     g = torch.Generator().manual_seed(seed)
     tasks = []
     for i in range(m):

@@ -65,17 +65,7 @@ def test_every_row_in_batch_gives_identical_losses_gradients_and_metrics() -> No
     with speed_paths(packed_rows=True):
         batch = TaskBatcher(tasks, 1000).sample(torch.Generator())
     assert isinstance(batch, PackedBatch) and all(batch[t.name][0] is t.train.x for t in tasks)
-    lp, gp = _losses_and_grads_full(model, tasks, True)
-    lu, gu = _losses_and_grads_full(model, tasks, False)
-    assert torch.allclose(lp, lu, rtol=1e-12, atol=1e-13)
-    for a, b in zip(gp, gu, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-    with speed_paths(packed_rows=True):
-        mp = evaluate(model, tasks, "val")
-    with speed_paths(packed_rows=False):
-        mu = evaluate(model, tasks, "val")
+    mp, mu = _both_paths_agree(model, tasks, "val")
     for name in mu:
         for key in mu[name]:
             assert mp[name][key] == pytest.approx(mu[name][key], rel=1e-9, abs=1e-12), (name, key)
@@ -91,20 +81,27 @@ def _losses_and_grads_full(model: torch.nn.Module, tasks: list[Task], packed: bo
     return losses.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
+def _both_paths_agree(model: torch.nn.Module, tasks: list[Task], split: str) -> tuple[dict, dict]:
+    """Assert packed and per-task losses and gradients agree; the metrics of ``split`` from each path."""
+    lp, gp = _losses_and_grads_full(model, tasks, True)
+    lu, gu = _losses_and_grads_full(model, tasks, False)
+    assert torch.allclose(lp, lu, rtol=1e-10, atol=1e-13)
+    for a, b in zip(gp, gu, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    with speed_paths(packed_rows=True):
+        mp = evaluate(model, tasks, split)
+    with speed_paths(packed_rows=False):
+        mu = evaluate(model, tasks, split)
+    return mp, mu
+
+
 def test_hierarchical_heads_packed_equals_per_task() -> None:
     tasks = _tasks()
     torch.manual_seed(2)
     model = build_hierarchical(tasks, trunk_hidden=[4]).double()
-    lp, gp = _losses_and_grads_full(model, tasks, True)
-    lu, gu = _losses_and_grads_full(model, tasks, False)
-    assert torch.allclose(lp, lu, rtol=1e-10)
-    for a, b in zip(gp, gu, strict=True):
-        if a is not None:
-            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-    with speed_paths(packed_rows=True):
-        mp = evaluate(model, tasks, "test")
-    with speed_paths(packed_rows=False):
-        mu = evaluate(model, tasks, "test")
+    mp, mu = _both_paths_agree(model, tasks, "test")
     assert all(mp[n]["mse"] == pytest.approx(mu[n]["mse"], rel=1e-9) for n in mu)
 
 

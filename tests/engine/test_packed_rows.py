@@ -81,19 +81,43 @@ def _losses_and_grads_full(model: torch.nn.Module, tasks: list[Task], packed: bo
     return losses.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def _both_paths_agree(model: torch.nn.Module, tasks: list[Task], split: str) -> tuple[dict, dict]:
-    """Assert packed and per-task losses and gradients agree; the metrics of ``split`` from each path."""
+def _spy(model: torch.nn.Module, name: str) -> list[int]:
+    """Count the calls of ``model.<name>`` from now on."""
+    calls: list[int] = []
+    original = getattr(model, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(model, name, counted)
+    return calls
+
+
+def _both_paths_agree(model: torch.nn.Module, tasks: list[Task], split: str, *, rtol: float = 1e-12,
+                      per_task: str | None = None) -> tuple[dict, dict]:
+    """Assert packed and per-task losses and gradients agree, and which path ran; the metrics of ``split`` from
+    each path. The packed step is seen by ``forward_rows`` running, or, for models with their own training
+    losses, by the per-task method ``per_task`` not running; the packed evaluation by ``forward_rows``."""
+    rows = _spy(model, "forward_rows")
+    own = _spy(model, per_task) if per_task else []
     lp, gp = _losses_and_grads_full(model, tasks, True)
+    assert (not own) if per_task else rows, "the packed step did not run"
+    ran = len(rows)
     lu, gu = _losses_and_grads_full(model, tasks, False)
-    assert torch.allclose(lp, lu, rtol=1e-10, atol=1e-13)
+    assert len(rows) == ran and (own if per_task else True), "the per-task step took the packed path"
+    assert torch.allclose(lp, lu, rtol=rtol, atol=1e-13)
     for a, b in zip(gp, gu, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
-            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(a, b, rtol=1e-9 if per_task else 1e-10, atol=1e-12)
     with speed_paths(packed_rows=True):
         mp = evaluate(model, tasks, split)
+    assert len(rows) > ran, "the packed evaluation did not run"
+    ran = len(rows)
     with speed_paths(packed_rows=False):
         mu = evaluate(model, tasks, split)
+    assert len(rows) == ran, "the per-task evaluation took the packed path"
     return mp, mu
 
 
@@ -101,7 +125,7 @@ def test_hierarchical_heads_packed_equals_per_task() -> None:
     tasks = _tasks()
     torch.manual_seed(2)
     model = build_hierarchical(tasks, trunk_hidden=[4]).double()
-    mp, mu = _both_paths_agree(model, tasks, "test")
+    mp, mu = _both_paths_agree(model, tasks, "test", rtol=1e-10, per_task="_features")
     assert all(mp[n]["mse"] == pytest.approx(mu[n]["mse"], rel=1e-9) for n in mu)
 
 

@@ -49,16 +49,18 @@ class TaskBatcher:
         self.tasks = list(tasks)
         self.groups = task_groups(self.tasks)
         self.batch_size = batch_size
-        self._pools: list[RowPool] | None = None
+        self._pools: list[RowPool] | None = None  # built when first drawn with the switch on
+        self._pooled: set[str] = set()
 
     def sample(self, generator: torch.Generator) -> Batch:
         batch: Batch = {}
         pools: list[RowPool] = []
+        pooled: set[str] = set()
         if current_paths().packed_rows:
             if self._pools is None:
                 self._pools = row_pools(self.tasks)
-            pools = self._pools
-        pooled = {n for pool in pools for n in pool.names}
+                self._pooled = {n for pool in self._pools for n in pool.names}
+            pools, pooled = self._pools, self._pooled
         for group in self.groups:
             if group.tasks[0].name in pooled:
                 continue

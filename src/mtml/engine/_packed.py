@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtml.groups import task_groups
+from mtml.metrics import default_metrics
 from mtml.tasks import Task, TaskKind
 
 __all__ = ["PackedBatch", "RowPack", "RowPool", "packed_losses", "row_pools"]
@@ -198,11 +199,10 @@ def chunk_scores(model: torch.nn.Module, chunk: Sequence[Task], split: str) -> d
     owner = torch.repeat_interleave(torch.arange(len(chunk), device=pred.device), torch.tensor(sizes,
                                                                                                 device=pred.device))
     values = {k: fn(pred, y, owner, len(chunk)).tolist() for k, fn in segmented.items()}
-    loss = (values["mse"] if "mse" in values else
-            _segment_mse(pred, y, owner, len(chunk)).tolist())  # the default regression loss is the mean square
+    if "mse" in values:  # the default regression loss is the mean square
+        loss = values["mse"]
+    else:
+        mse = default_metrics("regression")["mse"].segmented
+        assert mse is not None
+        loss = mse(pred, y, owner, len(chunk)).tolist()
     return {n: {**{k: v[i] for k, v in values.items()}, "loss": loss[i]} for i, n in enumerate(names)}
-
-
-def _segment_mse(pred: Tensor, y: Tensor, owner: Tensor, m: int) -> Tensor:
-    rows = pred.new_zeros(m).index_add(0, owner, torch.ones_like(owner, dtype=pred.dtype))
-    return pred.new_zeros(m).index_add(0, owner, ((pred - y) ** 2).mean(1)) / rows

@@ -30,25 +30,39 @@ def prints() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so it stops the way Ctrl-C does (checkpoints kept, run.json
-    marked interrupted) instead of dying silently with its run marked running."""
-
-
 _signals: list[int] = []  # the signals this process received (click turns the exception into an exit code)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM: inside a training loop, stop after the step in progress with a checkpoint of it (see
+    mtml.engine._preempt); anywhere else, stop at once the way Ctrl-C does."""
+    from mtml.engine._preempt import Terminated, request_stop
+
     _signals.append(signum)
-    raise _Terminated
+    if not request_stop():
+        raise Terminated
+
+
+def _on_late_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM after the command has finished (while the interpreter shuts down): exit at once, quietly."""
+    os._exit(TERMINATED)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
     into one-line messages without a traceback. SIGTERM is handled like Ctrl-C (exit status 143)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
-            signal.SIG_DFL, None):
+    handles = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL, None)
+    if handles:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main(argv)
+    finally:
+        if handles:  # a SIGTERM during exit handlers must not print a traceback from one of them
+            signal.signal(signal.SIGTERM, _on_late_sigterm)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except MtmlError as exc:
@@ -56,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)  # rank 0 printed this error already
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as exc:
+        _interrupted(getattr(exc, "message", ""))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -76,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
-def _interrupted() -> None:
+def _interrupted(message: str = "") -> None:
     """Ctrl-C (or SIGTERM): one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit
     status 130 (143 for SIGTERM)."""
     code = TERMINATED if signal.SIGTERM in _signals else INTERRUPTED
     if "MTML_LAUNCHED" not in os.environ and prints():
         what = "terminated" if code == TERMINATED else "interrupted"
-        err_console.print(f"{what}. Continue a run with: mtml train --resume RUN")
+        err_console.print(message or f"{what}. Continue a run by running the same command again, or with: "
+                                     "mtml train --resume RUN")
     sys.exit(code)

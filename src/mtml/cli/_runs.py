@@ -23,8 +23,12 @@ def train(
     = None,
     seeds: Annotated[str | None, typer.Option(help="one run per seed under OUT/seed-N, e.g. 0,1,2 (spread over "
                                                    "--nproc ranks)")] = None,
+    auto_resume: Annotated[bool, typer.Option(help="when --out holds an unfinished run of the same config, "
+                                                   "continue it (--no-auto-resume: refuse any existing --out)")]
+    = True,
 ) -> None:
-    """Train a config into a run directory, or --resume an interrupted run."""
+    """Train a config into a run directory (continuing it if it is this config's unfinished run), or --resume
+    an interrupted run."""
     from mtml.config import load_config
     from mtml.report import RichProgress
     from mtml.workflows import resume_run
@@ -32,11 +36,11 @@ def train(
 
     seed_list = _seed_list(seeds)
     if nproc != 1 or dist_timeout is not None:
-        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout, seeds)
+        _launch_train(config, set_ or [], out, resume, quiet, nproc, dist_timeout, seeds, auto_resume)
         return
     main_rank = prints()
     if seed_list is not None:
-        _train_seeds(config, set_ or [], out, resume, seed_list, main_rank)
+        _train_seeds(config, set_ or [], out, resume, seed_list, main_rank, auto_resume)
         return
     progress = None if quiet or not main_rank else RichProgress("train", console=console)
     if resume is not None:
@@ -47,7 +51,8 @@ def train(
         if config is None:
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
         cfg = load_config(config, set_ or [])
-        run, result = train_config(cfg, out, progress=progress)
+        run, result = train_config(cfg, out, progress=progress, auto_resume=auto_resume,
+                                   announce=console.print if main_rank else None)
     if not main_rank:
         return
     _print_scores(result.test or result.val, f"test metrics (best step {result.fit.best_step})")
@@ -64,13 +69,13 @@ def _seed_list(seeds: str | None) -> list[int] | None:
 
 
 def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, seeds: list[int],
-                 main_rank: bool) -> None:
+                 main_rank: bool, auto_resume: bool = True) -> None:
     from mtml.config import load_config
     from mtml.workflows import train_seeds
 
     if resume is not None or config is None:
         raise MtmlError("--seeds trains a CONFIG once per seed; it cannot --resume (resume each seed-N run).")
-    results = train_seeds(load_config(config, set_), seeds, out)
+    results = train_seeds(load_config(config, set_), seeds, out, auto_resume=auto_resume)
     for seed, (path, summary) in zip(seeds, results, strict=True) if main_rank else ():
         _print_scores(summary["test"] or summary["val"], f"seed {seed}: test metrics (best step "
                                                          f"{summary['best_step']})")
@@ -78,13 +83,14 @@ def _train_seeds(config: Path | None, set_: list[str], out: Path | None, resume:
 
 
 def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume: Path | None, quiet: bool,
-                  nproc: int, timeout: float | None, seeds: str | None = None) -> None:
+                  nproc: int, timeout: float | None, seeds: str | None = None, auto_resume: bool = True) -> None:
     """``--nproc N``: start N local ranks of the same command (see :func:`mtml.engine.launch`)."""
     from mtml.config import load_config
     from mtml.engine import Run
     from mtml.workflows import default_run_dir
 
-    args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else [])]
+    args = ["train", *(["--quiet"] if quiet else []), *(["--seeds", seeds] if seeds is not None else []),
+            *([] if auto_resume else ["--no-auto-resume"])]
     if resume is not None:
         if config is not None or set_:
             raise MtmlError("--resume continues a run with its own config.yaml; drop CONFIG and --set.")
@@ -93,8 +99,12 @@ def _launch_train(config: Path | None, set_: list[str], out: Path | None, resume
     else:
         if config is None:
             raise MtmlError("give a CONFIG file to train, or --resume RUN to continue a run.")
-        run_dir = out or default_run_dir(load_config(config, set_))  # one name for every rank
-        Run.check_new(run_dir)  # said once, here, rather than by every rank
+        cfg = load_config(config, set_)
+        run_dir = out or default_run_dir(cfg)  # one name for every rank
+        if auto_resume and seeds is None:
+            Run.reopen(run_dir, cfg.to_dict())  # a refusal is said once, here, rather than by every rank
+        elif not auto_resume:
+            Run.check_new(run_dir)
         args += [str(config), *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
     start_ranks(args, nproc, timeout, run_dir)
 

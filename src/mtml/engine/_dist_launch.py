@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NoReturn, Protocol
 
 from mtml.engine._distributed import DistributedError
+from mtml.engine._preempt import Terminated
 from mtml.errors import ConfigError
 
 __all__ = ["LAUNCH_METHODS", "OPTIMIZER_IMPORTS", "PRELOAD", "free_port", "launch", "launch_method"]
@@ -43,6 +44,7 @@ OPTIMIZER_IMPORTS = ("torch.optim", "torch._dynamo")
 
 GRACE_S = 5.0  # how long a stopped rank gets to exit after SIGTERM before SIGKILL
 SETTLE_S = 0.5  # ranks that saw the failure themselves get this long to exit with their own message
+PREEMPT_GRACE_S = 30.0  # after a SIGTERM is passed on: time for the ranks to finish a step and checkpoint it
 
 
 def free_port() -> int:
@@ -180,10 +182,10 @@ def _describe(rank: int, code: int) -> str:
     return f"rank {rank} exited with code {code}"
 
 
-def _stop(procs: Sequence[_Worker]) -> list[int]:
-    """SIGTERM every rank still running after :data:`SETTLE_S`, SIGKILL those still there after
+def _stop(procs: Sequence[_Worker], settle: float = SETTLE_S) -> list[int]:
+    """SIGTERM every rank still running after ``settle`` seconds, SIGKILL those still there after
     :data:`GRACE_S`; returns the ranks it had to stop."""
-    settle = time.monotonic() + SETTLE_S
+    settle = time.monotonic() + settle
     while any(p.poll() is None for p in procs) and time.monotonic() < settle:
         time.sleep(0.05)
     stopped = [r for r, p in enumerate(procs) if p.poll() is None]
@@ -251,11 +253,14 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeo
             procs.append(_Forked(entry, args, env) if fork and entry is not None else
                          subprocess.Popen(cmd, env=env, start_new_session=True))
         codes, stopped = _watch(procs)
-    except KeyboardInterrupt:
-        for p in procs:  # pass Ctrl-C on, so each rank stops the way one process would
+    except KeyboardInterrupt as exc:
+        # pass Ctrl-C (or SIGTERM) on, so each rank stops the way one process would: on SIGTERM a training rank
+        # finishes its step and rank 0 writes a checkpoint of it (mtml.engine._preempt), so they get longer
+        term = isinstance(exc, Terminated)
+        for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        _stop(procs)
+                p.send_signal(signal.SIGTERM if term else signal.SIGINT)
+        _stop(procs, settle=PREEMPT_GRACE_S if term else SETTLE_S)
         raise
     if all(c == 0 for c in codes):
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import time
 import weakref
@@ -29,12 +30,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from mtml.engine import _preempt as preempt
 from mtml.engine._shm_reduce import MismatchError, SharedReducer, problem_here
 from mtml.errors import ConfigError, MtmlError
 
 __all__ = [
-    "DistributedError", "all_gather_objects", "all_reduce_", "broadcast_from_main", "fault_point", "is_distributed",
-    "is_main", "map_ranks", "rank", "reduce_gradients", "session", "shard", "world_size",
+    "DistributedError", "all_gather_objects", "all_reduce_", "broadcast_from_main", "fault_point", "fresh_round",
+    "is_distributed",
+    "is_main", "map_ranks", "rank", "reduce_gradients", "session", "shard", "stop_agreed", "world_size",
 ]
 
 T = TypeVar("T")
@@ -86,7 +89,13 @@ def env_timeout() -> float:
 
 
 def _start_from_env(device: torch.device) -> bool:
-    """Join the process group described by the environment; False when there is none (or one rank)."""
+    """Join the process group described by the environment; False when there is none (or one rank).
+
+    Everything is read from the environment of this start (nothing is cached across torchrun's restarts).
+    Under torchrun's shared store (``TORCHELASTIC_USE_AGENT_STORE=True``, its default) the group meets under
+    a key prefix fresh to this start (:func:`fresh_round`): torchrun keeps one store for all restarts, and
+    the keys of the group it restarted would otherwise send the new ranks to the dead ones' ports.
+    """
     if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -96,13 +105,73 @@ def _start_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_device(device))  # NCCL's object collectives use the current device
+    timeout = timedelta(seconds=env_timeout())
+    r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=env_timeout()))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w, is_master=False,
+                                  timeout=timeout)
+            prefix = fresh_round(store, r, w, timeout.total_seconds())
+            dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=r, world_size=w,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as exc:
-        raise DistributedError(f"rank {os.environ['RANK']} could not join the process group at "
-                               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({_first_line(exc)}). "
-                               "Check that every rank was started with the same rendezvous settings.") from None
+        raise DistributedError(f"rank {r} could not join the process group ({_first_line(exc)}). "
+                               f"{_rendezvous()}") from None
     return True
+
+
+def _rendezvous() -> str:
+    """What a rank was told to meet at, and what to check when it could not."""
+    env = os.environ
+    where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        where += (f" (torchrun rendezvous id {env['TORCHELASTIC_RUN_ID']!r}, restart "
+                  f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')} of {env.get('TORCHELASTIC_MAX_RESTARTS', '0')})")
+    return (f"Rendezvous: {where}, world size {env.get('WORLD_SIZE')}. Check that every node runs the same "
+            "command with the same rendezvous flags, that this address and port are reachable from every node, "
+            f"and that all ranks start within MTML_DIST_TIMEOUT={env.get('MTML_DIST_TIMEOUT', DEFAULT_TIMEOUT)}s.")
+
+
+_POLL_S = 0.005
+
+
+def fresh_round(store: dist.Store, rank: int, world: int, timeout: float) -> str:
+    """A key prefix that every rank of this start gets and no earlier start used (collective over ``store``).
+
+    Rank 0 draws a random nonce. Every other rank posts a random token under ``hello/<rank>`` and waits for
+    the nonce under ``reply/<token>``, then acknowledges it under ``ack/<nonce>/<rank>``; rank 0 answers
+    whatever token it finds under each ``hello`` until every rank has acknowledged. A token left by a rank
+    of an earlier start gets an answer nobody reads, and every key a rank waits on is new, so no stale value
+    is ever taken (torchrun's own restart count cannot serve: each node's agent counts its own restarts).
+    """
+    base = f"mtml/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    if rank != 0:
+        token = secrets.token_hex(8)
+        store.set(f"{base}/hello/{rank}", token)
+        store.wait([f"{base}/reply/{token}"], timedelta(seconds=timeout))
+        nonce = store.get(f"{base}/reply/{token}").decode()
+        store.set(f"{base}/ack/{nonce}/{rank}", "1")
+        return f"{base}/round/{nonce}/"
+    nonce = secrets.token_hex(8)
+    answered: dict[int, str] = {}
+    pending = set(range(1, world))
+    deadline = time.monotonic() + timeout
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"{base}/ack/{nonce}/{r}"]):
+                pending.discard(r)
+            elif store.check([f"{base}/hello/{r}"]):
+                token = store.get(f"{base}/hello/{r}").decode()
+                if answered.get(r) != token:
+                    store.set(f"{base}/reply/{token}", nonce)
+                    answered[r] = token
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"rank(s) {', '.join(map(str, sorted(pending)))} did not arrive within {timeout:g}s")
+        if pending:
+            time.sleep(_POLL_S)
+    return f"{base}/round/{nonce}/"
 
 
 @contextmanager
@@ -235,11 +304,13 @@ def reduce_gradients(params: Sequence[torch.Tensor], extra: torch.Tensor | None 
     dtype, device = torch.float64 if ref.dtype == torch.float64 else torch.float32, ref.device
     parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
                                                                                   device=device) for p in params]
-    flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    # one flag per parameter (had a gradient), then this rank's stop vote (a pending SIGTERM, see _preempt)
+    flags = torch.tensor([*(p.grad is not None for p in params), preempt.vote()], dtype=dtype, device=device)
     tail = [extra.reshape(-1).to(dtype=dtype, device=device)] if extra is not None else []
     flat = torch.cat([*parts, flags, *tail])
     all_reduce_(flat, "the gradient all-reduce")
     offset, total = 0, sum(x.numel() for x in parts)
+    preempt.tally(float(flat[total + len(params)]))
     had = flat[total: total + len(params)].tolist()
     for p, seen in zip(params, had, strict=True):
         n = p.numel()
@@ -247,7 +318,7 @@ def reduce_gradients(params: Sequence[torch.Tensor], extra: torch.Tensor | None 
         offset += n
     if extra is None:
         return None
-    return flat[total + len(params):].view_as(extra).to(extra.dtype)
+    return flat[total + len(params) + 1:].view_as(extra).to(extra.dtype)
 
 
 def all_gather_objects(obj: T, what: str = "gathering results") -> list[T]:
@@ -301,12 +372,31 @@ def broadcast_from_main(fn: Callable[[], T], what: str = "sharing rank 0's resul
     return value
 
 
+def stop_agreed(tallied_before: int) -> bool:
+    """Whether every rank stops after this step (a SIGTERM reached one of them: see :mod:`._preempt`).
+    Collective on several ranks when the step made no gradient all-reduce (``tallied_before`` is
+    :func:`._preempt.tallies` from before the step); then the vote takes one small all-reduce of its own."""
+    if not is_distributed():
+        return preempt.requested()
+    if preempt.tallies() == tallied_before:
+        box = torch.tensor([preempt.vote()])
+        all_reduce_(box, "the stop vote")
+        preempt.tally(float(box[0]))
+    return preempt.agreed()
+
+
 def fault_point(step: int) -> None:
     """Test hook: with ``MTML_FAULT_AT_STEP=k`` the rank ``MTML_FAULT_RANK`` (default 1) of a multi-rank run
-    fails at step ``k``: ``MTML_FAULT_MODE=kill`` (default) SIGKILLs itself, ``hang`` stops answering."""
+    fails at step ``k``: ``MTML_FAULT_MODE=kill`` (default) SIGKILLs itself, ``hang`` stops answering,
+    ``term`` sends itself SIGTERM (a preemption). ``k1,k2,…`` fails start ``i`` of a torchrun group
+    (``TORCHELASTIC_RESTART_COUNT=i``) at step ``k_{i+1}``; starts beyond the list run clean."""
     if not is_distributed() or "MTML_FAULT_AT_STEP" not in os.environ:
         return
-    if step == int(os.environ["MTML_FAULT_AT_STEP"]) and rank() == int(os.environ.get("MTML_FAULT_RANK", "1")):
-        if os.environ.get("MTML_FAULT_MODE", "kill") == "hang":
-            time.sleep(3600.0)
-        os.kill(os.getpid(), signal.SIGKILL)
+    steps = [int(k) for k in os.environ["MTML_FAULT_AT_STEP"].split(",") if k.strip()]
+    start = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if start >= len(steps) or step != steps[start] or rank() != int(os.environ.get("MTML_FAULT_RANK", "1")):
+        return
+    mode = os.environ.get("MTML_FAULT_MODE", "kill")
+    if mode == "hang":
+        time.sleep(3600.0)
+    os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGKILL)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
-from mtml.engine._distributed import broadcast_from_main, fault_point, is_main
+from mtml.engine import _preempt as preempt
+from mtml.engine._distributed import all_reduce_, broadcast_from_main, fault_point, is_main, stop_agreed
 from mtml.engine._run import Run
-from mtml.errors import CheckpointError, ConfigError, DivergedError
+from mtml.errors import CheckpointError, ConfigError, DivergedError, MtmlError
 
 __all__ = ["FitResult", "ProgressHook", "StopRule", "fit"]
 
@@ -105,22 +106,27 @@ def fit(
     if progress is not None:
         progress.start(stop.max_steps, result.steps)
     try:
-        while result.steps < stop.max_steps and not result.stopped_early:
-            if not all(m.training for m in modules.values()):  # validation left them in eval mode
-                _train_mode(modules, True)  # (a recursive walk: 30 us a step for a MAML model and its algorithm)
-            info = dict(train_step())
-            result.steps += 1
-            step = result.steps
-            fault_point(step)
-            if run is not None and (step % log_every == 0 or step == 1):
-                run.log({"kind": "train", "step": step, **info})
-            if step % stop.eval_every == 0 or step == stop.max_steps:
-                best_state = _validate(validate, modules, stop, result, run, best_state, info)
-            if progress is not None:
-                progress.update(step, {**info, "best": result.best_objective})
-            if run is not None and (step % every == 0 or result.stopped_early):
-                result.seconds = time.perf_counter() - t0
-                _save(run, modules, optimizer, generators, result, keep_checkpoints)
+        with preempt.stop_window():  # SIGTERM now stops after the step in progress, with a checkpoint of it
+            while result.steps < stop.max_steps and not result.stopped_early:
+                if not all(m.training for m in modules.values()):  # validation left them in eval mode
+                    _train_mode(modules, True)  # (a recursive walk: 30 us a step for a MAML model and algorithm)
+                tallied = preempt.tallies()
+                info = dict(train_step())
+                result.steps += 1
+                step = result.steps
+                fault_point(step)
+                if run is not None and (step % log_every == 0 or step == 1):
+                    run.log({"kind": "train", "step": step, **info})
+                if step % stop.eval_every == 0 or step == stop.max_steps:
+                    best_state = _validate(validate, modules, stop, result, run, best_state, info)
+                if progress is not None:
+                    progress.update(step, {**info, "best": result.best_objective})
+                saved = run is not None and (step % every == 0 or result.stopped_early)
+                if saved:
+                    result.seconds = time.perf_counter() - t0
+                    _save(run, modules, optimizer, generators, result, keep_checkpoints)
+                if stop_agreed(tallied):
+                    _preempted(run, modules, optimizer, generators, result, keep_checkpoints, saved, t0)
     finally:
         if progress is not None:
             progress.stop()
@@ -196,6 +202,25 @@ def _save(run: Run, modules: Mapping[str, nn.Module], optimizer: torch.optim.Opt
     save_checkpoint(run.step_checkpoint(result.steps), modules=modules, optimizer=optimizer,
                     generators=generators, meta=meta)
     run.prune_checkpoints(keep)
+
+
+def _preempted(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
+               generators: Mapping[str, torch.Generator], result: FitResult, keep: int, saved: bool,
+               t0: float) -> None:
+    """Stop after a SIGTERM: rank 0 checkpoints this step (unless it just did), every rank waits for that
+    file, then :class:`~._preempt.Terminated` ends the run the way Ctrl-C does."""
+    if run is not None:
+        if not saved:
+            result.seconds = time.perf_counter() - t0
+            _save(run, modules, optimizer, generators, result, keep)
+        run.log({"kind": "preempted", "step": result.steps, "time": time.time()})
+    try:  # the other ranks leave only once rank 0's checkpoint is on disk (no-op on one process)
+        all_reduce_(torch.zeros(1), "waiting for rank 0's checkpoint")
+    except MtmlError:
+        pass
+    where = run.path if run is not None else "RUN"
+    raise preempt.Terminated(f"terminated at step {result.steps}: checkpoint written; run the same command again "
+                             f"(or `mtml train --resume {where}`) to continue from it.")
 
 
 def _resume(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,

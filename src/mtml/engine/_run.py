@@ -63,6 +63,39 @@ class Run:
             )
 
     @classmethod
+    def reopen(cls, path: str | Path, config: dict[str, Any]) -> Run | None:
+        """The unfinished run at ``path`` that ``config`` continues, or ``None`` when ``path`` is free for a new
+        run (what ``mtml train CONFIG --out PATH`` does by itself, and what a restarted torchrun group needs).
+
+        Continued: a run directory written by the same resolved config whose status is not ``completed``
+        (``running`` after a crash or kill, ``interrupted``). Refused with :class:`RunExistsError` naming why:
+        a directory that is not a run, a completed or diverged run, or a different config (the keys that
+        differ are listed).
+        """
+        path = Path(path)
+        if is_free_dir(path):
+            return None
+        if not path.is_dir() or not (path / "config.yaml").is_file():
+            raise RunExistsError(f"{path} already exists and is not an mtml run directory (no config.yaml); "
+                                 "refusing to write into it. Choose another --out.")
+        run = cls(path)
+        status = run.status().get("status")
+        if status == "completed":
+            raise RunExistsError(f"run directory {path} already exists and its run has completed; refusing to "
+                                 f"overwrite it. Choose another --out (see its results with `mtml eval {path}`).")
+        if status == "diverged":
+            raise RunExistsError(f"run directory {path} already exists and its run diverged; the same config would "
+                                 "diverge again. Choose another --out (and a lower training.lr).")
+        ours = yaml.safe_load(yaml.safe_dump(config, sort_keys=False)) or {}
+        changed = config_changes(run.config(), ours)
+        if changed:
+            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise RunExistsError(f"run directory {path} already exists with a different config ({shown}); "
+                                 f"refusing to continue it with this one. Choose another --out, or continue it "
+                                 f"unchanged with --resume {path}.")
+        return run
+
+    @classmethod
     def open(cls, path: str | Path) -> Run:
         """An existing run; raises :class:`CheckpointError` if ``path`` is not a run directory."""
         path = Path(path)
@@ -165,3 +198,20 @@ class Run:
         """Delete all but the newest ``keep`` step checkpoints (``best`` is never deleted)."""
         for _, path in self.checkpoints()[:-keep] if keep > 0 else []:
             path.unlink(missing_ok=True)
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``"key.path: old -> new"`` for every value that differs between two config dicts (nested dicts are
+    compared key by key; lists and scalars as wholes)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in new:
+                out.append(f"{name}: {old[key]!r} -> (unset)")
+            elif key not in old:
+                out.append(f"{name}: (unset) -> {new[key]!r}")
+            else:
+                out.extend(config_changes(old[key], new[key], name))
+        return out
+    return [] if old == new else [f"{prefix or '(config)'}: {old!r} -> {new!r}"]

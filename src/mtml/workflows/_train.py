@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from mtml.report import plot_learning_curves
 from mtml.workflows._build import Built, build, default_run_dir, read_config, resolve_device, seeded, stop_rule
 from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
 
-__all__ = ["evaluate_run", "resume_run", "train", "train_seeds"]
+__all__ = ["check_restartable", "evaluate_run", "resume_run", "train", "train_seeds"]
 
 
 @dataclass
@@ -101,23 +103,71 @@ def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
 
 
 def train(
-    config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None
+    config: Config, out: str | Path | None = None, *, progress: ProgressHook | None = None,
+    auto_resume: bool = True, announce: Callable[[str], None] | None = None,
 ) -> tuple[Run, TrainResult]:
-    """Train ``config`` into a new run directory ``out`` (default: :func:`default_run_dir`).
+    """Train ``config`` into the run directory ``out`` (default: a new :func:`default_run_dir`).
 
     Data, model, algorithm, weighting and device are all built first, so a bad setting fails before any
-    directory is created. Started by ``torchrun`` (or ``mtml train --nproc N``), every rank trains its share
-    of each batch and rank 0 writes the run directory (see docs/distributed.md).
+    directory is created. When ``out`` holds an unfinished run of the same config (a crash, a kill, a
+    preemption, or torchrun restarting its group), it is continued from its last good checkpoint
+    (``auto_resume=False`` refuses any existing directory instead; a changed config is always refused, with
+    the differing keys named); ``announce`` gets one line saying so. Started by ``torchrun`` (or ``mtml train
+    --nproc N``), every rank trains its share of each batch and rank 0 writes the run directory (see
+    docs/distributed.md).
     """
+    check_restartable(config, out)
     with session(resolve_device(config.device)):
         prep = _prepare(config)
-        run = broadcast_from_main(lambda: Run.create(out or default_run_dir(config), config.to_dict()),
-                                  "creating the run directory")
-        return run, _run(prep, run, resume=False, progress=progress)
+        target = out or default_run_dir(config)
+        run, resume = broadcast_from_main(lambda: _open_run(target, config, auto_resume, announce),
+                                          "creating the run directory")
+        return run, _run(prep, run, resume=resume, progress=progress)
+
+
+def _open_run(path: str | Path, config: Config, auto_resume: bool,
+              announce: Callable[[str], None] | None) -> tuple[Run, bool]:
+    """Rank 0: the run to train into, and whether it resumes from a checkpoint."""
+    found = Run.reopen(path, config.to_dict()) if auto_resume else None
+    if found is None:
+        return Run.create(path, config.to_dict()), False
+    found.sweep_temporaries()
+    latest = found.checkpoints()
+    was = found.status().get("status", "unknown")
+    found.set_status("running", restarts=int(found.status().get("restarts", 0)) + 1)
+    if not latest:  # it stopped before its first checkpoint: train it again from the start, in place
+        found.log({"kind": "restart", "step": 0, "time": time.time()})
+        if announce is not None:
+            announce(f"{path} holds this config's unfinished run ({was}) with no checkpoint yet: training it "
+                     "again from step 0.")
+        return found, False
+    if announce is not None:
+        announce(f"continuing the unfinished run in {path} ({was}) from its checkpoint at step {latest[-1][0]} "
+                 "(same config; --no-auto-resume refuses instead).")
+    return found, True
+
+
+def check_restartable(config: Config, out: str | Path | None) -> None:
+    """Under ``torchrun --max-restarts K`` (K > 0) a restarted group must find its run and a checkpoint in it:
+    :class:`ConfigError` before training when there is no ``--out`` or no checkpoint before the last step."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts <= 0:
+        return
+    if out is None:
+        raise ConfigError(f"torchrun may restart this group ({restarts} restart(s) allowed), but no --out was given: "
+                          "each start would train into a new runs/<name>-<time> directory and resume nothing. "
+                          "Give --out RUN.")
+    t = config.training
+    every = t.checkpoint_every or t.eval_every
+    if every >= t.max_steps:
+        raise ConfigError(f"torchrun may restart this group ({restarts} restart(s) allowed), but the run writes its "
+                          f"first checkpoint at its last step (checkpoint_every/eval_every {every} >= max_steps "
+                          f"{t.max_steps}), so a restart would start from step 0. Set training.checkpoint_every "
+                          "below max_steps.")
 
 
 def train_seeds(
-    config: Config, seeds: list[int], root: str | Path | None = None
+    config: Config, seeds: list[int], root: str | Path | None = None, *, auto_resume: bool = True
 ) -> list[tuple[Path, dict[str, Any]]]:
     """One run of ``config`` per seed, into ``root/seed-<seed>`` (default root: :func:`default_run_dir`).
 
@@ -126,11 +176,12 @@ def train_seeds(
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must list distinct seeds. Got {seeds}.")
+    check_restartable(config, root)
     with session(resolve_device(config.device)):
         base = Path(broadcast_from_main(lambda: str(root or default_run_dir(config)), "choosing the run root"))
 
         def one(seed: int) -> tuple[Path, dict[str, Any]]:
-            run, _ = train(config.model_copy(update={"seed": seed}), base / f"seed-{seed}")
+            run, _ = train(config.model_copy(update={"seed": seed}), base / f"seed-{seed}", auto_resume=auto_resume)
             return run.path, run.summary()
 
         return map_ranks(one, seeds)

@@ -7,6 +7,7 @@ users with their own loop can call the step functions directly instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -16,8 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
 from mtml.engine import _preempt as preempt
+from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
 from mtml.engine._distributed import all_reduce_, broadcast_from_main, fault_point, is_main, stop_agreed
 from mtml.engine._run import Run
 from mtml.errors import CheckpointError, ConfigError, DivergedError, MtmlError
@@ -214,10 +215,8 @@ def _preempted(run: Run | None, modules: Mapping[str, nn.Module], optimizer: tor
             result.seconds = time.perf_counter() - t0
             _save(run, modules, optimizer, generators, result, keep)
         run.log({"kind": "preempted", "step": result.steps, "time": time.time()})
-    try:  # the other ranks leave only once rank 0's checkpoint is on disk (no-op on one process)
+    with contextlib.suppress(MtmlError):  # the other ranks leave once rank 0's checkpoint is on disk
         all_reduce_(torch.zeros(1), "waiting for rank 0's checkpoint")
-    except MtmlError:
-        pass
     where = run.path if run is not None else "RUN"
     raise preempt.Terminated(f"terminated at step {result.steps}: checkpoint written; run the same command again "
                              f"(or `mtml train --resume {where}`) to continue from it.")

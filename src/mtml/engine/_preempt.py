@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "request_stop", "requested", "stop_window", "tally", "tallies", "vote"]
+__all__ = ["Terminated", "agreed", "request_stop", "requested", "stop_window", "tallies", "tally", "vote"]
 
 
 class Terminated(KeyboardInterrupt):

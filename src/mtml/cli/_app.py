@@ -70,8 +70,8 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(2)  # rank 0 printed this error already
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt as exc:
-        _interrupted(getattr(exc, "message", ""))
+    except KeyboardInterrupt:
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -90,10 +90,13 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(code)
 
 
-def _interrupted(message: str = "") -> None:
+def _interrupted() -> None:
     """Ctrl-C (or SIGTERM): one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit
-    status 130 (143 for SIGTERM)."""
-    code = TERMINATED if signal.SIGTERM in _signals else INTERRUPTED
+    status 130 (143 for SIGTERM, also when another rank received it and this one stopped at the same step)."""
+    preempt = sys.modules.get("mtml.engine._preempt")
+    terminated = preempt.last_terminated() if preempt is not None else None
+    message = terminated.message if terminated is not None else ""
+    code = TERMINATED if terminated is not None or signal.SIGTERM in _signals else INTERRUPTED
     if "MTML_LAUNCHED" not in os.environ and prints():
         what = "terminated" if code == TERMINATED else "interrupted"
         err_console.print(message or f"{what}. Continue a run by running the same command again, or with: "

@@ -44,6 +44,7 @@ OPTIMIZER_IMPORTS = ("torch.optim", "torch._dynamo")
 
 GRACE_S = 5.0  # how long a stopped rank gets to exit after SIGTERM before SIGKILL
 SETTLE_S = 0.5  # ranks that saw the failure themselves get this long to exit with their own message
+TERMINATED = 128 + signal.SIGTERM  # how a rank that stopped on SIGTERM exits (143)
 PREEMPT_GRACE_S = 30.0  # after a SIGTERM is passed on: time for the ranks to finish a step and checkpoint it
 
 
@@ -227,6 +228,15 @@ def check_ranks(nproc: int) -> None:
                           "MTML_ALLOW_OVERSUBSCRIBE=1 to start them anyway.")
 
 
+def _resume_hint(run_dir: Path | str | None) -> str:
+    if run_dir is None:  # a job with no checkpoints (e.g. `mtml transfer`)
+        return "Nothing was written; run the command again."
+    if any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
+        return (f"The run's checkpoints are kept: the same command continues it, as does `mtml train --resume "
+                f"{run_dir}` (any --nproc).")
+    return "No checkpoint was written, so there is nothing to resume."
+
+
 def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeout: float | None = None,
            entry: Callable[[list[str]], object] | None = None, preload: Sequence[str] = ()) -> None:
     """Run ``mtml <args>`` as ``nproc`` ranks of one process group on this machine.
@@ -264,15 +274,12 @@ def launch(args: Sequence[str], nproc: int, *, run_dir: Path | str | None, timeo
         raise
     if all(c == 0 for c in codes):
         return
+    hint = _resume_hint(run_dir)
+    if all(c in (0, TERMINATED) for c in codes) and not stopped:  # a rank got SIGTERM: all stopped at one step
+        raise Terminated(f"terminated: a rank received SIGTERM and every rank stopped after the same step. {hint}")
     # causes first: a rank killed by a signal or crashing comes before ranks that stopped with their own error
     # after seeing it (which of them exits first is a race: gloo notices a lost peer at once)
     ranks = sorted((r for r, c in enumerate(codes) if c != 0 and r not in stopped), key=lambda r: codes[r] == 2)
     failed = [_describe(r, codes[r]) for r in ranks]
     note = f"; stopped rank(s) {', '.join(map(str, stopped))}" if stopped else ""
-    if run_dir is None:  # a job with no checkpoints (e.g. `mtml transfer`)
-        hint = "Nothing was written; run the command again."
-    elif any(Path(run_dir, "checkpoints").glob("step-*.safetensors")):
-        hint = f"The run's checkpoints are kept: continue it with `mtml train --resume {run_dir}` (any --nproc)."
-    else:
-        hint = "No checkpoint was written, so there is nothing to resume."
     raise DistributedError(f"{nproc}-rank run failed: {'; '.join(failed)}{note}. {hint}")

@@ -46,7 +46,8 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT = 120.0
 #: True while a rank runs one of :func:`map_ranks`'s jobs on its own: collectives are off inside it.
 _LOCAL: ContextVar[bool] = ContextVar("mtml_distributed_local", default=False)
-_RESUME_HINT = "The run's checkpoints are kept: continue it with `mtml train --resume RUN` on any number of ranks."
+_RESUME_HINT = ("The run's checkpoints are kept: the same command (or torchrun restarting the group) continues it, "
+                "as does `mtml train --resume RUN`, on any number of ranks.")
 
 
 class DistributedError(MtmlError, RuntimeError):
@@ -387,14 +388,17 @@ def stop_agreed(tallied_before: int) -> bool:
 
 def fault_point(step: int) -> None:
     """Test hook: with ``MTML_FAULT_AT_STEP=k`` the rank ``MTML_FAULT_RANK`` (default 1) of a multi-rank run
-    fails at step ``k``: ``MTML_FAULT_MODE=kill`` (default) SIGKILLs itself, ``hang`` stops answering,
-    ``term`` sends itself SIGTERM (a preemption). ``k1,k2,…`` fails start ``i`` of a torchrun group
+    fails at step ``k`` (one process, when ``MTML_FAULT_RANK=0``): ``MTML_FAULT_MODE=kill`` (default) SIGKILLs
+    itself, ``hang`` stops answering, ``term`` sends itself SIGTERM (a preemption). ``k1,k2,…`` fails start ``i`` of a torchrun group
     (``TORCHELASTIC_RESTART_COUNT=i``) at step ``k_{i+1}``; starts beyond the list run clean."""
-    if not is_distributed() or "MTML_FAULT_AT_STEP" not in os.environ:
+    if "MTML_FAULT_AT_STEP" not in os.environ or _LOCAL.get():
+        return
+    target = int(os.environ.get("MTML_FAULT_RANK", "1"))
+    if not is_distributed() and target != 0:  # one process fails only when rank 0 is named
         return
     steps = [int(k) for k in os.environ["MTML_FAULT_AT_STEP"].split(",") if k.strip()]
     start = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if start >= len(steps) or step != steps[start] or rank() != int(os.environ.get("MTML_FAULT_RANK", "1")):
+    if start >= len(steps) or step != steps[start] or rank() != target:
         return
     mode = os.environ.get("MTML_FAULT_MODE", "kill")
     if mode == "hang":

@@ -123,7 +123,7 @@ def fit(
                 if progress is not None:
                     progress.update(step, {**info, "best": result.best_objective})
                 saved = run is not None and (step % every == 0 or result.stopped_early)
-                if saved:
+                if saved and run is not None:
                     result.seconds = time.perf_counter() - t0
                     _save(run, modules, optimizer, generators, result, keep_checkpoints)
                 if stop_agreed(tallied):

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "agreed", "request_stop", "requested", "stop_window", "tallies", "tally", "vote"]
+__all__ = ["Terminated", "agreed", "last_terminated", "request_stop", "requested", "stop_window", "tallies", "tally",
+           "vote"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -28,6 +29,12 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
         self.message = message
+        _S.last = self  # click turns a KeyboardInterrupt into exit code 130: the CLI looks here to say 143
+
+
+def last_terminated() -> Terminated | None:
+    """The last :class:`Terminated` raised in this process (``None`` if none was)."""
+    return _S.last
 
 
 class _State:
@@ -35,6 +42,7 @@ class _State:
     requested = False  # this rank received SIGTERM inside a window
     agreed = False  # the last vote's sum over ranks was non-zero
     rounds = 0  # votes tallied so far (one per data-parallel step)
+    last: Terminated | None = None
 
 
 _S = _State()

@@ -389,8 +389,8 @@ def stop_agreed(tallied_before: int) -> bool:
 def fault_point(step: int) -> None:
     """Test hook: with ``MTML_FAULT_AT_STEP=k`` the rank ``MTML_FAULT_RANK`` (default 1) of a multi-rank run
     fails at step ``k`` (one process, when ``MTML_FAULT_RANK=0``): ``MTML_FAULT_MODE=kill`` (default) SIGKILLs
-    itself, ``hang`` stops answering, ``term`` sends itself SIGTERM (a preemption). ``k1,k2,…`` fails start ``i`` of a torchrun group
-    (``TORCHELASTIC_RESTART_COUNT=i``) at step ``k_{i+1}``; starts beyond the list run clean."""
+    itself, ``hang`` stops answering, ``term`` sends itself SIGTERM (a preemption). ``k1,k2,…`` fails start
+    ``i`` of a torchrun group (``TORCHELASTIC_RESTART_COUNT=i``) at step ``k_{i+1}``; later starts run clean."""
     if "MTML_FAULT_AT_STEP" not in os.environ or _LOCAL.get():
         return
     target = int(os.environ.get("MTML_FAULT_RANK", "1"))

@@ -233,7 +233,7 @@ def _resume(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.
     if best is not None:
         best_state = {name: best.module_state(name) for name in modules}
     if is_main():
-        run.log({"kind": "resume", "step": result.steps, "checkpoint": latest})
+        run.log({"kind": "resume", "step": result.steps, "checkpoint": latest, "time": time.time()})
     return result, best_state
 
 

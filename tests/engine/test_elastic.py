@@ -271,6 +271,49 @@ def test_one_of_two_agents_killed_the_other_exits_within_its_timeout_with_one_li
 
 # -- another number of ranks -----------------------------------------------------------------------------
 @pytest.mark.slow
+def test_a_second_node_joining_an_elastic_run_continues_it_on_two_ranks_from_the_step_it_stopped(
+        tmp_path: Path) -> None:
+    """``--nnodes 1:2``: a node joining makes torchrun stop the running group (SIGTERM: a checkpoint of that
+    step) and start one of two ranks, which continues the run. torchrun 2.13's shared store deadlocks on such
+    a membership change (agents wait for a key nobody writes), hence TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as
+    docs/distributed.md says."""
+    long = {"max_steps": 400_000, "eval_every": 200_000, "checkpoint_every": 1000}
+    cfg, out, port = _config(tmp_path, **long), tmp_path / "run", free_port()
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+    def node() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2",
+                                 "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                 f"127.0.0.1:{port}", "--rdzv-id", f"grow-{port}", "--rdzv-conf",
+                                 "last_call_timeout=1", "-m", "mtml", "train", str(cfg), "--out", str(out),
+                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    first = node()
+    second = None
+    try:
+        _wait_for_step(out, first)
+        second = node()
+        deadline = time.monotonic() + 120
+        while not any(r["kind"] == "resume" for r in records(out)):
+            assert first.poll() is None and second.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the grown group never resumed"
+            time.sleep(0.05)
+        stopped = [r for r in records(out) if r["kind"] == "preempted"]
+        resumed = [r for r in records(out) if r["kind"] == "resume"]
+        assert len(stopped) == 1 and resumed[0]["step"] == stopped[0]["step"]  # no step lost
+        deadline = time.monotonic() + 60
+        while not [r for r in records(out) if r["kind"] == "train" and r["step"] > resumed[0]["step"]]:
+            assert time.monotonic() < deadline, "the grown group did not train"
+            time.sleep(0.05)
+        assert _children(first.pid) and _children(second.pid)  # a worker on each "node"
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.mark.slow
 def test_a_one_process_run_killed_then_continued_on_two_ranks(tmp_path: Path) -> None:
     cfg, out = _config(tmp_path), tmp_path / "run"
     killed = mtml("train", cfg, "--out", out, "--quiet",

@@ -36,7 +36,7 @@ _signals: list[int] = []  # the signals this process received (click turns the e
 def _on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM: inside a training loop, stop after the step in progress with a checkpoint of it (see
     mtml.engine._preempt); anywhere else, stop at once the way Ctrl-C does."""
-    from mtml.engine._preempt import Terminated, request_stop
+    from mtml.engine import Terminated, request_stop
 
     _signals.append(signum)
     if not request_stop():
@@ -93,8 +93,8 @@ def _main(argv: list[str] | None) -> None:
 def _interrupted() -> None:
     """Ctrl-C (or SIGTERM): one line (from the launcher of an ``--nproc`` run or rank 0 under torchrun), exit
     status 130 (143 for SIGTERM, also when another rank received it and this one stopped at the same step)."""
-    preempt = sys.modules.get("mtml.engine._preempt")
-    terminated = preempt.last_terminated() if preempt is not None else None
+    engine = sys.modules.get("mtml.engine")
+    terminated = engine.last_terminated() if engine is not None else None
     message = terminated.message if terminated is not None else ""
     code = TERMINATED if terminated is not None or signal.SIGTERM in _signals else INTERRUPTED
     if "MTML_LAUNCHED" not in os.environ and prints():

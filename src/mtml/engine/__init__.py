@@ -15,6 +15,7 @@ from mtml.engine._distributed import (
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import TaskBatcher, evaluate, joint_step, objective, predict
 from mtml.engine._precision import PRECISIONS, autocast, check_precision
+from mtml.engine._preempt import Terminated, last_terminated, request_stop
 from mtml.engine._run import Run
 from mtml.engine._trainer import TrainResult, check_stop_per_task, make_optimizer, train_multitask
 
@@ -28,6 +29,7 @@ __all__ = [
     "Run",
     "StopRule",
     "TaskBatcher",
+    "Terminated",
     "TrainResult",
     "autocast",
     "broadcast_from_main",
@@ -38,6 +40,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "joint_step",
+    "last_terminated",
     "launch",
     "load_checkpoint",
     "local_device",
@@ -45,6 +48,7 @@ __all__ = [
     "map_ranks",
     "objective",
     "predict",
+    "request_stop",
     "restore",
     "save_checkpoint",
     "session",

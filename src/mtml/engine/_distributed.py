@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mtml.engine import _preempt as preempt
+import mtml.engine._preempt as preempt
 from mtml.engine._shm_reduce import MismatchError, SharedReducer, problem_here
 from mtml.errors import ConfigError, MtmlError
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mtml.engine import _preempt as preempt
+import mtml.engine._preempt as preempt
 from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
 from mtml.engine._distributed import all_reduce_, broadcast_from_main, fault_point, is_main, stop_agreed
 from mtml.engine._run import Run

@@ -401,3 +401,37 @@ def test_resume_run_still_continues_explicitly(tmp_path: Path) -> None:
     (tmp_path / "run" / "run.json").write_text(json.dumps({"status": "interrupted"}))
     _, result = resume_run(tmp_path / "run")
     assert result.fit.steps == 16
+
+
+# -- one trainer at a time -------------------------------------------------------------------------------
+def test_a_run_being_trained_is_refused_to_a_second_trainer_and_free_once_its_trainer_is_killed(
+        tmp_path: Path) -> None:
+    """Continuing unfinished runs by themselves must not let two processes write one run (issue 17's lock)."""
+    long = {"max_steps": 400_000, "eval_every": 200_000, "checkpoint_every": 50}
+    cfg, out = _config(tmp_path, **long), tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_step(out, first)
+        for args in (("train", cfg, "--out", out), ("train", "--resume", out)):
+            second = mtml(*args, "--quiet")
+            assert second.returncode == 2, second.stderr
+            flat = " ".join(second.stderr.split())
+            assert f"being trained by another process (pid {first.pid})" in flat and "Traceback" not in flat
+        first.kill()  # SIGKILL: the kernel releases the lock
+        first.communicate()
+        assert json.loads((out / "run.json").read_text())["status"] == "running"
+        later = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        deadline = time.monotonic() + 60
+        while not any(r["kind"] == "resume" for r in records(out)):
+            assert later.poll() is None, later.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        later.send_signal(signal.SIGTERM)
+        _, err = later.communicate(timeout=60)
+        assert later.returncode == 143, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()

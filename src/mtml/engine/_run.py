@@ -16,6 +16,7 @@ Every file except ``metrics.jsonl`` is written atomically; the log is appended a
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 from mtml._version import __version__
 from mtml._yaml import load_yaml
@@ -32,6 +38,9 @@ from mtml.errors import CheckpointError, ConfigError, RunExistsError
 __all__ = ["Run"]
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+_LOCK = ".lock"
+#: the lock files this process holds, by resolved run path (file descriptors; closing one releases it)
+_HELD: dict[str, int] = {}
 
 
 class Run:
@@ -49,6 +58,7 @@ class Run:
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         (path / "plots").mkdir(exist_ok=True)
         run = cls(path)
+        run.lock()
         atomic_write_text(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         run.set_status("running", started=time.time())
         return run
@@ -79,6 +89,7 @@ class Run:
             raise RunExistsError(f"{path} already exists and is not an mtml run directory (no config.yaml); "
                                  "refusing to write into it. Choose another --out.")
         run = cls(path)
+        run.check_unlocked()
         status = run.status().get("status")
         if status == "completed":
             raise RunExistsError(f"run directory {path} already exists and its run has completed; refusing to "
@@ -103,6 +114,47 @@ class Run:
             raise CheckpointError(f"{path} is not an mtml run directory (no config.yaml). Give the folder that "
                                   "`mtml train` created.")
         return cls(path)
+
+    # -- one trainer at a time ----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the run's lock file until :meth:`unlock` or the end of this process (the kernel releases it
+        then, even after SIGKILL, so a crashed run is never left locked); :class:`RunExistsError` when another
+        process holds it. Without ``fcntl`` (not POSIX) runs are not locked."""
+        key = str(self.path.resolve())
+        if key in _HELD or fcntl is None:
+            return
+        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunExistsError(f"run directory {self.path} is being trained by another process (pid {holder}); "
+                                 "refusing to write into it at the same time. Wait for it to stop, or choose "
+                                 "another --out.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = fd
+
+    def unlock(self) -> None:
+        fd = _HELD.pop(str(self.path.resolve()), None)
+        if fd is not None:
+            os.close(fd)
+
+    def check_unlocked(self) -> None:
+        """:class:`RunExistsError` when another process trains this run right now (the lock is not kept)."""
+        if str(self.path.resolve()) in _HELD or fcntl is None or not (self.path / _LOCK).exists():
+            return
+        fd = os.open(self.path / _LOCK, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunExistsError(f"run directory {self.path} is being trained by another process (pid {holder}); "
+                                 "refusing to write into it at the same time. Wait for it to stop, or choose "
+                                 "another --out.") from None
+        finally:
+            os.close(fd)  # (closing releases a lock this probe took)
 
     def sweep_temporaries(self, older_than_s: float = 60.0) -> list[Path]:
         """Delete the temporary files an interrupted atomic write left (``.NAME.*.tmp`` in the run and its

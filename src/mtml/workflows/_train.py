@@ -73,7 +73,16 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
 
 
 def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
-    """Train (or resume), then write summary.json and plots and mark the run completed."""
+    """Train (or resume), then write summary.json and plots and mark the run completed; rank 0 then lets go
+    of the run's lock (taken when it created or reopened the run)."""
+    try:
+        return _train_into(prep, run, resume=resume, progress=progress)
+    finally:
+        if is_main():
+            run.unlock()
+
+
+def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
     config, built = prep.config, prep.built
     try:
         with seeded(config.seed, prep.device):  # dropout draws follow the run's seed and leave the caller's RNG
@@ -131,6 +140,7 @@ def _open_run(path: str | Path, config: Config, auto_resume: bool,
     found = Run.reopen(path, config.to_dict()) if auto_resume else None
     if found is None:
         return Run.create(path, config.to_dict()), False
+    found.lock()  # until _run ends (or this process does)
     found.sweep_temporaries()
     latest = found.checkpoints()
     was = found.status().get("status", "unknown")
@@ -194,6 +204,7 @@ def resume_run(path: str | Path, *, progress: ProgressHook | None = None) -> tup
     with session(resolve_device(config.device)):
         prep = _prepare(config)
         if is_main():
+            run.lock()
             run.sweep_temporaries()
             run.set_status("running")
         return run, _run(prep, run, resume=True, progress=progress)

@@ -206,6 +206,37 @@ def test_map_ranks_shard_and_gradient_reduction_on_two_ranks(mode: str | None) -
         assert got["extra"] == [1.0]
 
 
+def _stop_vote() -> dict[str, Any]:
+    """Rank 1 alone asks to stop; both ranks must learn it from the gradient all-reduce itself."""
+    from mtml.engine import _preempt as preempt
+    from mtml.engine._distributed import stop_agreed
+
+    with session(), preempt.stop_window():
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.ones(2)
+        before = preempt.tallies()
+        reduce_gradients([p], torch.tensor([1.0]))  # a quiet step first: nobody stops
+        quiet = stop_agreed(before)
+        if rank() == 1:
+            assert preempt.request_stop()
+        before = preempt.tallies()
+        p.grad = torch.ones(2)
+        extra = reduce_gradients([p], torch.tensor([2.0]))
+        voted = preempt.tallies() - before  # 1: the vote rode this all-reduce
+        agreed = stop_agreed(before)
+        return {"quiet": quiet, "voted": voted, "agreed": agreed, "extra": extra.tolist() if extra is not None
+                else None, "grad": p.grad.tolist(), "after": preempt.tallies() - before}
+
+
+def test_a_stop_request_on_one_rank_reaches_every_rank_through_the_gradient_all_reduce() -> None:
+    ranks = run_ranks(_stop_vote)
+    assert [r[0] for r in ranks] == ["ok", "ok"], ranks
+    for _, got, _ in ranks:
+        assert got["quiet"] is False and got["agreed"] is True
+        assert got["voted"] == 1 and got["after"] == 1  # no stop-vote all-reduce of its own was needed
+        assert got["extra"] == [4.0] and got["grad"] == [2.0, 2.0]  # the vote did not shift the other sums
+
+
 def test_helpers_are_no_ops_in_one_process() -> None:
     assert world_size() == 1 and rank() == 0
     assert map_ranks(lambda x: x + 1, iter([1, 2])) == [2, 3]

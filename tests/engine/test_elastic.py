@@ -221,7 +221,7 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_then_the_same_command_resumes
     assert len(stopped) == 1, err[-3000:]
     assert (out / "checkpoints" / f"step-{stopped[0]['step']:08d}.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    # the same command continues from the preempted step (shortened here with a changed-config-free resume)
+    # the same command continues from the preempted step (then is stopped the same way)
     again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
     while sum(r["kind"] == "resume" for r in records(out)) < 1:

@@ -311,8 +311,8 @@ def reduce_gradients(params: Sequence[torch.Tensor], extra: torch.Tensor | None 
     flat = torch.cat([*parts, flags, *tail])
     all_reduce_(flat, "the gradient all-reduce")
     offset, total = 0, sum(x.numel() for x in parts)
-    preempt.tally(float(flat[total + len(params)]))
-    had = flat[total: total + len(params)].tolist()
+    *had, votes = flat[total: total + len(params) + 1].tolist()  # one copy to the host for flags and vote
+    preempt.tally(votes)
     for p, seen in zip(params, had, strict=True):
         n = p.numel()
         p.grad = flat[offset: offset + n].view_as(p).to(p.dtype) if seen > 0 else None

@@ -122,8 +122,9 @@ def fit(
                     best_state = _validate(validate, modules, stop, result, run, best_state, info)
                 if progress is not None:
                     progress.update(step, {**info, "best": result.best_objective})
-                saved = run is not None and (step % every == 0 or result.stopped_early)
-                if saved and run is not None:
+                saved = False
+                if run is not None and (step % every == 0 or result.stopped_early):
+                    saved = True
                     result.seconds = time.perf_counter() - t0
                     _save(run, modules, optimizer, generators, result, keep_checkpoints)
                 if stop_agreed(tallied):

@@ -125,13 +125,10 @@ class Run:
             return
         fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            self._take(fd)
+        except RunExistsError:
             os.close(fd)
-            raise RunExistsError(f"run directory {self.path} is being trained by another process (pid {holder}); "
-                                 "refusing to write into it at the same time. Wait for it to stop, or choose "
-                                 "another --out.") from None
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _HELD[key] = fd
@@ -147,14 +144,21 @@ class Run:
             return
         fd = os.open(self.path / _LOCK, os.O_RDONLY)
         try:
+            self._take(fd)
+        finally:
+            os.close(fd)  # (closing releases a lock this probe took)
+
+    def _take(self, fd: int) -> None:
+        """Lock ``fd`` (the run's open lock file) without waiting; :class:`RunExistsError` naming the pid
+        written in it when another process holds the lock."""
+        assert fcntl is not None
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunExistsError(f"run directory {self.path} is being trained by another process (pid {holder}); "
                                  "refusing to write into it at the same time. Wait for it to stop, or choose "
                                  "another --out.") from None
-        finally:
-            os.close(fd)  # (closing releases a lock this probe took)
 
     def sweep_temporaries(self, older_than_s: float = 60.0) -> list[Path]:
         """Delete the temporary files an interrupted atomic write left (``.NAME.*.tmp`` in the run and its

@@ -143,8 +143,9 @@ def _open_run(path: str | Path, config: Config, auto_resume: bool,
     found.lock()  # until _run ends (or this process does)
     found.sweep_temporaries()
     latest = found.checkpoints()
-    was = found.status().get("status", "unknown")
-    found.set_status("running", restarts=int(found.status().get("restarts", 0)) + 1)
+    info = found.status()
+    was = info.get("status", "unknown")
+    found.set_status("running", restarts=int(info.get("restarts", 0)) + 1)
     if not latest:  # it stopped before its first checkpoint: train it again from the start, in place
         found.log({"kind": "restart", "step": 0, "time": time.time()})
         if announce is not None:

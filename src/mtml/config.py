@@ -22,8 +22,8 @@ from mtml.nn import ARCHITECTURES, BACKBONES, check_backbone_options
 from mtml.registry import Registry, check_options
 from mtml.weighting import WEIGHTINGS
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainingConfig", "WeightingConfig", "apply_overrides",
-           "load_config", "parse_overrides"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "SchedulerConfig", "TrainingConfig", "WeightingConfig",
+           "apply_overrides", "load_config", "parse_overrides"]
 
 
 class _Strict(BaseModel):
@@ -69,6 +69,35 @@ class WeightingConfig(_Strict):
         None, description="how gradient-based weightings get per-task gradients (default: the method's own)")
 
 
+class SchedulerConfig(_Strict):
+    """``training.scheduler``: a name (``scheduler: cosine``) or a mapping with the schedule's options."""
+
+    name: Literal["constant", "step", "cosine", "plateau"] = Field(
+        "constant", description="constant, step (× gamma every N updates), cosine (down to min_lr at max_steps) or "
+        "plateau (× factor after patience validations without improvement)")
+    warmup: int = Field(0, ge=0, description="updates ramping linearly up to training.lr first (not for plateau)")
+    every: int | None = Field(None, gt=0, description="step: updates between decays (required)")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: the rate's multiplier at each decay")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the final rate; plateau: the lowest rate")
+    factor: float = Field(0.1, gt=0.0, lt=1.0, description="plateau: the rate's multiplier at each reduction")
+    patience: int = Field(5, ge=1, description="plateau: the rate is cut at the patience-th validation in a row "
+                          "without improvement")
+
+    @model_validator(mode="after")
+    def _options_of_name(self) -> SchedulerConfig:
+        applies = {"constant": {"warmup"}, "step": {"warmup", "every", "gamma"}, "cosine": {"warmup", "min_lr"},
+                   "plateau": {"factor", "patience", "min_lr"}}[self.name]
+        # (a saved config.yaml holds every key at its default: only a changed one is a mistake)
+        fields = type(self).model_fields
+        extra = sorted(k for k in fields if k != "name" and k not in applies and getattr(self, k) != fields[k].default)
+        if extra:
+            raise ValueError(f"the {self.name} schedule takes {', '.join(sorted(applies))}, not "
+                             f"{', '.join(extra)}; remove {'them' if len(extra) > 1 else 'it'}")
+        if self.name == "step" and self.every is None:
+            raise ValueError("the step schedule needs every: N (updates between decays)")
+        return self
+
+
 class TrainingConfig(_Strict):
     algorithm: str = Field("joint", description="joint (multi-task) or a meta-learning algorithm from `mtml list`")
     algorithm_options: dict[str, Any] = Field(default_factory=dict, description="options of a meta algorithm")
@@ -90,10 +119,21 @@ class TrainingConfig(_Strict):
     keep_checkpoints: int = Field(3, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 autocast for steps and "
                                                        "evaluations (fp16: not yet, it needs a gradient scaler)")
+    scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(),
+                                       description="learning-rate schedule: constant, step, cosine or plateau")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient's global L2 norm to this (none: "
+                                    "no clipping)")
+    accumulate: int = Field(1, gt=0, description="micro-batches (of batch_size, or meta_batch tasks) averaged into "
+                            "each update; max_steps counts updates")
 
     @field_validator("weighting", mode="before")
     @classmethod
     def _weighting_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
@@ -101,6 +141,13 @@ class TrainingConfig(_Strict):
         if self.stop_per_task and self.algorithm != "joint":
             raise ValueError("stop_per_task applies to joint training only; remove it for a meta-learning "
                              "algorithm")
+        s = self.scheduler
+        if s.warmup and s.warmup >= self.max_steps:
+            raise ValueError(f"scheduler.warmup ({s.warmup}) must be below max_steps ({self.max_steps}), or the rate "
+                             "never reaches training.lr")
+        if s.name == "plateau" and self.patience and s.patience >= self.patience:
+            raise ValueError(f"scheduler.patience ({s.patience}) must be below the early-stopping patience "
+                             f"({self.patience}), or the run stops before the rate is ever lowered")
         return self
 
 
@@ -194,7 +241,8 @@ def _describe(err: Any) -> str:
         return f"{path}: unknown key.{hint} Allowed keys: {', '.join(allowed)}."
     given = err.get("input")
     shown = "" if isinstance(given, dict) or "got" in err["msg"] else f" (got {given!r})"
-    return f"{path}: {err['msg']}{shown}."
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{path}: {msg}{shown}."
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

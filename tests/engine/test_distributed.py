@@ -76,6 +76,11 @@ SHARED: dict[str, Any] = {
     "training": {"weighting": {"name": "mgda"}, "lr": 0.01, "batch_size": 33, "max_steps": 8, "eval_every": 4,
                  "patience": 0},
 }
+# accumulation, clipping and a schedule: each micro-batch's gradient is all-reduced, so the ranks clip the same sum
+MAML_UPDATES: dict[str, Any] = {**MAML, "name": "dist-maml-updates", "training": {
+    **MAML["training"], "accumulate": 2, "grad_clip": 0.5, "scheduler": {"name": "cosine", "warmup": 2}}}
+PCGRAD_UPDATES: dict[str, Any] = {**PCGRAD, "name": "dist-pcgrad-updates", "training": {
+    **PCGRAD["training"], "accumulate": 3, "grad_clip": 0.2, "scheduler": {"name": "step", "every": 3}}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
 
@@ -150,9 +155,11 @@ def assert_close_scores(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 # -- equivalence -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("config", "mode"), [(MAML, "shm"), (MAML, "process-group"), (PROTONET, "shm"),
-                                             (PCGRAD, None), (ROWS, "shm"), (SHARED, None)],
+                                             (PCGRAD, None), (ROWS, "shm"), (SHARED, None), (MAML_UPDATES, None),
+                                             (PCGRAD_UPDATES, "shm")],
                          ids=["maml-shm", "maml-gloo", "protonet", "joint-pcgrad", "joint-rows-uncertainty",
-                              "joint-shared-rows-mgda"])
+                              "joint-shared-rows-mgda", "maml-accumulate-clip-cosine",
+                              "joint-pcgrad-accumulate-clip-step"])
 def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config: dict[str, Any],
                                                           mode: str | None) -> None:
     one = _train(config, str(tmp_path / "one"))
@@ -165,6 +172,8 @@ def test_two_ranks_end_with_the_parameters_of_one_process(tmp_path: Path, config
     assert json.loads((two / "run.json").read_text())["status"] == "completed"
     logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "done" for r in logged) == 1  # one rank wrote the log
+    if "grad_clip" in config["training"]:  # the clipping updater ran (its norm is logged)
+        assert all("grad_norm" in r for r in logged if r["kind"] == "train")
 
 
 # -- helpers on 2 ranks ----------------------------------------------------------------------------------

@@ -18,19 +18,23 @@ from mtml.engine._precision import PRECISIONS, autocast, check_precision
 from mtml.engine._preempt import Terminated, last_terminated, request_stop
 from mtml.engine._run import Run
 from mtml.engine._trainer import TrainResult, check_stop_per_task, make_optimizer, train_multitask
+from mtml.engine._updates import SCHEDULES, LRSchedule, Updater
 
 __all__ = [
     "OPTIMIZER_IMPORTS",
     "PRECISIONS",
+    "SCHEDULES",
     "Checkpoint",
     "DistributedError",
     "FitResult",
+    "LRSchedule",
     "ProgressHook",
     "Run",
     "StopRule",
     "TaskBatcher",
     "Terminated",
     "TrainResult",
+    "Updater",
     "autocast",
     "broadcast_from_main",
     "check_precision",

@@ -21,6 +21,7 @@ import mtml.engine._preempt as preempt
 from mtml.engine._checkpoint import Checkpoint, load_checkpoint, load_state, restore, save_checkpoint
 from mtml.engine._distributed import all_reduce_, broadcast_from_main, fault_point, is_main, stop_agreed
 from mtml.engine._run import Run
+from mtml.engine._updates import Updater
 from mtml.errors import CheckpointError, ConfigError, DivergedError, MtmlError
 
 __all__ = ["FitResult", "ProgressHook", "StopRule", "fit"]
@@ -79,6 +80,7 @@ def fit(
     keep_checkpoints: int = 3,
     log_every: int = 10,
     progress: ProgressHook | None = None,
+    updater: Updater | None = None,
 ) -> FitResult:
     """Train until ``stop`` says so, then restore the best validated state of ``modules``.
 
@@ -89,7 +91,9 @@ def fit(
     end training after this validation. With ``run``,
     validations and every ``log_every``-th step are appended to ``metrics.jsonl``, a checkpoint is written every
     ``checkpoint_every`` steps (default: each validation) and the best state is kept as ``best.safetensors``;
-    ``resume=True`` continues from the run's latest checkpoint.
+    ``resume=True`` continues from the run's latest checkpoint. ``updater`` (the :class:`~._updates.Updater`
+    that ``train_step`` updates through, if any) gets each validation objective (a plateau schedule), and its
+    schedule's state travels in the checkpoints.
 
     In a process group every rank runs the loop (steps and validations are collective); only rank 0 writes
     to ``run`` and shows progress, and on resume it reads the checkpoint and hands it to the others.
@@ -100,7 +104,7 @@ def fit(
     result = FitResult()
     best_state = _snapshot(modules)
     if resume:
-        result, best_state = _resume(run, modules, optimizer, generators)
+        result, best_state = _resume(run, modules, optimizer, generators, updater)
     run = writer
     every = checkpoint_every or stop.eval_every
     t0 = time.perf_counter() - result.seconds
@@ -120,15 +124,17 @@ def fit(
                     run.log({"kind": "train", "step": step, **info})
                 if step % stop.eval_every == 0 or step == stop.max_steps:
                     best_state = _validate(validate, modules, stop, result, run, best_state, info)
+                    if updater is not None:
+                        updater.validated(info["val"])
                 if progress is not None:
                     progress.update(step, {**info, "best": result.best_objective})
                 saved = False
                 if run is not None and (step % every == 0 or result.stopped_early):
                     saved = True
                     result.seconds = time.perf_counter() - t0
-                    _save(run, modules, optimizer, generators, result, keep_checkpoints)
+                    _save(run, modules, optimizer, generators, result, keep_checkpoints, updater)
                 if stop_agreed(tallied):
-                    _preempted(run, modules, optimizer, generators, result, keep_checkpoints, saved, t0)
+                    _preempted(run, modules, optimizer, generators, result, keep_checkpoints, saved, t0, updater)
     finally:
         if progress is not None:
             progress.stop()
@@ -199,8 +205,10 @@ def _train_mode(modules: Mapping[str, nn.Module], training: bool) -> None:
 
 
 def _save(run: Run, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
-          generators: Mapping[str, torch.Generator], result: FitResult, keep: int) -> None:
-    meta = {"step": result.steps, "fit": {k: v for k, v in asdict(result).items() if k != "history"}}
+          generators: Mapping[str, torch.Generator], result: FitResult, keep: int, updater: Updater | None) -> None:
+    meta: dict[str, Any] = {"step": result.steps, "fit": {k: v for k, v in asdict(result).items() if k != "history"}}
+    if updater is not None:
+        meta["updates"] = updater.state_dict()
     save_checkpoint(run.step_checkpoint(result.steps), modules=modules, optimizer=optimizer,
                     generators=generators, meta=meta)
     run.prune_checkpoints(keep)
@@ -208,13 +216,13 @@ def _save(run: Run, modules: Mapping[str, nn.Module], optimizer: torch.optim.Opt
 
 def _preempted(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
                generators: Mapping[str, torch.Generator], result: FitResult, keep: int, saved: bool,
-               t0: float) -> None:
+               t0: float, updater: Updater | None) -> None:
     """Stop after a SIGTERM: rank 0 checkpoints this step (unless it just did), every rank waits for that
     file, then :class:`~._preempt.Terminated` ends the run the way Ctrl-C does."""
     if run is not None:
         if not saved:
             result.seconds = time.perf_counter() - t0
-            _save(run, modules, optimizer, generators, result, keep)
+            _save(run, modules, optimizer, generators, result, keep, updater)
         run.log({"kind": "preempted", "step": result.steps, "time": time.time()})
     with contextlib.suppress(MtmlError):  # the other ranks leave once rank 0's checkpoint is on disk
         all_reduce_(torch.zeros(1), "waiting for rank 0's checkpoint")
@@ -224,11 +232,14 @@ def _preempted(run: Run | None, modules: Mapping[str, nn.Module], optimizer: tor
 
 
 def _resume(run: Run | None, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
-            generators: Mapping[str, torch.Generator]) -> tuple[FitResult, dict[str, dict[str, torch.Tensor]]]:
+            generators: Mapping[str, torch.Generator],
+            updater: Updater | None) -> tuple[FitResult, dict[str, dict[str, torch.Tensor]]]:
     if run is None:
         raise ConfigError("resume=True needs a run directory to resume from.")
     latest, ckpt, best = broadcast_from_main(lambda: _read_resume(run), "sharing the checkpoint to resume from")
     restore(ckpt, modules=modules, optimizer=optimizer, generators=generators)
+    if updater is not None:
+        updater.load_state_dict(ckpt.meta.get("updates", {}))
     result = FitResult(**ckpt.meta["fit"])
     best_state = _snapshot(modules)
     if best is not None:

@@ -17,6 +17,7 @@ from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import Batch, TaskBatcher, evaluate, objective
 from mtml.engine._precision import autocast, check_precision
 from mtml.engine._run import Run
+from mtml.engine._updates import LRSchedule, Updater
 from mtml.errors import ConfigError, UnknownNameError
 from mtml.groups import tasks_to
 from mtml.nn import MultiTaskModel
@@ -176,6 +177,9 @@ def train_multitask(
     before_step: Callable[[Batch], object] | None = None,
     stop_per_task: bool = False,
     precision: str = "fp32",
+    scheduler: LRSchedule | None = None,
+    grad_clip: float | None = None,
+    accumulate: int = 1,
 ) -> TrainResult:
     """Train ``model`` on every task jointly, minimising ``Σᵢ wᵢ·Lᵢ``; stop early on the mean validation loss.
 
@@ -191,6 +195,9 @@ def train_multitask(
     logged ``objective`` is then the mean of the tasks' best losses.
 
     ``precision="bf16"`` runs steps and evaluations under bfloat16 autocast (:func:`~mtml.engine.autocast`).
+    ``scheduler`` sets the learning rate of each update (:class:`~mtml.engine.LRSchedule`), ``grad_clip`` clips the
+    gradient's global norm and ``accumulate=k`` makes each update the mean gradient of ``k`` batches of
+    ``batch_size`` (:class:`~mtml.engine.Updater`); ``max_steps`` counts updates.
     """
     check_precision(precision, device)
     stop = stop or StopRule()
@@ -206,6 +213,8 @@ def train_multitask(
     weighting.to(device)
     params = list(model.parameters()) + list(weighting.parameters())
     opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
+    updater = Updater(opt, schedule=scheduler, max_steps=stop.max_steps, grad_clip=grad_clip, accumulate=accumulate,
+                      min_delta=stop.min_delta)
     gen = torch.Generator().manual_seed(seed)
     batcher = TaskBatcher(tasks, batch_size)
     by_name = {t.name: t for t in tasks}
@@ -214,15 +223,18 @@ def train_multitask(
     if bests is not None:
         modules["task_bests"] = bests
 
-    def step() -> dict[str, Any]:
+    def micro(o: torch.optim.Optimizer) -> dict[str, Any]:
         # in a process group every rank draws the same batch and trains on its share of each task's rows
         batch = batcher.sample(gen)
         if before_step is not None:
             before_step(batch)
+        with autocast(precision, device):
+            return sharded_joint_step(model, by_name, batch, weighting, o).as_dict()
+
+    def step() -> dict[str, Any]:
         if bests is not None:
             bests.tick()
-        with autocast(precision, device):
-            return sharded_joint_step(model, by_name, batch, weighting, opt).as_dict()
+        return updater.step(micro)
 
     def validate() -> dict[str, Any]:
         with autocast(precision, device):
@@ -238,7 +250,7 @@ def train_multitask(
 
     result = fit(modules=modules, optimizer=opt, train_step=step, validate=validate, stop=stop,
                  generators={"sampler": gen}, run=run, resume=resume, checkpoint_every=checkpoint_every,
-                 keep_checkpoints=keep_checkpoints, progress=progress)
+                 keep_checkpoints=keep_checkpoints, progress=progress, updater=updater)
     best_steps: dict[str, int] = {}
     if bests is not None:  # fit restored the state of the last step any task improved: now each task's own best
         bests.restore(model)

@@ -23,7 +23,7 @@ from torch import nn
 
 from mtml.config import Config
 from mtml.datasets import DATASETS, FAMILIES, EpisodeSource
-from mtml.engine import Run, StopRule, load_checkpoint, restore
+from mtml.engine import LRSchedule, Run, StopRule, Updater, load_checkpoint, restore
 from mtml.errors import ConfigError
 from mtml.groups import labelled_only, task_groups
 from mtml.meta import ALGORITHMS, MetaAlgorithm
@@ -33,7 +33,7 @@ from mtml.transfer import Source
 from mtml.weighting import WEIGHTINGS, Weighting
 
 __all__ = ["Built", "build", "dataset_tasks", "default_run_dir", "load_source", "make_weighting", "read_config",
-           "resolve_device", "seeded", "stop_rule", "target_tasks", "task_family"]
+           "resolve_device", "schedule_of", "seeded", "stop_rule", "target_tasks", "task_family", "updater_of"]
 
 
 @dataclass
@@ -112,6 +112,18 @@ def make_weighting(config: Config, names: list[str]) -> Weighting:
 def stop_rule(config: Config) -> StopRule:
     t = config.training
     return StopRule(max_steps=t.max_steps, eval_every=t.eval_every, patience=t.patience, min_delta=t.min_delta)
+
+
+def schedule_of(config: Config) -> LRSchedule:
+    """``training.scheduler`` as the engine's :class:`~mtml.engine.LRSchedule`."""
+    return LRSchedule(**config.training.scheduler.model_dump())
+
+
+def updater_of(config: Config, optimizer: torch.optim.Optimizer) -> Updater:
+    """The :class:`~mtml.engine.Updater` of ``training``: its schedule, gradient clipping and accumulation."""
+    t = config.training
+    return Updater(optimizer, schedule=schedule_of(config), max_steps=t.max_steps, grad_clip=t.grad_clip,
+                   accumulate=t.accumulate, min_delta=t.min_delta)
 
 
 def build(config: Config, **family_override: Any) -> Built:

@@ -20,7 +20,7 @@ from mtml.engine import (
     sharded_meta_step,
 )
 from mtml.meta import Episode, MetaAlgorithm, meta_evaluate, meta_parameters
-from mtml.workflows._build import Built, stop_rule
+from mtml.workflows._build import Built, stop_rule, updater_of
 
 __all__ = ["evaluate_meta", "fit_meta", "judged_steps"]
 
@@ -51,10 +51,15 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
     k = judged_steps(algorithm)
     key = f"loss@{k}"
 
-    def step() -> dict[str, Any]:
+    updater = updater_of(exp.config, opt)
+
+    def micro(o: torch.optim.Optimizer) -> dict[str, Any]:
         episode = _to(family.train.sample(gen), device)
         with autocast(t.precision, device):
-            return sharded_meta_step(algorithm, exp.model, episode, opt)
+            return sharded_meta_step(algorithm, exp.model, episode, o)
+
+    def step() -> dict[str, Any]:
+        return updater.step(micro)
 
     def score(sampler: Any, num: int, steps: list[int] | None, offset: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(seed + offset)
@@ -68,7 +73,8 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
 
     result = fit(modules={"model": exp.model, "algorithm": algorithm}, optimizer=opt, train_step=step,
                  validate=validate, stop=stop_rule(exp.config), generators={"sampler": gen}, run=run, resume=resume,
-                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, progress=progress)
+                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, progress=progress,
+                 updater=updater)
     return result, score(family.val, t.meta_val_tasks, [k], 1), score(family.test, t.meta_test_tasks, None, 2)
 
 

@@ -32,7 +32,16 @@ from mtml.engine import (
 )
 from mtml.errors import ConfigError, DivergedError
 from mtml.report import plot_learning_curves
-from mtml.workflows._build import Built, build, default_run_dir, read_config, resolve_device, seeded, stop_rule
+from mtml.workflows._build import (
+    Built,
+    build,
+    default_run_dir,
+    read_config,
+    resolve_device,
+    schedule_of,
+    seeded,
+    stop_rule,
+)
 from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
 
 __all__ = ["check_restartable", "evaluate_run", "resume_run", "train", "train_seeds"]
@@ -69,6 +78,7 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
         weight_decay=t.weight_decay, batch_size=t.batch_size, stop=stop_rule(prep.config), seed=prep.config.seed,
         device=prep.device, run=run, resume=resume, progress=progress, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, stop_per_task=t.stop_per_task, precision=t.precision,
+        scheduler=schedule_of(prep.config), grad_clip=t.grad_clip, accumulate=t.accumulate,
     )
 
 

@@ -22,8 +22,8 @@ from mtml.nn import ARCHITECTURES, BACKBONES, check_backbone_options
 from mtml.registry import Registry, check_options
 from mtml.weighting import WEIGHTINGS
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "SchedulerConfig", "TrainingConfig", "WeightingConfig",
-           "apply_overrides", "load_config", "parse_overrides"]
+__all__ = ["Config", "DataConfig", "LoggingConfig", "ModelConfig", "SchedulerConfig", "TrainingConfig",
+           "WeightingConfig", "apply_overrides", "load_config", "parse_overrides"]
 
 
 class _Strict(BaseModel):
@@ -151,6 +151,16 @@ class TrainingConfig(_Strict):
         return self
 
 
+class LoggingConfig(_Strict):
+    """``logging``: where a run's records go besides metrics.jsonl (optional extras; see docs/training.md)."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard/ (mtml[tensorboard])")
+    mlflow: bool = Field(False, description="an MLflow run per run directory (mtml[mlflow])")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                   "sqlite:///<folder of the run>/mlflow.db)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the config's name)")
+
+
 class Config(_Strict):
     name: str = "run"
     seed: int = Field(0, ge=0, lt=2**31, description="seed of every random draw of the run (0 to 2**31 - 1)")
@@ -159,6 +169,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:

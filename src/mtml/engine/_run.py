@@ -9,6 +9,7 @@ Layout::
       checkpoints/       step-00000100.safetensors …, best.safetensors
       summary.json       per-task test metrics of the restored best model
       plots/             learning curves (PNG)
+      tensorboard/       event files (with ``logging.tensorboard``)
 
 Every file except ``metrics.jsonl`` is written atomically; the log is appended and fsynced line by line.
 """
@@ -19,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,15 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._sinks: list[Callable[[dict[str, Any]], None]] = []
+
+    def attach(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Also hand every record :meth:`log` writes to ``sink`` (TensorBoard, MLflow); the log stays the record."""
+        self._sinks.append(sink)
+
+    def detach(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     # -- creation ---------------------------------------------------------------------------------------
     @classmethod
@@ -205,6 +215,8 @@ class Run:
 
     def log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path / "metrics.jsonl", record)
+        for sink in self._sinks:
+            sink(record)
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Records of ``metrics.jsonl``; a torn last line (from a crash) is skipped."""

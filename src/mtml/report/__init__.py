@@ -1,4 +1,5 @@
-"""Reporting: plots (learning curves, transfer, task affinity), terminal tables and the progress bar.
+"""Reporting: plots (learning curves, transfer, task affinity), terminal tables, the progress bar and the
+TensorBoard / MLflow trackers.
 
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot state)."""
 
@@ -6,6 +7,7 @@ from mtml.report._affinity import display_scale, plot_affinity
 from mtml.report._plots import new_figure, plot_learning_curves, save_figure
 from mtml.report._progress import RichProgress
 from mtml.report._tables import comparison_table, meta_table, metrics_table
+from mtml.report._tracking import Trackers, check_trackers, open_trackers
 from mtml.report._transfer import (
     TRANSFER_CAPTION,
     TransferTable,
@@ -15,7 +17,7 @@ from mtml.report._transfer import (
 )
 
 __all__ = [
-    "TRANSFER_CAPTION", "RichProgress", "TransferTable", "comparison_table", "display_scale", "meta_table",
-    "metrics_table", "new_figure", "plot_affinity", "plot_learning_curves", "plot_transfer", "save_figure",
-    "transfer_markdown", "transfer_tables",
+    "TRANSFER_CAPTION", "RichProgress", "Trackers", "TransferTable", "check_trackers", "comparison_table",
+    "display_scale", "meta_table", "metrics_table", "new_figure", "open_trackers", "plot_affinity",
+    "plot_learning_curves", "plot_transfer", "save_figure", "transfer_markdown", "transfer_tables",
 ]

@@ -31,7 +31,7 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.errors import ConfigError, DivergedError
-from mtml.report import plot_learning_curves
+from mtml.report import Trackers, check_trackers, open_trackers, plot_learning_curves
 from mtml.workflows._build import (
     Built,
     build,
@@ -65,6 +65,7 @@ def _prepare(config: Config) -> _Prepared:
     device = local_device(resolve_device(config.device))
     built = build(config)
     check_precision(config.training.precision, device)  # refused before any run directory exists
+    check_trackers(tensorboard=config.logging.tensorboard, mlflow=config.logging.mlflow)
     if config.training.stop_per_task and not built.is_meta:
         check_stop_per_task(built.model)  # refused before any run directory exists
     return _Prepared(built, device)
@@ -85,14 +86,37 @@ def _fit(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | No
 def _run(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
     """Train (or resume), then write summary.json and plots and mark the run completed; rank 0 then lets go
     of the run's lock (taken when it created or reopened the run)."""
+    trackers = Trackers([])
+    status = "failed"
     try:
-        return _train_into(prep, run, resume=resume, progress=progress)
+        if is_main():
+            trackers = _trackers(prep.config, run)
+        result = _train_into(prep, run, resume=resume, progress=progress, trackers=trackers)
+        status = "completed"
+        return result
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
+        if trackers:
+            run.detach(trackers)
+            trackers.close(status)
         if is_main():
             run.unlock()
 
 
-def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None) -> TrainResult:
+def _trackers(config: Config, run: Run) -> Trackers:
+    """The TensorBoard / MLflow trackers ``logging:`` asks for, attached to ``run`` (rank 0 only)."""
+    log = config.logging
+    trackers = open_trackers(run.path, config.to_dict(), tensorboard=log.tensorboard, mlflow=log.mlflow,
+                             mlflow_uri=log.mlflow_uri, experiment=log.experiment)
+    if trackers:
+        run.attach(trackers)
+    return trackers
+
+
+def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHook | None,
+                trackers: Trackers) -> TrainResult:
     config, built = prep.config, prep.built
     try:
         with seeded(config.seed, prep.device):  # dropout draws follow the run's seed and leave the caller's RNG
@@ -116,6 +140,7 @@ def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHo
                **result.summary(), "parameters": sum(p.numel() for p in model.parameters()), "tasks": tasks}
     if is_main():  # in a process group only rank 0 writes the run directory
         run.write_summary(summary)
+        trackers.finish(summary)
         plot_learning_curves(run.records(), run.plot_dir)
         run.set_status("completed", finished=time.time())
     return result

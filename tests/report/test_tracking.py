@@ -20,8 +20,8 @@ from mtml.workflows import resume_run, train
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 JOINT: dict[str, Any] = {
     "name": "tracked", "seed": 1, "threads": 1,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +59,18 @@ def train(
         return
     _print_scores(result.test or result.val, f"test metrics (best step {result.fit.best_step})")
     console.print(f"run directory: [bold]{run.path}[/] (summary.json, metrics.jsonl, checkpoints/, plots/)")
+    _print_trackers(run.path)
+
+
+def _print_trackers(path: Path) -> None:
+    """How to open what ``logging:`` wrote (TensorBoard event files, the MLflow run)."""
+    if (path / "tensorboard").is_dir():
+        console.print(f"TensorBoard: tensorboard --logdir {path / 'tensorboard'}")
+    ids = path / "mlflow.json"
+    if ids.is_file():
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            info = json.loads(ids.read_text(encoding="utf-8"))
+            console.print(f"MLflow: run {info['run_id']}; mlflow ui --backend-store-uri {info['tracking_uri']}")
 
 
 def _seed_list(seeds: str | None) -> list[int] | None:

@@ -94,6 +94,11 @@ class _Collector(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         self.owner._collect()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # always to None: the Updater keeps the first micro-batch's gradient tensors (no copy), which zeroing in
+        # place would wipe
+        super().zero_grad(set_to_none=True)
+
 
 class Updater:
     """One optimiser update at a time: ``accumulate`` micro-batches, the mean gradient clipped to ``grad_clip``
@@ -159,16 +164,23 @@ class Updater:
 
     def _collect(self) -> None:
         self._micro += 1
+        if self.accumulate == 1:  # clipping only: the gradient is already the update's
+            self._apply()
+            return
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             total = self._sums[i]
-            self._sums[i] = p.grad.detach().clone() if total is None else total.add_(p.grad)
+            self._sums[i] = p.grad.detach() if total is None else total.add_(p.grad)
+            p.grad = None  # the sum owns the first tensor now
         if self._micro < self.accumulate:
             return
         for p, total in zip(self.params, self._sums, strict=True):
             p.grad = None if total is None else total.div_(self.accumulate)
         self._sums = []
+        self._apply()
+
+    def _apply(self) -> None:
         if self.grad_clip is not None:
             grads = [p for p in self.params if p.grad is not None]
             self._norm = float(torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)) if grads else 0.0

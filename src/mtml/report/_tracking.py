@@ -166,7 +166,7 @@ class MlflowTracker(_Tracker):
                  experiment: str | None = None) -> None:
         super().__init__()
         require("mlflow", "logging.mlflow", "mlflow")
-        for noisy in ("mlflow", "alembic"):  # database set-up chatter, unless the user configured these loggers
+        for noisy in ("mlflow.store.db.utils", "alembic"):  # database set-up chatter, unless configured by the user
             logger = logging.getLogger(noisy)
             if logger.level == logging.NOTSET:
                 logger.setLevel(logging.WARNING)

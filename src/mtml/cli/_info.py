@@ -1,4 +1,4 @@
-"""``mtml list`` and ``mtml demo``."""
+"""``mtml list``, ``mtml demo`` and ``mtml report``."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ def demo(
     from mtml.workflows import run_demo
 
     run_demo(out, quick=quick, console=console)
+
+
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories to compare", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="the HTML file (default: RUN/report.html for one run, "
+                                                  "report.html here for several)")] = None,
+    title: Annotated[str | None, typer.Option(help="the page's title")] = None,
+) -> None:
+    """One self-contained HTML page comparing runs: config differences, test metrics with CIs, plots."""
+    from mtml.report import write_report
+
+    target = out or (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    path = write_report(runs, target, title=title)
+    console.print(f"report: [bold]{path}[/] ({len(runs)} run{'s' if len(runs) > 1 else ''}; opens offline)")

@@ -20,7 +20,7 @@ from mtml.atomic import atomic_write_text
 from mtml.config import Config
 from mtml.engine import ProgressHook, Run, TrainResult, train_multitask
 from mtml.errors import ConfigError
-from mtml.report import plot_affinity, plot_learning_curves
+from mtml.report import plot_affinity, plot_run
 from mtml.transfer import Grouping, TagRecorder, group_tasks, negative_transfer
 from mtml.workflows._build import build, default_run_dir, resolve_device, seeded, stop_rule
 
@@ -116,5 +116,5 @@ def _write(run: Run, config: Config, result: AffinityResult) -> None:
                "affinity": {"suggested_groups": result.groupings[result.suggested].named(result.names),
                             "steps_recorded": result.steps_recorded}}
     run.write_summary(summary)
-    plot_learning_curves(run.records(), run.plot_dir)
+    plot_run(run.records(), run.plot_dir)
     run.set_status("completed", finished=time.time())

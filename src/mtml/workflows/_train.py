@@ -31,7 +31,7 @@ from mtml.engine import (
     train_multitask,
 )
 from mtml.errors import ConfigError, DivergedError
-from mtml.report import Trackers, check_trackers, open_trackers, plot_learning_curves
+from mtml.report import Trackers, check_trackers, open_trackers, plot_run
 from mtml.workflows._build import (
     Built,
     build,
@@ -141,7 +141,7 @@ def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHo
     if is_main():  # in a process group only rank 0 writes the run directory
         run.write_summary(summary)
         trackers.finish(summary)
-        plot_learning_curves(run.records(), run.plot_dir)
+        plot_run(run.records(), run.plot_dir)
         run.set_status("completed", finished=time.time())
     return result
 

@@ -59,3 +59,19 @@ def report(
     target = out or (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
     path = write_report(runs, target, title=title)
     console.print(f"report: [bold]{path}[/] ({len(runs)} run{'s' if len(runs) > 1 else ''}; opens offline)")
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="the run directory", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="folder for the files (default RUN/export)")] = None,
+) -> None:
+    """Export a run's best model (one file per task head) with a model card; each file is checked against
+    PyTorch (onnxruntime for ONNX) before it is kept."""
+    from mtml.workflows import export_run
+
+    result = export_run(run, format_, out)
+    for head in result.heads:
+        console.print(f"{head.name}: {result.folder / head.file} (input {head.input_shape}, {head.outputs} "
+                      f"outputs; max |Δ| vs PyTorch {head.max_abs_diff:.1e})")
+    console.print(f"model card: [bold]{result.folder / 'MODEL_CARD.md'}[/]")

@@ -9,6 +9,7 @@
 | ``mtml rank`` | :func:`rank_sources` |
 | ``mtml affinity`` | :func:`task_affinity` |
 | ``mtml demo`` | :func:`run_demo` |
+| ``mtml export`` | :func:`export_run` |
 """
 
 from mtml.workflows._affinity import AffinityResult, task_affinity
@@ -25,6 +26,7 @@ from mtml.workflows._build import (
     task_family,
 )
 from mtml.workflows._demo import compare, embedded_config, run_demo
+from mtml.workflows._export import EXPORT_FORMATS, ExportedHead, ExportResult, export_run
 from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
 from mtml.workflows._rank import rank_sources, source_outputs
 from mtml.workflows._train import evaluate_run, resume_run, train, train_seeds
@@ -39,9 +41,39 @@ from mtml.workflows._transfer import (
 )
 
 __all__ = [
-    "AffinityResult", "Built", "TransferResult", "build", "check_output_dir", "compare", "dataset_tasks",
-    "default_run_dir", "embedded_config", "evaluate_meta", "evaluate_run", "fit_meta", "judged_steps",
-    "load_source", "make_weighting", "parse_sizes", "rank_sources", "read_config", "resolve_device", "resume_run",
-    "run_demo", "source_outputs", "stop_rule", "subsample", "t_critical", "task_affinity", "task_family",
-    "train", "train_seeds", "transfer", "write_outputs",
+    "EXPORT_FORMATS",
+    "AffinityResult",
+    "Built",
+    "ExportResult",
+    "ExportedHead",
+    "TransferResult",
+    "build",
+    "check_output_dir",
+    "compare",
+    "dataset_tasks",
+    "default_run_dir",
+    "embedded_config",
+    "evaluate_meta",
+    "evaluate_run",
+    "export_run",
+    "fit_meta",
+    "judged_steps",
+    "load_source",
+    "make_weighting",
+    "parse_sizes",
+    "rank_sources",
+    "read_config",
+    "resolve_device",
+    "resume_run",
+    "run_demo",
+    "source_outputs",
+    "stop_rule",
+    "subsample",
+    "t_critical",
+    "task_affinity",
+    "task_family",
+    "train",
+    "train_seeds",
+    "transfer",
+    "write_outputs",
 ]

@@ -1,6 +1,6 @@
 """The ``mtml`` command line. Every command is a thin call of a public library function (:mod:`mtml.workflows`).
 
-The commands live in :mod:`mtml.cli._runs` (train, eval), :mod:`mtml.cli._info` (list, demo, report, export) and
+The commands live in :mod:`mtml.cli._runs` (train, eval, sweep), :mod:`mtml.cli._info` (list, demo, report, export) and
 :mod:`mtml.cli._transfer` (affinity, rank, transfer), and are registered on :data:`app` below, in the order
 ``mtml --help`` shows them; :func:`main` (in :mod:`mtml.cli._app`) runs it.
 """
@@ -16,7 +16,7 @@ __all__ = ["INTERRUPTED", "app", "console", "err_console", "main"]
 
 for _command, _name in ((runs.train, "train"), (runs.eval_, "eval"), (info.list_, "list"), (info.demo, "demo"),
                         (transfer.affinity, "affinity"), (transfer.rank, "rank"), (transfer.transfer_, "transfer"),
-                        (info.report, "report"), (info.export, "export")):
+                        (runs.sweep, "sweep"), (info.report, "report"), (info.export, "export")):
     app.command(_name)(_command)
 
 

@@ -187,3 +187,56 @@ def eval_(
     scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
     if prints():
         _print_scores(scores, f"{run} — {split}")
+
+
+def sweep(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file to search around")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="a swept key: training.lr=log:1e-4:1e-2, "
+                                                        "model.options.trunk_hidden=choice:[[32],[64]], "
+                                                        "int:LOW:HIGH[:STEP], float:LOW:HIGH[:STEP]")] = None,
+    trials: Annotated[int | None, typer.Option(help="trials in all (default 20; a continued sweep may change it)")]
+    = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="fix a key for every trial")] = None,
+    out: Annotated[Path | None, typer.Option(help="the sweep's folder (default: sweeps/<name>-<time>); one that "
+                                                  "holds this sweep is continued")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this sweep folder with its own sweep.json")] = None,
+    nproc: Annotated[int, typer.Option(help="trials trained at once (worker processes sharing the cores)")] = 1,
+    prune: Annotated[bool, typer.Option(help="stop trials whose validation objective is worse than the median "
+                                             "of earlier trials at the same step")] = True,
+    seed: Annotated[int | None, typer.Option(help="the sampler's seed (default: the config's seed)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no line per trial")] = False,
+) -> None:
+    """Search hyperparameters on Optuna: one run directory per trial, resumable after a kill, trials in
+    parallel with --nproc, pruning on the validation objective; a table of the trials and plots at the end."""
+    from mtml.workflows import sweep as run_sweep
+
+    result = run_sweep(config, param or [], trials=trials, out=out, overrides=set_ or [], nproc=nproc,
+                       prune=prune, seed=seed, resume=resume, announce=None if quiet else console.print)
+    _print_sweep(result)
+
+
+def _print_sweep(result: object) -> None:
+    from rich.table import Table
+
+    from mtml.workflows import SweepResult
+
+    assert isinstance(result, SweepResult)
+    rows = sorted(result.trials, key=lambda r: (r["state"] != "complete", r["value"] if r["value"] is not None
+                                                else float("inf")))
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("trial", "state", "value", "best_step", "steps",
+                                                               "seconds", "run", "error")]
+    table = Table(title=f"sweep {result.path}: {len(rows)} trials (best validation objective, lower is better)")
+    for head in ("trial", "state", "objective", *(k.rsplit(".", 1)[-1] for k in keys), "best step", "run"):
+        table.add_column(head, justify="left" if head in ("state", "run") else "right", no_wrap=head == "run")
+    for r in rows:
+        best = result.best is not None and r["trial"] == result.best["trial"]
+        cells = [str(r["trial"]), r["state"], "—" if r["value"] is None else f"{r['value']:.5g}",
+                 *(f"{r[k]:.4g}" if isinstance(r[k], float) else json.dumps(r[k]) for k in keys),
+                 str(r["best_step"] if r["best_step"] is not None else "—"), r["run"]]
+        table.add_row(*cells, style="bold green" if best else None)
+    console.print(table)
+    if result.best is not None:
+        console.print(f"best: trial {result.best['trial']} ({result.path / result.best['run']}); "
+                      f"report: mtml report {result.path}")
+    else:
+        console.print(f"no trial completed yet; continue with: mtml sweep --resume {result.path}")

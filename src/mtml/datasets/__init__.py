@@ -18,6 +18,7 @@ from mtml.datasets._synthetic import shared_projection, synthetic_linear
 from mtml.datasets._table import table
 from mtml.datasets._tables_suite import tables
 from mtml.datasets._text import texts
+from mtml.datasets._text_table import text_table
 from mtml.registry import Registry
 from mtml.tasks import Task
 
@@ -36,6 +37,8 @@ DATASETS.register("tables", tables, help="tabular suite: penguins (species, body
                   "(+ option schools); use model.stem_width for per-task stems")
 DATASETS.register("table", table, help="your CSV/Parquet file: one task per target column (options: path, targets), "
                   "or per target and value of a column (group_by, ids, min_rows, heldout_groups, subset)")
+DATASETS.register("text_table", text_table, help="your CSV/Parquet texts: one task per target column, all on the "
+                  "text column's MiniLM embeddings (cached) or tokens (options: path, text, targets)")
 
 FAMILIES: Registry[EpisodeSource] = Registry("task family")
 FAMILIES.register("sinusoid", sinusoid, help="sinusoid regression, Finn et al. 2017 (meta-learning)")
@@ -74,5 +77,6 @@ __all__ = [
                   "synthetic_linear",
                   "table",
                   "tables",
+                  "text_table",
                   "texts",
 ]

@@ -3,6 +3,7 @@ one task per target and value of a group column (see :mod:`mtml.datasets._table_
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,50 +11,72 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtml._optional import require
 from mtml.datasets._table_groups import GroupPlan, check_group_column, check_group_options, plan_groups, warn_id_like
 from mtml.datasets._util import make_task, require_for, split_indices, standardize
 from mtml.errors import ConfigError, DataError
 from mtml.tasks import Task, TaskKind
 
-__all__ = ["table"]
+__all__ = ["encode_target", "read_table", "split_masks", "table", "target_column"]
 
 
-def _read(path: Path) -> Any:
-    pd = require_for("pandas", "table")
+PARQUET = (".parquet", ".pq")
+KINDS = ("regression", "binary", "multiclass")
+
+
+def read_table(path: Path, dataset: str = "table") -> Any:
+    """The CSV (UTF-8, header row) or Parquet (``.parquet``/``.pq``, needs pyarrow) file at ``path`` as a pandas
+    DataFrame, or a one-line :class:`ConfigError`/:class:`DataError` saying what to fix."""
+    pd = require_for("pandas", dataset)
     if not path.is_file():
-        raise ConfigError(f"data.options.path: file {path} does not exist.")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"data.options.path: {path} {what}; give the path of a CSV or Parquet file (relative "
+                          "paths start at the directory mtml runs in).")
+    parquet = path.suffix.lower() in PARQUET
+    if parquet:
+        require("pyarrow", f"dataset '{dataset}' reading the Parquet file {path}", extra="parquet")
     try:
-        return pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        return pd.read_parquet(path) if parquet else pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line} is no "
+                        "UTF-8 character; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > "
+                        "out.csv).") from None
     except Exception as exc:  # pandas raises many parser error types
-        raise DataError(f"could not read {path} as a table: {exc}. Give a CSV file with a header row.") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = "Parquet file" if parquet else "CSV file with a header row"
+        raise DataError(f"could not read {path} as a table: {first}. Give a {what}.") from None
 
 
-def _target(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[str, TaskKind, Any]:
+def target_column(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[str, TaskKind, Any]:
+    """Column, kind and values of the target ``name`` given as a column name or ``{column, kind}``; the kind
+    defaults to regression for a float column and to multiclass otherwise."""
     spec = {"column": spec} if isinstance(spec, str) else dict(spec)
     column = spec.get("column", name)
     if column not in df.columns:
+        near = difflib.get_close_matches(str(column), list(map(str, df.columns)), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"data.options.targets.{name}: column '{column}' is not in the table; columns are "
-                          f"{', '.join(map(str, df.columns))}.")
+                          f"{', '.join(map(str, df.columns))}.{hint}")
     kind = spec.get("kind")
     if kind is None:
         kind = "regression" if df[column].dtype.kind == "f" else "multiclass"
-    try:
-        return column, TaskKind(kind), df[column]
-    except ValueError:
-        raise ConfigError(f"data.options.targets.{name}.kind: '{kind}' is not one of regression, binary, "
-                          "multiclass.") from None
+    if kind not in KINDS:
+        raise ConfigError(f"data.options.targets.{name}.kind: '{kind}' is not one of {', '.join(KINDS)}.")
+    return column, TaskKind(kind), df[column]
 
 
-def _encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Targets, the labelled-row mask (bool ``[n]``) and extra task options of one target column.
 
-    Missing values are no class: they get label 0 (regression: NaN) and False in the mask."""
+    Missing values are no class: they get label 0 (regression: NaN) and False in the mask. A regression column
+    must hold finite numbers."""
     labelled = torch.tensor(col.notna().to_numpy(bool))
     if not bool(labelled.any()):
         raise DataError(f"task '{name}': target column '{col.name}' has no labels (all {len(col)} values are "
                         "missing); fill some in or leave the target out.")
     if kind is TaskKind.REGRESSION:
-        return torch.tensor(col.to_numpy(np.float32, na_value=np.nan))[:, None], labelled, {}
+        return _numbers(name, col)[:, None], labelled, {}
     classes = sorted(col.dropna().unique().tolist(), key=str)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[v] if ok else 0 for v, ok in zip(col.tolist(), labelled.tolist(), strict=True)])
@@ -65,7 +88,21 @@ def _encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, t
     return labels, labelled, {"num_outputs": len(classes)}
 
 
-def _split_masks(name: str, column: str, labelled: torch.Tensor, parts: Sequence[torch.Tensor],
+def _numbers(name: str, col: Any) -> torch.Tensor:
+    """A regression column as float ``[n]`` (missing values NaN); text or infinite values are a DataError."""
+    pd = require_for("pandas", "table")
+    values = pd.to_numeric(col, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    bad = np.flatnonzero(np.isinf(values) | (np.isnan(values) & col.notna().to_numpy(bool)))
+    if len(bad):
+        row = int(bad[0])
+        count = f"{len(bad)} values like it" if len(bad) > 1 else "the only one"
+        raise DataError(f"task '{name}': regression target column '{col.name}' holds '{col.iloc[row]}' in data "
+                        f"row {row + 1} ({count}), not a finite number; fix those values or give the target "
+                        "kind: multiclass (or binary).")
+    return torch.tensor(values.astype(np.float32))
+
+
+def split_masks(name: str, column: str, labelled: torch.Tensor, parts: Sequence[torch.Tensor],
                  ) -> list[torch.Tensor | None] | None:
     """Per-split masks of a target (None when every row is labelled; None for an empty split), or a
     :class:`DataError` for a split that would hold no labelled row."""
@@ -122,8 +159,8 @@ def table(
                           "regression}}.")
     chosen = check_group_options(group_by=group_by, min_rows=min_rows, small_groups=small_groups, subset=subset,
                                  heldout_groups=heldout_groups)
-    df = _read(Path(path))
-    specs = {name: _target(df, name, spec) for name, spec in targets.items()}
+    df = read_table(Path(path))
+    specs = {name: target_column(df, name, spec) for name, spec in targets.items()}
     target_cols = {col for col, _, _ in specs.values()}
     id_cols = _ids(df, ids, target_cols, features)
     if group_by is not None:
@@ -137,7 +174,7 @@ def table(
     if dropna:
         grouped = [] if group_by is None else [group_by]
         df = df.dropna(subset=[*feature_cols, *target_cols, *grouped]).reset_index(drop=True)
-        specs = {name: _target(df, name, spec) for name, spec in targets.items()}
+        specs = {name: target_column(df, name, spec) for name, spec in targets.items()}
     if group_by is not None:
         warn_id_like(df, feature_cols)
     pd = require_for("pandas", "table")
@@ -156,8 +193,8 @@ def table(
     group = "table" if len(specs) > 1 else None
     tasks = []
     for name, (column, kind, col) in specs.items():
-        y, labelled, extra = _encode_target(name, kind, col)
-        masks = _split_masks(name, column, labelled, parts)
+        y, labelled, extra = encode_target(name, kind, col)
+        masks = split_masks(name, column, labelled, parts)
         ys = tuple(y[p] for p in parts)
         if kind is TaskKind.REGRESSION:
             ys = standardize(*ys, mask=None if masks is None else masks[0])
@@ -188,7 +225,7 @@ def _grouped_tasks(plan: GroupPlan, x: torch.Tensor, specs: Mapping[str, tuple[s
     _, x = standardize(x[plan.scale_rows], x)
     targets = []
     for name, (column, kind, col) in specs.items():
-        y, labelled, extra = _encode_target(name, kind, col)
+        y, labelled, extra = encode_target(name, kind, col)
         if kind is TaskKind.REGRESSION:
             _, y = standardize(y[plan.scale_rows], y, mask=labelled[plan.scale_rows])
         targets.append((name, column, kind, y, labelled, extra))
@@ -198,7 +235,7 @@ def _grouped_tasks(plan: GroupPlan, x: torch.Tensor, specs: Mapping[str, tuple[s
         local = torch.arange(sum(map(len, parts))).split([len(p) for p in parts])
         for name, column, kind, y, labelled, extra in targets:
             task = f"{name}_{group}"
-            masks = _split_masks(task, column, labelled[torch.cat(parts)], local)
+            masks = split_masks(task, column, labelled[torch.cat(parts)], local)
             tasks.append(make_task(task, kind.value, xs, [y[p] for p in parts], masks=masks,
                                    group=group if len(targets) > 1 else None, **extra))
     return tasks

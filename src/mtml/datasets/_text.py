@@ -40,8 +40,8 @@ from mtml.nn import SentenceEncoder, load_sentence_encoder, minilm_dir
 from mtml.tasks import Task
 
 __all__ = [
-    "FORTUNE_DIR", "TOPICS", "check_texts", "clean_text", "encode_labels", "load_sentence_encoder",
-    "read_fortunes", "texts",
+    "FORTUNE_DIR", "MODEL_ID", "TOPICS", "check_encoder_options", "check_texts", "clean_text", "encode_labels",
+    "load_sentence_encoder", "read_fortunes", "text_inputs", "texts",
 ]
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
@@ -174,9 +174,14 @@ def _lazy_encoder(max_length: int) -> EncodeFn:
     return encode
 
 
-def _inputs(all_texts: list[str], inputs: str, max_length: int, cache_dir: str | None, progress: bool) -> Tensor:
+def text_inputs(texts: Sequence[str], *, inputs: str, max_length: int, cache_dir: str | None, progress: bool,
+                dataset: str = "texts") -> Tensor:
+    """What a text dataset feeds the model for ``texts``: with ``inputs="embeddings"`` the frozen MiniLM
+    embeddings ``float [n, 384]`` from the :class:`EmbeddingCache` (encoding only the texts it lacks), times
+    sqrt(384) for unit-RMS coordinates; with ``inputs="tokens"`` token ids ``long [n, tokens]``."""
+    all_texts = list(texts)
     if inputs == "tokens":
-        transformers = require_for("transformers", "texts")
+        transformers = require_for("transformers", dataset)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
         return tokenize(tokenizer, all_texts, max_length)
     dim = int(json.loads((minilm_dir() / "config.json").read_text())["hidden_size"])
@@ -189,6 +194,11 @@ def _check_options(tasks: Sequence[str], inputs: str, max_length: int) -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ConfigError(f"`tasks` must be a non-empty subset of {list(TASKS)}. Got {list(tasks)}.")
+    check_encoder_options(inputs, max_length)
+
+
+def check_encoder_options(inputs: str, max_length: int) -> None:
+    """``inputs`` is ``embeddings`` or ``tokens`` and ``max_length`` a token count in [8, 512]."""
     if inputs not in ("embeddings", "tokens"):
         raise ConfigError(f"`inputs` must be 'embeddings' (cached, frozen encoder) or 'tokens'. Got {inputs!r}.")
     if not 8 <= max_length <= 512:
@@ -220,7 +230,8 @@ def texts(
     if "likes" in tasks:
         raw["likes"] = _tweets(tweets, pick)
     everything = [t for xs, _ in raw.values() for t in xs]
-    x_all = _inputs(everything, inputs, max_length, cache_dir, progress)
+    x_all = text_inputs(everything, inputs=inputs, max_length=max_length, cache_dir=cache_dir,
+                        progress=progress)
     fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
     split_gen = torch.Generator().manual_seed(seed)
     out, start = [], 0

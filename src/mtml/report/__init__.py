@@ -15,6 +15,7 @@ from mtml.report._plots import (
     save_figure,
 )
 from mtml.report._progress import RichProgress
+from mtml.report._sweep import plot_sweep
 from mtml.report._tables import comparison_table, meta_table, metrics_table
 from mtml.report._tracking import Trackers, check_trackers, open_trackers
 from mtml.report._transfer import (
@@ -28,6 +29,6 @@ from mtml.report._transfer import (
 __all__ = [
     "TRANSFER_CAPTION", "RichProgress", "RunView", "Trackers", "TransferTable", "check_trackers", "comparison_table",
     "display_scale", "load_runs", "meta_table", "metrics_table", "new_figure", "open_trackers", "plot_affinity",
-    "plot_learning_curves", "plot_learning_rate", "plot_meta_validation", "plot_run", "plot_task_weights",
+    "plot_learning_curves", "plot_learning_rate", "plot_meta_validation", "plot_run", "plot_sweep", "plot_task_weights",
     "plot_transfer", "render_report", "save_figure", "transfer_markdown", "transfer_tables", "write_report",
 ]

@@ -29,6 +29,15 @@ from mtml.workflows._demo import compare, embedded_config, run_demo
 from mtml.workflows._export import EXPORT_FORMATS, ExportedHead, ExportResult, export_run
 from mtml.workflows._meta import evaluate_meta, fit_meta, judged_steps
 from mtml.workflows._rank import rank_sources, source_outputs
+from mtml.workflows._sweep import (
+    SWEEP_KINDS,
+    SweepParam,
+    SweepResult,
+    parse_param,
+    sweep,
+    sweep_table,
+    write_sweep_outputs,
+)
 from mtml.workflows._train import evaluate_run, resume_run, train, train_seeds
 from mtml.workflows._transfer import (
     TransferResult,
@@ -42,10 +51,13 @@ from mtml.workflows._transfer import (
 
 __all__ = [
     "EXPORT_FORMATS",
+    "SWEEP_KINDS",
     "AffinityResult",
     "Built",
     "ExportResult",
     "ExportedHead",
+    "SweepParam",
+    "SweepResult",
     "TransferResult",
     "build",
     "check_output_dir",
@@ -60,6 +72,7 @@ __all__ = [
     "judged_steps",
     "load_source",
     "make_weighting",
+    "parse_param",
     "parse_sizes",
     "rank_sources",
     "read_config",
@@ -69,6 +82,8 @@ __all__ = [
     "source_outputs",
     "stop_rule",
     "subsample",
+    "sweep",
+    "sweep_table",
     "t_critical",
     "task_affinity",
     "task_family",
@@ -76,4 +91,5 @@ __all__ = [
     "train_seeds",
     "transfer",
     "write_outputs",
+    "write_sweep_outputs",
 ]

@@ -147,6 +147,11 @@ def _joint_model(config: Config, tasks: list[Task]) -> MultiTaskModel:
     extra: dict[str, Any] = {}
     if m.architecture == "hps":
         extra = {"share_trunk": m.share_trunk, "backbone": m.backbone, "backbone_options": m.backbone_options}
+    fixed = {"trunk_hidden", "head_hidden", "stem_width", "activation", "dropout", *extra}
+    clash = sorted(fixed & set(m.options))
+    if clash:
+        raise ConfigError(f"model.options.{clash[0]} repeats the model key model.{clash[0]}; set it there "
+                          f"(--set model.{clash[0]}=...) and drop it from model.options.")
     return ARCHITECTURES.create(m.architecture, tasks, where="model.options", trunk_hidden=m.trunk_hidden,
                                 head_hidden=m.head_hidden, stem_width=m.stem_width, activation=m.activation,
                                 dropout=m.dropout, **extra, **m.options)

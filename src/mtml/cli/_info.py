@@ -48,7 +48,8 @@ def demo(
 
 
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="run directories to compare", show_default=False)],
+    runs: Annotated[list[Path], typer.Argument(help="run directories (or mtml sweep folders) to compare",
+                                                show_default=False)],
     out: Annotated[Path | None, typer.Option(help="the HTML file (default: RUN/report.html for one run, "
                                                   "report.html here for several)")] = None,
     title: Annotated[str | None, typer.Option(help="the page's title")] = None,

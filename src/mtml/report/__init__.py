@@ -4,7 +4,7 @@ TensorBoard / MLflow trackers.
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot state)."""
 
 from mtml.report._affinity import display_scale, plot_affinity
-from mtml.report._html import RunView, load_runs, render_report, write_report
+from mtml.report._html import RunView, SweepView, load_runs, render_report, write_report
 from mtml.report._plots import (
     new_figure,
     plot_learning_curves,
@@ -27,8 +27,10 @@ from mtml.report._transfer import (
 )
 
 __all__ = [
-    "TRANSFER_CAPTION", "RichProgress", "RunView", "Trackers", "TransferTable", "check_trackers", "comparison_table",
+    "TRANSFER_CAPTION", "RichProgress", "RunView", "SweepView", "Trackers", "TransferTable", "check_trackers",
+    "comparison_table",
     "display_scale", "load_runs", "meta_table", "metrics_table", "new_figure", "open_trackers", "plot_affinity",
-    "plot_learning_curves", "plot_learning_rate", "plot_meta_validation", "plot_run", "plot_sweep", "plot_task_weights",
+    "plot_learning_curves", "plot_learning_rate", "plot_meta_validation", "plot_run", "plot_sweep",
+    "plot_task_weights",
     "plot_transfer", "render_report", "save_figure", "transfer_markdown", "transfer_tables", "write_report",
 ]

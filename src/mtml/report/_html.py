@@ -57,6 +57,32 @@ class RunView:
         return dict(sorted(out.items()))
 
 
+class SweepView:
+    """What the report reads of one ``mtml sweep`` folder: its parameters, trials table, summary and plots."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.spec = json.loads((self.path / "sweep.json").read_text(encoding="utf-8"))
+            trials = self.path / "trials.json"
+            self.trials: list[dict[str, Any]] = (json.loads(trials.read_text(encoding="utf-8"))
+                                                 if trials.is_file() else [])
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot read the sweep ({exc}).") from None
+        self.plots = sorted((self.path / "plots").glob("sweep_*.png")) if (self.path / "plots").is_dir() else []
+
+    @staticmethod
+    def is_sweep(path: str | Path) -> bool:
+        return (Path(path) / "sweep.json").is_file()
+
+    def best_runs(self, k: int = 5) -> list[Path]:
+        """The run directories of the ``k`` best completed trials, best first."""
+        done = sorted((r for r in self.trials
+                       if r.get("state") == "complete" and isinstance(r.get("value"), int | float)),
+                      key=lambda r: r["value"])
+        return [self.path / str(r["run"]) for r in done[:k] if (self.path / str(r["run"]) / "config.yaml").is_file()]
+
+
 def load_runs(paths: Sequence[str | Path]) -> list[RunView]:
     """Each path as a :class:`RunView`; a path that is no run directory raises :class:`CheckpointError` naming it."""
     if not paths:
@@ -168,13 +194,51 @@ window.addEventListener('load', function () {
 """
 
 
-def render_report(views: Sequence[RunView], *, title: str | None = None) -> str:
-    """The HTML page comparing ``views`` (see the module docstring)."""
+def _sweep_section(s: SweepView) -> str:
     e = html.escape
+    keys = [p["key"] for p in s.spec.get("params", [])]
+    rows = sorted(s.trials, key=lambda r: (r.get("state") != "complete",
+                                           r["value"] if isinstance(r.get("value"), int | float) else math.inf))
+    best = rows[0]["trial"] if rows and rows[0].get("state") == "complete" else None
+    body = []
+    for r in rows:
+        value = _number(r["value"]) if isinstance(r.get("value"), int | float) else "—"
+        cells = [e(str(r.get("trial"))), e(str(r.get("state"))), f"<b>{value}</b>" if r.get("trial") == best else value,
+                 *(e(json.dumps(r.get(k))) if not isinstance(r.get(k), float) else _number(r[k]) for k in keys),
+                 e(str(r.get("best_step") if r.get("best_step") is not None else "—")), e(str(r.get("run")))]
+        body.append(cells)
+    head = f"<h2>Sweep {e(s.path.name)}</h2><p>{len(s.trials)} of {e(str(s.spec.get('trials')))} trials; value: " \
+           "the best validation objective of the trial's run (lower is better; pruned trials: their last " \
+           f"validation). Searched: {e('; '.join(_describe(p) for p in s.spec.get('params', [])))}.</p>"
+    table = _table(["trial", "state", "objective", *(e(k) for k in keys), "best step", "run"], body)
+    plots = "".join(_img(p.read_bytes(), f"{s.path.name}: {p.stem.replace('_', ' ')}") for p in s.plots)
+    return head + table + plots
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    if p.get("kind") == "choice":
+        return f"{p['key']} ∈ {{{', '.join(json.dumps(c) for c in p.get('choices', []))}}}"
+    return f"{p['key']} ∈ [{p.get('low'):g}, {p.get('high'):g}] ({p.get('kind')})"
+
+
+def render_report(views: Sequence[RunView], *, title: str | None = None,
+                  sweeps: Sequence[SweepView] = ()) -> str:
+    """The HTML page comparing ``views`` (see the module docstring), after a section per sweep in ``sweeps``."""
+    e = html.escape
+    if title is None and sweeps:
+        title = (f"mtml report: sweep {sweeps[0].path.name}" if len(sweeps) == 1
+                 else f"mtml report: {len(sweeps)} sweeps")
     title = title or (f"mtml report: {views[0].label}" if len(views) == 1 else f"mtml report: {len(views)} runs")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body><h1>{e(title)}</h1>",
              f"<p class='muted'>mtml {e(__version__)}, {e(time.strftime('%Y-%m-%d %H:%M'))}</p>"]
+    parts.extend(_sweep_section(s) for s in sweeps)
+    if sweeps and views:
+        parts.append("<p>Below: the runs of each sweep's best completed trials (up to 5), and any other runs "
+                     "given.</p>")
+    if not views:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     rows = []
     for v in views:
         s, c = v.summary, v.config
@@ -231,8 +295,13 @@ def render_report(views: Sequence[RunView], *, title: str | None = None) -> str:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> Path:
-    """Render the runs at ``paths`` into the HTML file ``out`` (written atomically); returns its path."""
-    page = render_report(load_runs(paths), title=title)
+    """Render the runs (and ``mtml sweep`` folders) at ``paths`` into the HTML file ``out`` (written atomically);
+    returns its path. A sweep shows its trials and plots, then the runs of its best trials."""
+    if not paths:
+        raise CheckpointError("mtml report needs at least one run directory.")
+    sweeps = [SweepView(p) for p in paths if SweepView.is_sweep(p)]
+    runs = [p for s in sweeps for p in s.best_runs()] + [p for p in paths if not SweepView.is_sweep(p)]
+    page = render_report([RunView(p) for p in runs], title=title, sweeps=sweeps)
     out = Path(out)
     atomic_write_text(out, page)
     return out

@@ -17,7 +17,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], params: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+def plot_sweep(rows: Sequence[Mapping[str, Any]], params: Sequence[Mapping[str, Any]],
+               out_dir: str | Path) -> list[Path]:
     """Write ``sweep_history.png`` and ``sweep_params.png`` for the trial ``rows`` (see
     :func:`mtml.workflows.sweep_table`); pruned trials are drawn at their last validation value. → paths."""
     out = Path(out_dir)
@@ -52,7 +53,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], params: Sequence[Mapping[str, 
             if kind == "choice":
                 labels = [json.dumps(c) for c in p["choices"]]
                 pos = {label: i for i, label in enumerate(labels)}
-                x_of = [pos.get(json.dumps(r.get(key)), -1) for r in shown]
+                x_of: list[Any] = [pos.get(json.dumps(r.get(key)), -1) for r in shown]
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
             else:
                 x_of = [r.get(key) for r in shown]

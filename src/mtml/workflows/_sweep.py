@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,6 @@ from mtml._version import __version__
 from mtml.atomic import atomic_write_text, is_free_dir
 from mtml.config import Config, apply_overrides, load_config
 from mtml.engine import ProgressHook, Run
-from mtml.engine._run import config_changes
 from mtml.errors import ConfigError, DivergedError, MtmlError, RunExistsError
 
 try:
@@ -302,7 +302,7 @@ def _write_spec(folder: Path, spec: _Spec) -> None:
     path = folder / _SPEC
     if path.is_file():
         old = _Spec.read(folder)
-        differ = config_changes(old.base, json.loads(json.dumps(spec.base)))
+        differ = _changes(old.base, json.loads(json.dumps(spec.base)))
         if [p.to_dict() for p in old.params] != [p.to_dict() for p in spec.params]:
             differ.insert(0, "--param (" + "; ".join(p.describe() for p in old.params) + ")")
         if old.prune != spec.prune:
@@ -312,6 +312,14 @@ def _write_spec(folder: Path, spec: _Spec) -> None:
                                  f"Choose another --out, or continue it with mtml sweep --resume {folder}.")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(spec.to_dict(), indent=1, default=str) + "\n")
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The keys where two resolved configs differ, as ``key: old → new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in dict.fromkeys([*old, *new])
+                for c in _changes(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
 
 
 def _storage_url(folder: Path) -> str:
@@ -421,16 +429,12 @@ def _worker_main(folder: str, worker: int, threads: int, talk: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from mtml.cli._app import console
-
     try:
-        _work(folder, worker, threads, console.print if talk else None)
+        _work(folder, worker, threads, (lambda line: print(line, flush=True)) if talk else None)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except MtmlError as exc:
-        from mtml.cli._app import err_console
-
-        err_console.print(f"[bold red]error:[/] sweep worker {worker}: {exc}", highlight=False, markup=True)
+        print(f"error: sweep worker {worker}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -19,6 +19,8 @@ SMALL: dict[str, dict] = {
     "texts": {"per_topic": 10, "reviews": 30, "tweets": 30, "progress": False},  # ~140 texts to encode (cached)
     "synthetic": {"num_tasks": 4, "n_train": 30, "n_val": 20, "n_test": 20},
     "table": {"targets": {"price": {"column": "price", "kind": "regression"}, "colour": "colour"}},
+    "text_table": {"text": "note", "targets": {"price": {"column": "price", "kind": "regression"},
+                                              "colour": "colour"}, "progress": False},  # 60 short texts (cached)
 }
 NAMES = DATASETS.names()
 
@@ -35,6 +37,12 @@ def csv_table(tmp_path_factory: pytest.TempPathFactory) -> None:
                     f"{['red', 'green', 'blue'][i % 3]}")
     path.write_text("\n".join(rows) + "\n")
     SMALL["table"]["path"] = str(path)
+    notes = path.with_name("notes.csv")  # the same rows with a text column, for ``text_table``
+    lines = path.read_text().splitlines()
+    notes.write_text("\n".join([lines[0] + ",note"] + [
+        f"{row},a {row.split(',')[4]} {row.split(',')[2]} thing of size {float(row.split(',')[0]):.1f}"
+        for row in lines[1:]]) + "\n")
+    SMALL["text_table"]["path"] = str(notes)
 
 
 def build(name: str, **options: object) -> list[Task]:

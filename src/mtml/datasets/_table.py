@@ -37,15 +37,26 @@ def read_table(path: Path, dataset: str = "table") -> Any:
         require("pyarrow", f"dataset '{dataset}' reading the Parquet file {path}", extra="parquet")
     try:
         return pd.read_parquet(path) if parquet else pd.read_csv(path, encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line} is no "
-                        "UTF-8 character; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > "
-                        "out.csv).") from None
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
     except Exception as exc:  # pandas raises many parser error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = "Parquet file" if parquet else "CSV file with a header row"
         raise DataError(f"could not read {path} as a table: {first}. Give a {what}.") from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where ``path`` stops being UTF-8 (pandas decodes in chunks, so its own error has no file position)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        where = f": byte 0x{data[exc.start]:02x} on line {line} is no UTF-8 character"
+    else:
+        where = ""
+    return (f"{path} is not UTF-8 text{where}; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > "
+            "out.csv).")
 
 
 def target_column(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[str, TaskKind, Any]:

@@ -76,13 +76,26 @@ def _drop_rows(df: Any, text: str, target_cols: list[str], clean: bool) -> Any:
     return kept.reset_index(drop=True)
 
 
+def _labels(specs: Mapping[str, tuple[str, TaskKind, Any]], parts: list[torch.Tensor],
+            ) -> list[tuple[str, TaskKind, torch.Tensor, list[torch.Tensor | None] | None, dict[str, Any]]]:
+    """Each target's name, kind, encoded values ``[n]`` (regression ``[n, 1]``), per-split masks and task
+    options (see :func:`~mtml.datasets._table.encode_target`)."""
+    out = []
+    for name, (column, kind, values) in specs.items():
+        y, labelled, extra = encode_target(name, kind, values)
+        out.append((name, kind, y, split_masks(name, column, labelled, parts), extra))
+    return out
+
+
 def text_table(
     *, path: str, text: str, targets: Mapping[str, str | Mapping[str, Any]], dropna: bool = False,
     clean: bool = False, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
     inputs: str = "embeddings", max_length: int = 256, cache_dir: str | None = None, progress: bool = True,
 ) -> list[Task]:
-    """One task per entry of ``targets`` (task name → column, or ``{column, kind}``), all read from the column
-    ``text`` of the same rows of a CSV (UTF-8, header row) or Parquet file.
+    """One task per target column (``targets``: task name → column, or ``{column, kind}``), all on one text column.
+
+    The rows are those of a CSV (UTF-8, header row) or Parquet file at ``path``; ``text`` names the column whose
+    texts every task reads.
 
     Inputs: the MiniLM embeddings of the texts (``[n, 384]``, unit-RMS coordinates, cached on disk under
     ``cache_dir``, default ``$MTML_CACHE/embeddings`` or ``~/.cache/mtml/embeddings``), or with
@@ -110,16 +123,16 @@ def text_table(
         df = _drop_rows(df, text, [c for c, _, _ in specs.values()], clean)
         col = df[text]
         specs = {name: target_column(df, name, spec) for name, spec in targets.items()}
-    x = text_inputs(_texts(col, clean), inputs=inputs, max_length=max_length, cache_dir=cache_dir,
-                    progress=progress, dataset=NAME)
+    texts = _texts(col, clean)
     fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
     parts = split_indices(len(df), fractions, torch.Generator().manual_seed(seed))
-    xs = [x[p] for p in parts]
+    labels = _labels(specs, parts)  # every target is checked before the (slow) encoder runs
+    x = text_inputs(texts, inputs=inputs, max_length=max_length, cache_dir=cache_dir, progress=progress,
+                    dataset=NAME)
+    xs = [x[p].float() for p in parts]  # token ids as float once (exact below 2**24): every task holds these
     group = NAME if len(specs) > 1 else None
     tasks = []
-    for name, (column, kind, values) in specs.items():
-        y, labelled, extra = encode_target(name, kind, values)
-        masks = split_masks(name, column, labelled, parts)
+    for name, kind, y, masks, extra in labels:
         ys = tuple(y[p] for p in parts)
         if kind is TaskKind.REGRESSION:
             ys = standardize(*ys, mask=None if masks is None else masks[0])

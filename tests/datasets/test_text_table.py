@@ -172,8 +172,12 @@ def test_real_encoder_matches_sentence_transformers_and_the_cache_hits(tmp_path:
     opts: dict[str, Any] = {"path": str(write_csv(tmp_path, df)), "text": "saying", "targets": {"topic": "topic"},
                             "cache_dir": str(tmp_path / "cache"), "progress": False, "seed": 3}
     (task,) = text_table(**opts)
+    # transformers' weight-loading bar would leave tqdm's monitor thread running, and later tests in this process
+    # (the launcher's fork-or-spawn choice) see a second thread
+    monkeypatch.setattr("tqdm.std.tqdm.monitor_interval", 0)
     model = st.SentenceTransformer(str(minilm_dir()), device="cpu")
-    want = torch.as_tensor(model.encode(df["saying"].tolist(), convert_to_numpy=True)) * math.sqrt(DIM)
+    texts = df["saying"].tolist()
+    want = torch.as_tensor(model.encode(texts, convert_to_numpy=True, show_progress_bar=False)) * math.sqrt(DIM)
     parts = split_indices(len(df), (0.6, 0.2, 0.2), torch.Generator().manual_seed(3))
     for split, rows in zip((task.train, task.val, task.test), parts, strict=True):
         torch.testing.assert_close(split.x, want[rows], atol=2e-4, rtol=0)

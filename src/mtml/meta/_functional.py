@@ -9,6 +9,8 @@ parameter is either still tied across tasks (its own shape, as at the start of a
   weights and are differentiated by hand — no ``vmap``, no ``autograd.grad``;
 - the **task loop** for image models (inputs ``[tasks, n, C, H, W]``): one task at a time through the model's
   own forward (``functional_call`` on that task's parameters), all tasks in one call while they share them;
+  also for any model holding a module with ``supports_vmap = False`` (a :class:`~mtml.nn.KerasModule` with
+  dropout or batch statistics, or with an op ``vmap`` cannot batch), whatever its inputs;
 - the **general path**: any other module runs through ``torch.func.vmap`` over
   ``torch.func.functional_call``, and one ``autograd.grad`` of the summed task losses gives every task its own
   gradient (tasks share no adapted parameter, so the sum separates).
@@ -34,6 +36,7 @@ from mtml.tasks import Split
 __all__ = [
     "ParameterFilter",
     "batched_forward",
+    "declines_vmap",
     "embed",
     "linear_chain",
     "model_plan",
@@ -89,6 +92,12 @@ def _loop_forward(model: nn.Module, shared: Mapping[str, Tensor], fast: Mapping[
                         for t in range(x.shape[0])])
 
 
+def declines_vmap(model: nn.Module) -> bool:
+    """Whether a module of ``model`` sets ``supports_vmap = False``: ``vmap`` cannot run it, so
+    :func:`batched_forward` takes the task loop for it, on any input and whatever the ``task_loop`` switch."""
+    return any(getattr(m, "supports_vmap", True) is False for m in model.modules())
+
+
 def batched_forward(
     model: nn.Module,
     shared: Mapping[str, Tensor],
@@ -100,11 +109,12 @@ def batched_forward(
     """``model`` on ``x: [tasks, n, *input]`` with per-task ``fast`` parameters → ``[tasks, n, *output]``.
 
     ``chain`` (from :func:`model_plan`) selects the speed path for ``[tasks, n, features]``; images
-    ``[tasks, n, C, H, W]`` take the task loop; anything else goes through ``vmap(functional_call)``.
+    ``[tasks, n, C, H, W]`` and models that decline ``vmap`` (:func:`declines_vmap`) take the task loop;
+    anything else goes through ``vmap(functional_call)``.
     """
     if isinstance(chain, list) and x.ndim == 3:
         return chain_forward(chain, {**shared, **fast}, x)
-    if x.ndim == 5 and current_paths().task_loop:
+    if (x.ndim == 5 and current_paths().task_loop) or declines_vmap(model):
         return _loop_forward(model, shared, fast, x)
     return _vmap_forward(model, shared, fast, x)
 

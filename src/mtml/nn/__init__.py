@@ -6,6 +6,7 @@ from mtml.nn._builders import build_multitask_model
 from mtml.nn._conv import Conv4, ResNet12
 from mtml.nn._factory import ARCHITECTURES, build_cgc, build_cross_stitch, build_hps, build_mmoe, build_model, build_ple
 from mtml.nn._hierarchical import HierarchicalHeads, HierarchicalModel, build_hierarchical
+from mtml.nn._keras import KerasModule, from_keras
 from mtml.nn._minilm import load_sentence_encoder, minilm_dir, minilm_model
 from mtml.nn._mlp import ACTIVATIONS, mlp
 from mtml.nn._model import MultiTaskModel
@@ -21,6 +22,7 @@ __all__ = [
     "ExtractionTrunk",
     "HierarchicalHeads",
     "HierarchicalModel",
+    "KerasModule",
     "MMoETrunk",
     "MultiTaskModel",
     "ResNet12",
@@ -37,6 +39,7 @@ __all__ = [
     "build_text_model",
     "check_backbone_options",
     "feature_dim",
+    "from_keras",
     "load_sentence_encoder",
     "minilm_dir",
     "minilm_model",

@@ -208,6 +208,10 @@ class Config(_Strict):
             ("training.weighting.name", WEIGHTINGS, t.weighting.name, t.weighting.options),
             ("model.architecture", ARCHITECTURES, self.model.architecture, self.model.options),
         ]
+        if t.weighting.gramian is not None and getattr(WEIGHTINGS.get(t.weighting.name), "needs_jacobian", False):
+            raise ConfigError(f"training.weighting.gramian: weighting '{t.weighting.name}' combines the per-task "
+                              "gradients themselves and uses no Gramian; remove the key (its option "
+                              "training.weighting.options.jacobian picks auto, loop or batched).")
         if t.weighting.gramian is not None and not getattr(WEIGHTINGS.get(t.weighting.name), "needs_gramian", False):
             raise ConfigError(f"training.weighting.gramian: weighting '{t.weighting.name}' uses no per-task "
                               "gradients; remove the key or choose a gradient method (mgda, pcgrad, cagrad, …).")

@@ -9,13 +9,18 @@ import torch
 from torch import nn
 
 from mtml.errors import ConfigError, ShapeError
-from mtml.weighting import DWA, WEIGHTINGS, Fixed, Uncertainty, Weighting, task_gramian
+from mtml.weighting import DWA, WEIGHTINGS, Fixed, JacobianWeighting, Uncertainty, Weighting, task_gramian
 
 NAMES = WEIGHTINGS.names()
+#: Methods that combine the per-task gradient matrix J themselves: the suite calls ``combine(losses, J)``.
+JACOBIAN_NAMES = [n for n in NAMES if getattr(WEIGHTINGS.get(n), "needs_jacobian", False)]
+#: Options the suite needs for some m (a trimmed mean needs m >= 2·trim + 1 tasks).
+SUITE_OPTIONS = {"trimmed_mean": lambda m: {"trim": min(1, (m - 1) // 2)}}
 
 
 def _make(name: str, m: int) -> Weighting:
-    return WEIGHTINGS.create(name, [f"t{i}" for i in range(m)])
+    options = SUITE_OPTIONS[name](m) if name in SUITE_OPTIONS else {}
+    return WEIGHTINGS.create(name, [f"t{i}" for i in range(m)], **options)
 
 
 def _gramian(m: int, g: torch.Generator, identical: bool = False) -> torch.Tensor:
@@ -23,7 +28,16 @@ def _gramian(m: int, g: torch.Generator, identical: bool = False) -> torch.Tenso
     return v @ v.T
 
 
+def _jacobian(m: int, g: torch.Generator, identical: bool = False) -> torch.Tensor:
+    return torch.randn(1, 5, generator=g).expand(m, 5) if identical else torch.randn(m, 5, generator=g)
+
+
 def _call(w: Weighting, losses: torch.Tensor, g: torch.Generator, identical: bool = False) -> torch.Tensor:
+    if isinstance(w, JacobianWeighting):  # its own interface: the weights of the losses, the update checked here
+        jac = _jacobian(losses.shape[0], g, identical)
+        out = w.combine(losses, jac)
+        assert out.update.shape == (5,) and torch.isfinite(out.update).all(), out.update
+        return out.weights
     gram = _gramian(losses.shape[0], g, identical) if w.needs_gramian else None
     return w(losses, gram)
 
@@ -76,6 +90,15 @@ def test_zero_losses_give_finite_weights(name: str) -> None:
     for _ in range(130):
         out = _call(w, torch.zeros(3), g)
         assert torch.isfinite(out).all()
+    if isinstance(w, JacobianWeighting):  # zero losses AND zero gradients: finite, and no move from a fresh start
+        out = w.combine(torch.zeros(3), torch.zeros(3, 5))
+        assert torch.isfinite(out.weights).all() and torch.isfinite(out.update).all()
+        fresh = _make(name, 3)
+        assert isinstance(fresh, JacobianWeighting)
+        for _ in range(3):
+            out = fresh.combine(torch.zeros(3), torch.zeros(3, 5))
+            assert torch.isfinite(out.weights).all() and torch.equal(out.update, torch.zeros(5))
+        return
     zero_gram = torch.zeros(3, 3) if w.needs_gramian else None
     assert torch.isfinite(w(torch.zeros(3), zero_gram)).all()
 
@@ -111,6 +134,18 @@ def test_weights_are_detached_unless_learned(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_shapes_and_empty_task_list(name: str) -> None:
     w = _make(name, 3)
+    if isinstance(w, JacobianWeighting):
+        with pytest.raises(ShapeError, match=r"\[3\]"):
+            w.combine(torch.zeros(2), torch.zeros(2, 4))
+        with pytest.raises(ShapeError, match=r"\[3, d\]"):
+            w.combine(torch.zeros(3), torch.zeros(2, 4))
+        with pytest.raises(ShapeError):
+            w.combine(torch.zeros(3), torch.zeros(12))
+        with pytest.raises(TypeError, match="combine"):  # no weights without the Jacobian
+            w(torch.zeros(3))
+        with pytest.raises(ConfigError, match="at least one task"):
+            WEIGHTINGS.create(name, [])
+        return
     with pytest.raises(ShapeError, match=r"\[3\]"):
         w(torch.zeros(2), torch.zeros(2, 2))
     with pytest.raises(ShapeError):
@@ -122,6 +157,39 @@ def test_bad_shapes_and_empty_task_list(name: str) -> None:
             w(torch.zeros(3), torch.zeros(2, 2))
     with pytest.raises(ConfigError, match="at least one task"):
         WEIGHTINGS.create(name, [])
+
+
+@pytest.mark.parametrize("name", JACOBIAN_NAMES)
+def test_jacobian_methods_state_dict_round_trip_continues_the_updates(name: str) -> None:
+    """The update itself (not only the weights) continues identically from a state dict, gradient-sized
+    buffers included, loaded into a fresh instance that has not seen a Jacobian yet."""
+    m, g = 3, torch.Generator().manual_seed(4)
+    w = _make(name, m)
+    assert isinstance(w, JacobianWeighting)
+    for _ in range(9):
+        w.combine(torch.rand(m, generator=g) + 0.1, _jacobian(m, g))
+    fresh = _make(name, m)
+    assert isinstance(fresh, JacobianWeighting)
+    fresh.load_state_dict(w.state_dict())
+    for _ in range(9):
+        losses, jac = torch.rand(m, generator=g) + 0.1, _jacobian(m, g)
+        a, b = w.combine(losses, jac), fresh.combine(losses.clone(), jac.clone())
+        assert torch.equal(a.update, b.update) and torch.equal(a.weights, b.weights)
+
+
+@pytest.mark.parametrize("name", JACOBIAN_NAMES)
+def test_jacobian_methods_one_task_move_along_its_gradient(name: str) -> None:
+    """With one task and a fixed gradient every method's update is a non-negative multiple of that gradient
+    (tracked estimates included)."""
+    w = _make(name, 1)
+    assert isinstance(w, JacobianWeighting)
+    g = torch.Generator().manual_seed(5)
+    jac = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    for _ in range(5):
+        out = w.combine(torch.rand(1, generator=g, dtype=torch.float64), jac)
+        scale = float(out.update @ jac[0]) / float(jac[0] @ jac[0])
+        assert scale >= 0
+        torch.testing.assert_close(out.update, scale * jac[0], rtol=1e-10, atol=1e-12)
 
 
 # -- closed forms -------------------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from mtml.engine._distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
-from mtml.engine._joint import Batch, StepResult, joint_step, task_losses, unpack
+from mtml.engine._joint import Batch, StepResult, jacobian_backend, joint_step, task_losses, unpack
 from mtml.errors import ConfigError
 from mtml.meta import Episode, MetaAlgorithm, meta_backward, meta_step
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Split, Task
-from mtml.weighting import Weighting, task_jacobian
+from mtml.weighting import JacobianWeighting, Weighting, task_jacobian
 
 __all__ = ["shard_episode", "sharded_joint_step", "sharded_meta_step"]
 
@@ -130,6 +130,8 @@ def sharded_joint_step(
     names = weighting.task_names
     losses, own = _local_losses(model, tasks, batch, names)
     m = len(names)
+    if isinstance(weighting, JacobianWeighting):
+        return _sharded_jacobian_step(model, losses, own, weighting, optimizer, gramian)
     if weighting.needs_gramian:
         backend = _jacobian_backend(weighting, gramian, losses.device)
         jac = losses.new_zeros(m, sum(p.numel() for p in model.shared_parameters()))
@@ -148,4 +150,33 @@ def sharded_joint_step(
     total = float((w.detach() * global_losses).sum() + penalty.detach())
     lv, wv = global_losses.tolist(), w.detach().tolist()
     assert len(lv) == m
+    return StepResult(total, dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))
+
+
+def _sharded_jacobian_step(model: MultiTaskModel, losses: Tensor, own: list[int], weighting: JacobianWeighting,
+                           optimizer: torch.optim.Optimizer, gramian: str | None) -> StepResult:
+    """The Jacobian path on several ranks: the per-rank ``J`` (rows of this rank's tasks, or this rank's share of
+    every task's rows) is all-reduced with the losses, so every rank passes the same global ``J`` to
+    ``weighting.combine`` (same state, same draws) and writes the same update; the other parameters' gradients
+    of ``Σ weights[i]·Lᵢ`` are all-reduced as in the plain step."""
+    names, m = weighting.task_names, len(weighting.task_names)
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    jac = losses.new_zeros(m, sum(p.numel() for p in shared))
+    jac[own] = task_jacobian(losses[own], shared, backend=jacobian_backend(weighting, gramian, losses.device))
+    packed = all_reduce_(torch.cat([losses.detach()[:, None], jac], 1), "the per-task gradient all-reduce")
+    global_losses, jac = packed[:, 0], packed[:, 1:]
+    out = weighting.combine(global_losses, jac)
+    penalty = weighting.penalty().to(losses)
+    optimizer.zero_grad(set_to_none=True)
+    covered = {id(p) for p in shared}
+    others = [p for p in _optimized(optimizer) if id(p) not in covered]
+    local = (out.weights * losses).sum() + penalty / world_size()
+    trained = [p for p in others if p.requires_grad]
+    if trained and local.requires_grad:
+        torch.autograd.backward(local, inputs=trained)
+    reduce_gradients(others)
+    weighting.write_update(shared, out.update)
+    optimizer.step()
+    total = float((out.weights * global_losses).sum() + penalty.detach())
+    lv, wv = global_losses.tolist(), out.weights.tolist()
     return StepResult(total, dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))

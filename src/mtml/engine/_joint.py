@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtml.engine._distributed import map_ranks
 from mtml.engine._packed import PackedBatch, RowPool, chunk_scores, packable, packed_losses, pooled_chunks, row_pools
 from mtml.errors import ConfigError
 from mtml.groups import TaskGroup, task_groups
 from mtml.meta import current_paths
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task, TaskKind
-from mtml.weighting import GramianTape, Weighting
+from mtml.weighting import GramianTape, JacobianWeighting, Weighting, task_jacobian
 
 __all__ = ["TaskBatcher", "evaluate", "joint_step", "objective", "predict", "predict_many", "task_losses"]
 
@@ -111,6 +111,8 @@ def joint_step(
     (default: the weighting's own ``gramian`` option, itself ``auto`` unless set; see
     :mod:`mtml.weighting._gramian`).
     """
+    if isinstance(weighting, JacobianWeighting):
+        return jacobian_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
     names = weighting.task_names
     gram, tape = None, None
     if weighting.needs_gramian:  # (the tape follows each task's inputs through forward_many: no packs)
@@ -129,6 +131,42 @@ def joint_step(
         total.backward()
     optimizer.step()
     lv, wv = losses.detach().tolist(), w.detach().tolist()
+    return StepResult(float(total.detach()), dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))
+
+
+def jacobian_backend(weighting: JacobianWeighting, gramian: str | None, device: torch.device) -> str:
+    """The ``task_jacobian`` backend: ``gramian`` when it is ``loop``/``batched``, else the weighting's own."""
+    return gramian if gramian in ("loop", "batched") else weighting.backend(device)
+
+
+def jacobian_step(
+    model: MultiTaskModel,
+    tasks: Mapping[str, Task],
+    batch: Batch,
+    weighting: JacobianWeighting,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gramian: str | None = None,
+) -> StepResult:
+    """:func:`joint_step` for a :class:`~mtml.weighting.JacobianWeighting`: the per-task gradients
+    ``J [m, d]`` of the shared parameters (one backward per task, or one batched backward) go to
+    ``weighting.combine``, whose update is written into the shared parameters' ``.grad``; every other parameter
+    gets the gradient of ``Σ weights[i]·Lᵢ + penalty`` (its own task's loss, weighted)."""
+    names = weighting.task_names
+    losses = task_losses(model, tasks, batch, names)
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    jac = task_jacobian(losses, shared, backend=jacobian_backend(weighting, gramian, losses.device))
+    out = weighting.combine(losses, jac)
+    total = (out.weights * losses).sum() + weighting.penalty().to(losses)
+    optimizer.zero_grad(set_to_none=True)
+    covered = {id(p) for p in shared}
+    others = [p for group in optimizer.param_groups for p in group["params"]
+              if p.requires_grad and id(p) not in covered]
+    if others and total.requires_grad:
+        torch.autograd.backward(total, inputs=others)
+    weighting.write_update(shared, out.update)
+    optimizer.step()
+    lv, wv = losses.detach().tolist(), out.weights.tolist()
     return StepResult(float(total.detach()), dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))
 
 
@@ -193,11 +231,15 @@ def predict_many(model: MultiTaskModel, names: Sequence[str], x: Tensor, *,
     return {n: torch.cat([c[n] for c in chunks]) for n in names}
 
 
-def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -> dict[str, dict[str, float]]:
+def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val", *,
+             map_fn: Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]] | None = None,
+             ) -> dict[str, dict[str, float]]:
     """Per-task metrics (and ``loss``) of ``model`` on ``split``: ``{task: {metric: value}}``, each over the
     task's labelled rows. Tasks on shared rows are scored from one trunk pass.
 
-    In a process group the task groups are spread over the ranks and every rank gets all metrics.
+    ``map_fn`` maps the scoring over task groups; default a plain loop in this process, so calling it on one
+    rank of your own process group is safe. mtml's training passes :func:`~mtml.engine.map_ranks` (every rank
+    calls it; the groups are spread over the ranks and every rank gets all metrics).
     """
     refit = getattr(model, "refit", None)
     if callable(refit):  # heads fitted in closed form from each task's training rows (hierarchical heads)
@@ -217,11 +259,15 @@ def evaluate(model: MultiTaskModel, tasks: Sequence[Task], split: str = "val") -
             chunks, rest = pooled_chunks(model, tasks, split)
         scores: dict[str, dict[str, float]] = {}
         items: list[TaskGroup | list[Task]] = [*chunks, *task_groups(rest)]
-        for part in map_ranks(score, items):
+        for part in (map_fn or _plain_map)(score, items):
             scores.update(part)
         return {t.name: scores[t.name] for t in tasks}
     finally:
         model.train(was_training)
+
+
+def _plain_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    return [fn(x) for x in items]
 
 
 def objective(metrics: Mapping[str, Mapping[str, float]]) -> float:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError, ShapeError
 
-__all__ = ["GRAMIAN_BACKENDS", "GramianWeighting", "Weighting"]
+__all__ = ["GRAMIAN_BACKENDS", "JACOBIAN_BACKENDS", "GramianWeighting", "JacobianUpdate", "JacobianWeighting",
+           "Weighting"]
 
 #: How the step computes the task Gramian (see :mod:`mtml.weighting._gramian`).
 GRAMIAN_BACKENDS = ("auto", "loop", "batched", "layerwise", "rows", "representation")
+#: How the step computes the per-task gradient matrix of a :class:`JacobianWeighting`.
+JACOBIAN_BACKENDS = ("auto", "loop", "batched")
 
 
 class Weighting(nn.Module):
@@ -30,6 +33,8 @@ class Weighting(nn.Module):
     """
 
     needs_gramian: ClassVar[bool] = False
+    #: True for a :class:`JacobianWeighting`: the method combines the per-task gradients itself.
+    needs_jacobian: ClassVar[bool] = False
     #: False for methods whose weights may be negative by design (IMTL-G, Aligned-MTL).
     nonnegative: ClassVar[bool] = True
     #: True for methods that draw random weights or orders (RLW, PCGrad, GradVac): identical tasks may then get
@@ -91,3 +96,94 @@ class GramianWeighting(Weighting):
 
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}, gramian={self.gramian}"
+
+
+class JacobianUpdate(NamedTuple):
+    """What a :class:`JacobianWeighting` returns: the shared parameters' update and the task-loss weights."""
+
+    #: ``[d]``: written into the ``.grad`` of the shared parameters (flattened in ``shared_parameters()`` order).
+    update: Tensor
+    #: ``[m]``: weights of the task losses for every other parameter (heads, task stems) and for the log.
+    weights: Tensor
+
+
+class JacobianWeighting(Weighting):
+    """A method that is no linear combination of the task gradients fixed by their Gramian: it acts per
+    coordinate (GradDrop, trimmed mean) or keeps gradient-sized memory (MoCo, ExcessMTL), so it receives the
+    per-task gradient matrix ``J [m, d]`` of the shared parameters (``needs_jacobian = True``).
+
+    Subclasses implement :meth:`aggregate`; the step calls :meth:`combine` once per update, writes
+    :attr:`JacobianUpdate.update` into the shared parameters' ``.grad`` and backpropagates
+    ``Σ weights[i]·Lᵢ`` into every other parameter. ``J`` costs one backward per task (``loop``) or one batched
+    backward (``batched``) and ``m × d`` memory. State (draw counters, gradient-sized buffers) lives in buffers;
+    buffers listed in :attr:`lazy_buffers` take their shape from the first ``J`` and from a loaded state dict.
+    Calling the module like a loss weighting (``w(losses)``) is an error: there are no weights without ``J``.
+
+    Args:
+        jacobian: how the step computes ``J``: ``auto`` (``batched`` on GPU, ``loop`` on CPU), ``loop``,
+            ``batched``.
+    """
+
+    needs_jacobian: ClassVar[bool] = True
+    #: Buffers whose shape is set by the first call (e.g. ``[m, d]`` memory) and by ``load_state_dict``.
+    lazy_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, task_names: Sequence[str], /, *, jacobian: str = "auto") -> None:
+        super().__init__(task_names)
+        if jacobian not in JACOBIAN_BACKENDS:
+            raise ConfigError(f"`jacobian` must be one of {', '.join(JACOBIAN_BACKENDS)}. Got {jacobian!r}.")
+        self.jacobian = jacobian
+
+    def backend(self, device: torch.device) -> str:
+        """The ``task_jacobian`` backend for ``device`` (``auto``: batched on GPU, loop elsewhere)."""
+        if self.jacobian != "auto":
+            return self.jacobian
+        return "batched" if device.type == "cuda" else "loop"
+
+    def combine(self, losses: Tensor, jacobian: Tensor) -> JacobianUpdate:
+        """``losses: [m]`` and ``jacobian: [m, d]`` (row i = ``∇Lᵢ`` over the shared parameters) → the update."""
+        m = self.num_tasks
+        if losses.shape != (m,):
+            raise ShapeError(f"{type(self).__name__}: expected losses of shape [{m}] (one per task), "
+                             f"got {tuple(losses.shape)}.")
+        if jacobian.dim() != 2 or jacobian.shape[0] != m:
+            raise ShapeError(f"{type(self).__name__}: expected a jacobian of shape [{m}, d] (one row per task), "
+                             f"got {tuple(jacobian.shape)}.")
+        out = self.aggregate(losses.detach(), jacobian.detach())
+        return JacobianUpdate(out.update.to(jacobian.dtype), out.weights.detach().to(losses.dtype))
+
+    @abstractmethod
+    def aggregate(self, losses: Tensor, jacobian: Tensor) -> JacobianUpdate:
+        """The method itself on detached inputs: ``losses [m]``, ``jacobian [m, d]`` → update ``[d]`` and
+        weights ``[m]``."""
+
+    def forward(self, losses: Tensor, gramian: Tensor | None = None) -> Tensor:
+        raise TypeError(f"{type(self).__name__} combines the per-task gradients themselves: call "
+                        "combine(losses, jacobian) with jacobian [m, d], not the weighting.")
+
+    def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
+        raise TypeError(f"{type(self).__name__} has no weights from a Gramian; use combine(losses, jacobian).")
+
+    @staticmethod
+    def write_update(params: Sequence[Tensor], update: Tensor) -> None:
+        """Add ``update [Σ numel]`` (split in ``params`` order) to the ``.grad`` of ``params``; frozen parameters
+        are skipped (their columns are not in ``J``)."""
+        trained = [p for p in params if p.requires_grad]
+        for p, g in zip(trained, update.split([p.numel() for p in trained]), strict=True):
+            g = g.to(p.dtype).reshape(p.shape)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in self.lazy_buffers:
+            saved = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if isinstance(saved, Tensor) and current is not None and (saved.shape, saved.dtype) != (current.shape,
+                                                                                                  current.dtype):
+                self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.num_tasks}, jacobian={self.jacobian}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mtml.datasets import DATASETS
 from mtml.errors import ConfigError, UnknownNameError
@@ -132,3 +133,26 @@ def test_missing_required_keyword_only_options() -> None:
     with pytest.raises(ConfigError, match=r"missing required option 'mode'\.$"):
         r.create("needs", 1, path="p")
     assert r.create("needs", 1, path="p", mode="m") == "1pm0"
+
+
+def test_option_values_are_checked_against_the_factorys_annotations() -> None:
+    from mtml.datasets import DATASETS
+
+    for bad, needle in ((None, "valid integer"), ("x", "valid integer"), (3.5, "fractional"), ([1], "valid integer")):
+        with pytest.raises(ConfigError, match=rf"data.options: option 'num_tasks' got .*{needle}"):
+            DATASETS.create("synthetic", where="data.options", num_tasks=bad)
+    # a value the annotation reads (YAML 1.1's "1e-2" string for a float) reaches the factory as that type
+    tasks = DATASETS.create("synthetic", where="data.options", num_tasks=2, in_dim=3, latent_dim=1, n_train=4,
+                            n_val=4, n_test=4, noise="1e-2")
+    assert len(tasks) == 2
+
+
+def test_annotations_pydantic_cannot_read_are_left_to_the_factory() -> None:
+    def factory(*, model: torch.nn.Module | None = None, k: int = 1) -> int:
+        return k
+
+    registry: Registry[int] = Registry("thing")
+    registry.register("f", factory)
+    assert registry.create("f", model=torch.nn.Linear(1, 1), k=2) == 2
+    with pytest.raises(ConfigError, match="option 'k' got 'two'"):
+        registry.create("f", k="two")

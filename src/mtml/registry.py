@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -19,16 +20,17 @@ T = TypeVar("T")
 __all__ = ["Registry", "check_options"]
 
 
-def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where: str) -> None:
-    """Raise :class:`ConfigError` if ``options`` holds a keyword ``factory`` does not accept, or lacks a required
-    keyword-only one.
+def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """Raise :class:`ConfigError` if ``options`` holds a keyword ``factory`` does not accept, lacks a required
+    keyword-only one, or gives a value that does not fit its parameter's annotation; returns the options as the
+    annotations read them (``"1e-4"`` for a ``float`` → ``0.0001``, a list for a ``tuple`` → a tuple).
 
     ``where`` names the config path for the message (for example ``training.weighting``).
     """
     sig = inspect.signature(factory)
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+        return dict(options)
     # positional-only parameters are filled by the caller (a weighting's task names), never by options
     skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY)
     allowed = [n for n, p in params.items() if p.kind not in skip]
@@ -43,6 +45,70 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where
     if required:  # otherwise a TypeError (and a traceback) when the factory is called
         raise ConfigError(f"{where}: missing required option{'s' if len(required) > 1 else ''} "
                           f"{', '.join(repr(n) for n in required)}.")
+    return _check_types(factory, options, where)
+
+
+def _adapters(factory: Callable[..., Any]) -> dict[str, Any]:
+    """Parameter name → a pydantic ``TypeAdapter`` of its annotation, for the annotations pydantic understands
+    (others — tensors, modules, callables — are left to the factory)."""
+    key = getattr(factory, "__init__", factory) if inspect.isclass(factory) else factory
+    cached = _ADAPTERS.get(key)
+    if cached is not None:
+        return cached
+    from pydantic import ConfigDict, TypeAdapter  # (pydantic is a dependency; imported late: this module is light)
+
+    try:
+        hints = typing.get_type_hints(key)
+    except Exception:  # one annotation does not resolve: take the others one by one
+        hints = {}
+        namespace = getattr(key, "__globals__", {})
+        for name, text in getattr(key, "__annotations__", {}).items():
+            try:
+                hints[name] = eval(text, namespace) if isinstance(text, str) else text
+            except Exception:  # unresolvable: left to the factory
+                continue
+    out: dict[str, Any] = {}
+    for name, hint in hints.items():
+        if name == "return" or hint is Any:
+            continue
+        try:
+            out[name] = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=False))
+        except Exception:  # pydantic cannot build a schema for it
+            continue
+    _ADAPTERS[key] = out
+    return out
+
+
+_ADAPTERS: dict[Any, dict[str, Any]] = {}
+
+
+def _check_types(factory: Callable[..., Any], options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Raise :class:`ConfigError` for an option whose value does not fit its parameter's annotation (``null``
+    for a number, a word for a list, …), instead of a ``TypeError`` deep inside the factory; the options as
+    the annotations read them."""
+    from pydantic import ValidationError
+
+    adapters = _adapters(factory)
+    out = dict(options)
+    for key, value in options.items():
+        adapter = adapters.get(key)
+        if adapter is None:
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            want = str(first.get("msg", "")).replace("Input should be", "it should be")
+            raise ConfigError(f"{where}: option '{key}' got {value!r}: {want} ({_show(adapter)}).") from None
+        except Exception:  # a validator that cannot judge this value: left to the factory
+            continue
+    return out
+
+
+def _show(adapter: Any) -> str:
+    """The annotation as a user reads it: ``int | None``, ``Sequence[int]``."""
+    text = str(getattr(adapter, "_type", "")).replace("typing.", "").replace("collections.abc.", "")
+    return text.replace("<class '", "").replace("'>", "") or "see the option's documentation"
 
 
 class Registry(Generic[T]):
@@ -101,7 +167,7 @@ class Registry(Generic[T]):
         a bad option value is prefixed with ``where`` too, so the message leads with the config key to fix.
         """
         factory = self.get(name)
-        check_options(factory, options, where=where or f"{self.kind} '{name}'")
+        options = check_options(factory, options, where=where or f"{self.kind} '{name}'")
         try:
             return factory(*args, **options)
         except ConfigError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -74,6 +75,13 @@ def _main(argv: list[str] | None) -> None:
         _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except (OSError, UnicodeError, MemoryError) as exc:
+        if os.environ.get("MTML_TRACEBACK"):
+            raise
+        if os.environ.get("MTML_LAUNCHED") and os.environ.get("RANK", "0") != "0":
+            sys.exit(2)  # the launcher names failed ranks; rank 0 prints the cause
+        err_console.print(f"[bold red]error:[/] {escape(os_message(exc))}", highlight=False)
+        sys.exit(2)
     except Exception as exc:
         # Usage errors (bad option, missing argument) come from typer's bundled click: show them its way.
         show = getattr(exc, "show", None)
@@ -88,6 +96,41 @@ def _main(argv: list[str] | None) -> None:
         if code == INTERRUPTED:
             _interrupted()
         sys.exit(code)
+
+
+_ERRNO_HINTS = {  # what to do, after the system's own words for the error
+    errno.ENOSPC: "free space (or choose another --out) and run the same command again; checkpoints already "
+                  "written are kept",
+    errno.EDQUOT: "free space and run the same command again",
+    errno.EROFS: "choose a writable place (--out, MTML_CACHE)",
+    errno.EACCES: "choose a place you can write to (--out, MTML_CACHE) or fix its permissions",
+    errno.EPERM: "choose another place (--out, MTML_CACHE)",
+    errno.EISDIR: "give a file's path, not a directory's",
+    errno.ENOTDIR: "a part of this path is a file, not a directory",
+    errno.EMFILE: "raise the limit (ulimit -n) or use fewer --nproc ranks",
+    errno.ENOMEM: "use a smaller batch_size, meta_batch, ways/shots or fewer --nproc ranks",
+}
+
+
+def os_message(exc: BaseException) -> str:
+    """One line for an error of the operating system (or of decoding, or memory), naming the file and the fix.
+
+    ``MTML_TRACEBACK=1`` shows the traceback instead (for bug reports).
+    """
+    if isinstance(exc, MemoryError):
+        return ("out of memory: use a smaller batch_size, meta_batch, ways/shots or fewer --nproc ranks "
+                "(MTML_TRACEBACK=1 shows where).")
+    if isinstance(exc, UnicodeError):
+        return (f"a file is not UTF-8 text ({exc}): save it as UTF-8 (MTML_TRACEBACK=1 shows which file was "
+                "being read).")
+    assert isinstance(exc, OSError)
+    where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    hint = _ERRNO_HINTS.get(exc.errno or -1)
+    parts = [f"{what}{f': {where}' if where else ''}"]
+    if hint:
+        parts.append(hint)
+    return "; ".join(parts) + " (MTML_TRACEBACK=1 shows the traceback)."
 
 
 def _interrupted() -> None:

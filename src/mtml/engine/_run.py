@@ -4,7 +4,7 @@ Layout::
 
     RUN/
       config.yaml        resolved configuration (written once)
-      run.json           status: running | interrupted | diverged | completed, mtml version, times
+      run.json           status: running | interrupted | failed | diverged | completed, mtml version, times
       metrics.jsonl      append-only log, one JSON record a line
       checkpoints/       step-00000100.safetensors …, best.safetensors
       summary.json       per-task test metrics of the restored best model

@@ -12,7 +12,7 @@ from torch import nn
 
 from mtml.engine._checkpoint import save_checkpoint
 from mtml.engine._dist_steps import sharded_joint_step
-from mtml.engine._distributed import is_main
+from mtml.engine._distributed import is_main, map_ranks
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import Batch, TaskBatcher, evaluate, objective
 from mtml.engine._precision import autocast, check_precision
@@ -238,7 +238,7 @@ def train_multitask(
 
     def validate() -> dict[str, Any]:
         with autocast(precision, device):
-            metrics = evaluate(model, tasks, "val")
+            metrics = evaluate(model, tasks, "val", map_fn=map_ranks)
         current = objective(metrics)
         if bests is None or not math.isfinite(current):  # (a non-finite objective stops the run as diverged)
             return {"objective": current, "tasks": metrics}
@@ -259,8 +259,8 @@ def train_multitask(
             save_checkpoint(run.best_checkpoint, modules=modules, meta={"step": result.best_step,
                                                                          "objective": result.best_objective})
     with autocast(precision, device):
-        val = evaluate(model, tasks, "val")
-        test = evaluate(model, [t for t in tasks if t.test is not None], "test")
+        val = evaluate(model, tasks, "val", map_fn=map_ranks)
+        test = evaluate(model, [t for t in tasks if t.test is not None], "test", map_fn=map_ranks)
     return TrainResult(result, val, test, best_steps)
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -134,6 +135,11 @@ def _train_into(prep: _Prepared, run: Run, *, resume: bool, progress: ProgressHo
     except DivergedError:
         if is_main():
             run.set_status("diverged", stopped=time.time())
+        raise
+    except OSError as exc:  # a full disk, a vanished mount: say so where it can still be written; resumable
+        if is_main():
+            with contextlib.suppress(OSError):
+                run.set_status("failed", stopped=time.time(), error=f"{exc.strerror or exc}")
         raise
     model = built.model
     summary = {"name": config.name, "dataset": config.data.dataset, "algorithm": config.training.algorithm,
@@ -279,4 +285,4 @@ def _evaluate_run(run: Run, config: Config, split: str, num_tasks: int | None, s
         raise ConfigError("--tasks, --shots and --steps apply to meta-learning runs; this is a joint run.")
     built = build(config)
     restore(ckpt, modules={"model": built.model})
-    return evaluate(built.model, [t for t in built.tasks if getattr(t, split) is not None], split)
+    return evaluate(built.model, [t for t in built.tasks if getattr(t, split) is not None], split, map_fn=map_ranks)

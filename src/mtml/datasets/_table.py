@@ -62,7 +62,15 @@ def _not_utf8(path: Path) -> str:
 def target_column(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[str, TaskKind, Any]:
     """Column, kind and values of the target ``name`` given as a column name or ``{column, kind}``; the kind
     defaults to regression for a float column and to multiclass otherwise."""
+    if not isinstance(spec, (str, Mapping)):
+        raise ConfigError(f"data.options.targets.{name}: give a column name or {{column, kind}}. Got {spec!r}.")
     spec = {"column": spec} if isinstance(spec, str) else dict(spec)
+    for key in spec:
+        if key not in TARGET_KEYS:
+            near = difflib.get_close_matches(str(key), TARGET_KEYS, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"data.options.targets.{name}: unknown key '{key}'; a target takes "
+                              f"{' and '.join(TARGET_KEYS)}.{hint}")
     column = spec.get("column", name)
     if column not in df.columns:
         near = difflib.get_close_matches(str(column), list(map(str, df.columns)), n=1)
@@ -77,6 +85,48 @@ def target_column(df: Any, name: str, spec: str | Mapping[str, Any]) -> tuple[st
     return column, TaskKind(kind), df[column]
 
 
+TARGET_KEYS = ("column", "kind")
+#: a class column with more distinct values than this, and than half its labelled rows, is refused as continuous
+MAX_LOOSE_CLASSES = 50
+
+
+def _check_classes(name: str, kind: TaskKind, col: Any, classes: list[Any]) -> None:
+    """A class target must have two classes or more, whole-number or text values, and not one class per row."""
+    column = col.name
+    if len(classes) < 2:
+        raise DataError(f"task '{name}': {kind.value} target column '{column}' has a single class "
+                        f"({classes[0]!r} in all {int(col.notna().sum())} labelled rows): nothing to learn; drop the "
+                        "target or give rows of another class.")
+    fractional = [c for c in classes if isinstance(c, float) and not float(c).is_integer()]
+    if fractional:
+        raise DataError(f"task '{name}': {kind.value} target column '{column}' holds fractional numbers such as "
+                        f"{fractional[0]!r}; class labels are whole numbers or text. If it is a quantity, use "
+                        "kind: regression.")
+    labelled = int(col.notna().sum())
+    if len(classes) > MAX_LOOSE_CLASSES and len(classes) > labelled // 2:
+        raise DataError(f"task '{name}': {kind.value} target column '{column}' has {len(classes)} distinct values "
+                        f"in {labelled} labelled rows, too many for classes (it looks continuous); use kind: "
+                        "regression, or bin it into classes first.")
+
+
+def check_splits(n: int, val_fraction: float, test_fraction: float, *, what: str = "the table") -> None:
+    """Split fractions in range, and enough rows for every split: at least 5 to train on and 1 each to validate
+    and test (``what`` names the rows in the message)."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise ConfigError(f"data.options.{key}: must be between 0 and 1 (exclusive), got {value!r}; every run "
+                              "validates (early stopping) and reports test metrics, so each split needs rows.")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(f"data.options.val_fraction + test_fraction must be below 1 (got {val_fraction} + "
+                          f"{test_fraction}); the rest is the training split.")
+    n_val = max(1, round(n * val_fraction)) if n >= 3 else 0
+    n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
+    if n - n_val - n_test < 5 or n_val < 1 or n_test < 1:
+        raise DataError(f"{what} has {n} rows: {max(n - n_val - n_test, 0)} to train on, {n_val} to validate and "
+                        f"{n_test} to test; give at least {5 + 2} rows (5 to train, 1 each to validate and test), "
+                        "ideally hundreds.")
+
+
 def encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Targets, the labelled-row mask (bool ``[n]``) and extra task options of one target column.
 
@@ -89,6 +139,7 @@ def encode_target(name: str, kind: TaskKind, col: Any) -> tuple[torch.Tensor, to
     if kind is TaskKind.REGRESSION:
         return _numbers(name, col)[:, None], labelled, {}
     classes = sorted(col.dropna().unique().tolist(), key=str)
+    _check_classes(name, kind, col, classes)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[v] if ok else 0 for v, ok in zip(col.tolist(), labelled.tolist(), strict=True)])
     if kind is TaskKind.BINARY:
@@ -182,6 +233,10 @@ def table(
     if unknown or not feature_cols:
         raise ConfigError(f"data.options.features: columns {unknown or '(none)'} are not usable; columns are "
                           f"{', '.join(map(str, df.columns))}.")
+    leaks = [c for c in feature_cols if c in target_cols]
+    if leaks:
+        raise ConfigError(f"data.options.features: column '{leaks[0]}' is also a target: the model would read the "
+                          "answer from its input (a label leak); remove it from features.")
     if dropna:
         grouped = [] if group_by is None else [group_by]
         df = df.dropna(subset=[*feature_cols, *target_cols, *grouped]).reset_index(drop=True)
@@ -195,6 +250,7 @@ def table(
         raise DataError(f"feature columns {bad} have missing values; impute them or set data.options.dropna: true.")
     x = torch.tensor(x_frame.to_numpy(np.float32))
     fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    check_splits(len(df), val_fraction, test_fraction)
     if group_by is not None:
         plan = plan_groups(df, group_by, target=next(iter(specs)), min_rows=min_rows, small_groups=small_groups,
                            heldout_groups=heldout_groups, subset=chosen, seed=seed, fractions=fractions)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mtml.datasets._table import encode_target, read_table, split_masks, target_column
+from mtml.datasets._table import check_splits, encode_target, read_table, split_masks, target_column
 from mtml.datasets._text import check_encoder_options, clean_text, text_inputs
 from mtml.datasets._util import make_task, split_indices, standardize
 from mtml.errors import ConfigError, DataError
@@ -125,6 +125,7 @@ def text_table(
         specs = {name: target_column(df, name, spec) for name, spec in targets.items()}
     texts = _texts(col, clean)
     fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    check_splits(len(df), val_fraction, test_fraction, what=f"the text table {path}")
     parts = split_indices(len(df), fractions, torch.Generator().manual_seed(seed))
     labels = _labels(specs, parts)  # every target is checked before the (slow) encoder runs
     x = text_inputs(texts, inputs=inputs, max_length=max_length, cache_dir=cache_dir, progress=progress,

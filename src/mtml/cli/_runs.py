@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from mtml.cli._app import console, prints
+from mtml.cli._app import console, err_console, prints
 from mtml.errors import MtmlError
 
 
@@ -187,6 +188,27 @@ def eval_(
     scores = evaluate_run(run, split, num_tasks=tasks, shots=shots, steps=steps)
     if prints():
         _print_scores(scores, f"{run} — {split}")
+        interim = _interim(run)
+        if interim:
+            err_console.print(f"[yellow]note:[/] {escape(interim)}", highlight=False)
+
+
+def _interim(path: Path) -> str | None:
+    """Why a run's best checkpoint is not its final one (still training, interrupted, failed), or None."""
+    from mtml.engine import Run
+    from mtml.errors import RunExistsError
+
+    run = Run.open(path)
+    status = run.status().get("status")
+    try:
+        run.check_unlocked()
+    except RunExistsError:
+        return (f"{path} is still being trained by another process: these are the scores of its best checkpoint "
+                "so far, not the run's final ones.")
+    if status in ("completed", None):
+        return None
+    return (f"{path} is {status}, not completed: these are the scores of its best checkpoint so far; continue it "
+            f"with `mtml train --resume {path}` for the final ones.")
 
 
 def sweep(

@@ -8,6 +8,7 @@ No fine-tuning happens.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from mtml.workflows._build import load_source, target_tasks
 
 __all__ = ["rank_sources", "source_outputs"]
 
+#: how torch words a model reading inputs of the wrong shape (``mat1 and mat2 shapes cannot be multiplied``,
+#: ``size mismatch``, ``Expected 4-dimensional input``, ``must match the size of tensor``)
+_SHAPE_WORDS = re.compile(r"shape|size|dimension", re.IGNORECASE)
+
 
 @torch.no_grad()
 def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -30,7 +35,9 @@ def source_outputs(source: Source, x: torch.Tensor, head: str | None) -> tuple[t
     try:
         feats = source.model.features(x)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not _SHAPE_WORDS.search(first):  # not a mismatch of inputs: a real failure, shown as itself
+            raise
         raise ShapeError(f"source run {source.label} cannot read the target inputs of shape {tuple(x.shape)} "
                          f"({first}); sources must take the same input features as the target.") from None
     probs = head_probs(source.model.heads[head](feats), source.kinds[head]) if head is not None else None

@@ -238,9 +238,9 @@ class Config(_Strict):
         except ConfigError as exc:
             raise type(exc)(f"model.backbone: {exc}") from None
         check_backbone_options(m.backbone, m.backbone_options, where="model.backbone_options")
-        if m.backbone != "mlp" and not self.is_meta and m.architecture != "hps":
-            raise ConfigError(f"model.backbone: {m.backbone} is a trunk for hard parameter sharing; use it with "
-                              f"model.architecture: hps (got '{m.architecture}'), or backbone: mlp.")
+        if m.backbone != "mlp" and not self.is_meta and m.architecture not in ("hps", "mtan"):
+            raise ConfigError(f"model.backbone: {m.backbone} is a trunk for hard parameter sharing or MTAN; use it "
+                              f"with model.architecture: hps or mtan (got '{m.architecture}'), or backbone: mlp.")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -38,7 +38,8 @@ def _build(name: str, tasks: list[Task]) -> torch.nn.Module:
 
 
 def test_registry_names() -> None:
-    assert set(ARCHITECTURES.names()) == {"hps", "mmoe", "cgc", "ple", "cross_stitch", *TOKEN_ARCHS}
+    assert set(ARCHITECTURES.names()) == {"hps", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "dselect_k",
+                                          *TOKEN_ARCHS}
     assert all(ARCHITECTURES.describe().values())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,14 +10,18 @@ from torch import nn
 
 from mtml.errors import ConfigError
 from mtml.nn._architectures import ColumnModel, ColumnTrunk, CrossStitchTrunk, ExtractionTrunk, MMoETrunk
-from mtml.nn._builders import _flat_width, build_multitask_model, group_stems
+from mtml.nn._backbones import check_backbone_options
+from mtml.nn._builders import ImageStem, _flat_width, build_multitask_model, group_stems
+from mtml.nn._dselect_k import GATES, DSelectKModel, DSelectKTrunk
 from mtml.nn._minilm import minilm_model
 from mtml.nn._mlp import ACTIVATIONS, mlp
 from mtml.nn._model import MultiTaskModel
+from mtml.nn._mtan import MTANMLPTrunk, MTANTrunk
 from mtml.registry import Registry
 from mtml.tasks import Task
 
-__all__ = ["ARCHITECTURES", "build_cgc", "build_cross_stitch", "build_hps", "build_mmoe", "build_model", "build_ple"]
+__all__ = ["ARCHITECTURES", "build_cgc", "build_cross_stitch", "build_dselect_k", "build_hps", "build_mmoe",
+           "build_model", "build_mtan", "build_ple"]
 
 
 def _check_count(name: str, value: int, low: int = 1) -> None:
@@ -95,6 +100,91 @@ def build_cross_stitch(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] 
         d, names, hidden=trunk_hidden, activation=activation, dropout=dropout, self_weight=self_weight))
 
 
+def _check_real(name: str, value: float, low: float, *, strict: bool) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or value < low or (strict and value == low):
+        raise ConfigError(f"`{name}` must be a number {'>' if strict else '>='} {low:g}. Got {value!r}.")
+
+
+def build_dselect_k(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (64, 64),
+                    head_hidden: Sequence[int] = (), stem_width: int | None = None, activation: str = "relu",
+                    dropout: float = 0.0, num_experts: int = 4, k: int = 2, gamma: float = 1.0,
+                    gate: str = "per_example", entropy_reg: float = 0.0) -> ColumnModel:
+    """DSelect-k (Hazimeh et al., NeurIPS 2021): ``num_experts`` shared MLP experts as in MMoE, each task's gate a
+    differentiable selector of at most ``k`` of them (smooth-step width ``gamma``; ``gate`` ``per_example`` or
+    ``static``); ``entropy_reg > 0`` adds that multiple of the selectors' entropy to each task's training loss."""
+    _check_count("num_experts", num_experts)
+    _check_count("k", k)
+    if k > num_experts:
+        raise ConfigError(f"`k` must be <= num_experts ({num_experts}): a gate selects at most every expert. Got {k}.")
+    _check_real("gamma", gamma, 0.0, strict=True)
+    _check_real("entropy_reg", entropy_reg, 0.0, strict=False)
+    if gate not in GATES:
+        raise ConfigError(f"`gate` must be one of {', '.join(GATES)}. Got {gate!r}.")
+    model = _column_model(tasks, trunk_hidden, head_hidden, stem_width, activation, lambda d, names: DSelectKTrunk(
+        d, names, num_experts=num_experts, k=k, hidden=trunk_hidden, gamma=float(gamma), gate=gate,
+        activation=activation, dropout=dropout))
+    if not entropy_reg:
+        return model  # no regulariser: a plain ColumnModel, which keeps the engine's own loss paths
+    assert isinstance(model.trunk, DSelectKTrunk)
+    return DSelectKModel(model.trunk, dict(model.heads), dict(model.stems), entropy_reg=float(entropy_reg),
+                         input_shapes=model.input_shapes, stem_of=model.stem_of or None)
+
+
+MTAN_BACKBONES = ("auto", "conv4", "mlp")
+
+
+def build_mtan(tasks: Sequence[Task], /, *, trunk_hidden: Sequence[int] = (64, 64), head_hidden: Sequence[int] = (),
+               stem_width: int | None = None, activation: str = "relu", dropout: float = 0.0, backbone: str = "auto",
+               backbone_options: Mapping[str, Any] | None = None) -> ColumnModel:
+    """MTAN (Liu, Johns & Davison, CVPR 2019): per-task attention masks on a shared trunk's features at every
+    stage. ``backbone`` ``conv4`` (images ``(C, H, W)``; ``backbone_options`` are Conv-4's: width, blocks, norm,
+    groups) is the paper's design; ``mlp`` is its analogue for flat inputs (widths ``trunk_hidden``); ``auto``
+    picks conv4 when every task has image inputs and mlp when every task has flat ones. With conv4,
+    ``trunk_hidden`` and ``dropout`` are not used (as for :func:`build_hps` with a conv backbone)."""
+    if backbone not in MTAN_BACKBONES:
+        raise ConfigError(f"`backbone` must be one of {', '.join(MTAN_BACKBONES)}. Got {backbone!r}.")
+    if not tasks:
+        raise ConfigError("an architecture needs at least one task.")
+    images = [len(t.input_shape) == 3 for t in tasks]
+    if backbone == "auto":
+        if any(images) and not all(images):
+            raise ConfigError("mtan shares one trunk, but some tasks have images and some flat inputs ("
+                              f"{', '.join(f'{t.name} {t.input_shape}' for t in tasks)}); give every task images "
+                              "[C, H, W] (backbone conv4) or flat features (backbone mlp).")
+        backbone = "conv4" if all(images) else "mlp"
+    if backbone == "mlp":
+        if backbone_options:
+            raise ConfigError(f"`backbone_options` are Conv-4's; the mlp backbone takes none (got "
+                              f"{', '.join(backbone_options)}): set its widths with trunk_hidden.")
+        return _column_model(tasks, trunk_hidden, head_hidden, stem_width, activation, lambda d, names: MTANMLPTrunk(
+            d, names, hidden=trunk_hidden, activation=activation, dropout=dropout))
+    if not all(images):
+        flat = next(t for t, image in zip(tasks, images, strict=True) if not image)
+        raise ConfigError(f"mtan's conv4 backbone takes images [C, H, W], but task '{flat.name}' has inputs of shape "
+                          f"{flat.input_shape}; load images unflattened (e.g. data.options.flatten: false) or use "
+                          "backbone: mlp (the MLP analogue).")
+    return _mtan_images(tasks, dict(backbone_options or {}), head_hidden, stem_width, activation)
+
+
+def _mtan_images(tasks: Sequence[Task], options: dict[str, Any], head_hidden: Sequence[int], stem_width: int | None,
+                 activation: str) -> ColumnModel:
+    """MTAN on Conv-4 for the first task's image shape; image tasks of another shape get an :class:`ImageStem`."""
+    if stem_width is not None:
+        raise ConfigError("`stem_width` adapts flat inputs to an MLP trunk; mtan's conv4 backbone takes the images "
+                          "directly. Remove stem_width.")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"`activation` must be one of {', '.join(ACTIVATIONS)}. Got {activation!r}.")
+    check_backbone_options("conv4", options, where="backbone_options")
+    shape = tasks[0].input_shape
+    odd = {t.name for t in tasks if t.input_shape != shape}
+    stems, stem_of = group_stems(tasks, lambda t: ImageStem(t.input_shape, shape), lambda t: t.name in odd)
+    trunk = MTANTrunk(shape, [t.name for t in tasks], **options)
+    heads = {t.name: mlp(trunk.out_features, head_hidden, t.num_outputs, activation=activation) for t in tasks}
+    return ColumnModel(trunk, heads, stems, input_shapes={t.name: t.input_shape for t in tasks},
+                       stem_of=stem_of or None)
+
+
 def build_model(tasks: Sequence[Task], architecture: str = "hps", **options: Any) -> MultiTaskModel:
     """The model of ``architecture`` (a name in :data:`mtml.nn.ARCHITECTURES`) for ``tasks``; options are the
     builder's keywords (``trunk_hidden``, ``head_hidden``, ``stem_width``, ``activation``, ``dropout`` and the
@@ -110,5 +200,9 @@ ARCHITECTURES.register("cgc", build_cgc, help="customized gate control: shared +
 ARCHITECTURES.register("ple", build_ple, help="progressive layered extraction: stacked CGC levels (Tang et al. 2020)")
 ARCHITECTURES.register("cross_stitch", build_cross_stitch, help="a column per task mixed by learned cross-stitch "
                        "units (Misra et al. CVPR 2016)")
+ARCHITECTURES.register("mtan", build_mtan, help="multi-task attention network: per-task attention masks on a "
+                       "shared Conv-4 (images) or MLP (flat inputs) at every stage (Liu et al. CVPR 2019)")
+ARCHITECTURES.register("dselect_k", build_dselect_k, help="MMoE experts with differentiable k-sparse DSelect-k gates "
+                       "(Hazimeh et al. NeurIPS 2021)")
 ARCHITECTURES.register("minilm", minilm_model, help="MiniLM sentence encoder (top layers fine-tuned, option "
                        "trainable_top_layers) + MLP trunk, for token inputs (texts with inputs: tokens)")

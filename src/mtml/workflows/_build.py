@@ -147,6 +147,8 @@ def _joint_model(config: Config, tasks: list[Task]) -> MultiTaskModel:
     extra: dict[str, Any] = {}
     if m.architecture == "hps":
         extra = {"share_trunk": m.share_trunk, "backbone": m.backbone, "backbone_options": m.backbone_options}
+    elif m.architecture == "mtan" and m.backbone != "mlp":  # (model.backbone's default mlp leaves MTAN's auto)
+        extra = {"backbone": m.backbone, "backbone_options": m.backbone_options}
     fixed = {"trunk_hidden", "head_hidden", "stem_width", "activation", "dropout", *extra}
     clash = sorted(fixed & set(m.options))
     if clash:

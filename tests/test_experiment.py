@@ -45,7 +45,7 @@ def test_booleans_are_not_numbers(data: dict) -> None:
         Config.from_dict(data)
 
 
-@pytest.mark.parametrize("architecture", ["hps", "mmoe", "cgc", "ple", "cross_stitch"])
+@pytest.mark.parametrize("architecture", ["hps", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "dselect_k"])
 def test_every_architecture_and_a_gramian_weighting_train_from_config(tmp_path: Path, architecture: str) -> None:
     from mtml.nn import ARCHITECTURES
 

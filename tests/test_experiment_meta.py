@@ -28,8 +28,10 @@ def _config(algorithm: str, family: str, **training: object) -> Config:
     })
 
 
+#: algorithms whose head is a classifier built from the support set (prototypes, an SVM, a fitted softmax head)
+CLASSIFICATION_ONLY = {"protonet", "proto_maml", "metaoptnet", "baseline", "baseline_pp", "rfs_linear"}
 CASES = [(a, "gaussian_classes") for a in ALGORITHMS.names()] + [
-    (a, "sinusoid") for a in ALGORITHMS.names() if a != "protonet"
+    (a, "sinusoid") for a in ALGORITHMS.names() if a not in CLASSIFICATION_ONLY
 ]
 
 

@@ -138,13 +138,26 @@ def test_missing_required_keyword_only_options() -> None:
 def test_option_values_are_checked_against_the_factorys_annotations() -> None:
     from mtml.datasets import DATASETS
 
-    for bad, needle in ((None, "valid integer"), ("x", "valid integer"), (3.5, "fractional"), ([1], "valid integer")):
-        with pytest.raises(ConfigError, match=rf"data.options: option 'num_tasks' got .*{needle}"):
+    for bad, needle in ((None, "a valid integer"), ("x", "a valid integer"), (3.5, "a valid integer"),
+                        ([1], "a valid integer"), ("3", "int, written as such")):
+        with pytest.raises(ConfigError, match=rf"data.options: `num_tasks` must be {needle}.*Got "):
             DATASETS.create("synthetic", where="data.options", num_tasks=bad)
-    # a value the annotation reads (YAML 1.1's "1e-2" string for a float) reaches the factory as that type
+    # a value the annotation reads (an int for a float) reaches the factory as that type
     tasks = DATASETS.create("synthetic", where="data.options", num_tasks=2, in_dim=3, latent_dim=1, n_train=4,
-                            n_val=4, n_test=4, noise="1e-2")
+                            n_val=4, n_test=4, noise=0)
     assert len(tasks) == 2
+
+
+def test_a_word_for_a_flag_is_refused() -> None:
+    def factory(*, flag: bool = False) -> bool:
+        return flag
+
+    registry: Registry[bool] = Registry("thing")
+    registry.register("f", factory)
+    assert registry.create("f", flag=True) is True
+    for bad in ("yes", 1, "true"):
+        with pytest.raises(ConfigError, match=r"`flag` must be bool, written as such"):
+            registry.create("f", flag=bad)
 
 
 def test_annotations_pydantic_cannot_read_are_left_to_the_factory() -> None:
@@ -154,5 +167,5 @@ def test_annotations_pydantic_cannot_read_are_left_to_the_factory() -> None:
     registry: Registry[int] = Registry("thing")
     registry.register("f", factory)
     assert registry.create("f", model=torch.nn.Linear(1, 1), k=2) == 2
-    with pytest.raises(ConfigError, match="option 'k' got 'two'"):
+    with pytest.raises(ConfigError, match="`k` must be a valid integer"):
         registry.create("f", k="two")

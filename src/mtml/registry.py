@@ -23,7 +23,7 @@ __all__ = ["Registry", "check_options"]
 def check_options(factory: Callable[..., Any], options: dict[str, Any], *, where: str) -> dict[str, Any]:
     """Raise :class:`ConfigError` if ``options`` holds a keyword ``factory`` does not accept, lacks a required
     keyword-only one, or gives a value that does not fit its parameter's annotation; returns the options as the
-    annotations read them (``"1e-4"`` for a ``float`` → ``0.0001``, a list for a ``tuple`` → a tuple).
+    annotations read them (a list for a ``tuple`` → a tuple, an int for a ``float`` → a float).
 
     ``where`` names the config path for the message (for example ``training.weighting``).
     """
@@ -95,13 +95,18 @@ def _check_types(factory: Callable[..., Any], options: dict[str, Any], where: st
         if adapter is None:
             continue
         try:
-            out[key] = adapter.validate_python(value)
+            read = adapter.validate_python(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            want = str(first.get("msg", "")).replace("Input should be", "it should be")
-            raise ConfigError(f"{where}: option '{key}' got {value!r}: {want} ({_show(adapter)}).") from None
+            want = str(exc.errors()[0].get("msg", "")).removeprefix("Input should be ").split(", ")[0]
+            raise ConfigError(f"{where}: `{key}` must be {want} ({_show(adapter)}). Got {value!r}.") from None
         except Exception:  # a validator that cannot judge this value: left to the factory
             continue
+        # pydantic's lax mode reads "yes" as True and "3" as 3: a word where a number or a flag goes is a mistake
+        if (isinstance(value, str) and isinstance(read, (bool, int, float))) or (
+                isinstance(read, bool) and not isinstance(value, bool)):
+            raise ConfigError(f"{where}: `{key}` must be {_show(adapter)}, written as such (true/false, 3, "
+                              f"0.5). Got {value!r}.")
+        out[key] = read
     return out
 
 

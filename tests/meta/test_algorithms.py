@@ -29,7 +29,8 @@ ALL = ALGORITHMS.names()
 
 
 def test_registry_lists_the_issue_algorithms() -> None:
-    assert set(ALL) == {"maml", "fomaml", "reptile", "anil", "boil", "metasgd", "protonet", "ridge"}
+    assert set(ALL) == {"maml", "fomaml", "reptile", "anil", "boil", "metasgd", "protonet", "ridge",
+                        "maml_pp", "proto_maml", "metaoptnet", "baseline", "baseline_pp", "rfs_linear"}
     assert all(ALGORITHMS.describe().values())
 
 

@@ -10,8 +10,9 @@ Setup (all synthetic, so relatedness is known and graded):
   is computed from the frozen source (features / first head's probabilities) on that training set, and the
   *actual* result is the test accuracy (2000 fixed test examples) of a linear probe — a new softmax head
   fitted by L-BFGS on the frozen features of the same training set;
-- per split, the Spearman correlation across sources between each estimator and the actual accuracy; reported
-  as mean with a 95% percentile-bootstrap CI over splits.
+- per split, the Spearman correlation and the weighted Kendall τ (Vigna 2015, as ``scipy.stats.weightedtau``:
+  agreement on the best sources counts most) across sources between each estimator and the actual accuracy;
+  each reported as mean with a 95% percentile-bootstrap CI over splits.
 
 ``--setup movies`` swaps in real data: the target is one IMDb genre flag (``--target-task``) and the six
 sources are models trained on one other genre each.
@@ -27,7 +28,7 @@ import time
 import torch
 
 from mtml import MultiTaskModel, Split, StopRule, Task, TaskKind, build_multitask_model, train_multitask
-from mtml.transfer import estimate_all, head_probs
+from mtml.transfer import estimate_all, head_probs, spearman, weighted_tau
 
 D, CLASSES, WIDTH = 20, 4, 8
 
@@ -73,23 +74,6 @@ def _probe_accuracy(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.
         return float((head(b).argmax(1) == y_test).double().mean())
 
 
-def _ranks(v: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank)."""
-    order = v.argsort()
-    r = torch.empty_like(v)
-    r[order] = torch.arange(len(v), dtype=v.dtype)
-    for value in v.unique():
-        tie = v == value
-        r[tie] = r[tie].mean()
-    return r
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = _ranks(a.double()), _ranks(b.double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()))
-
-
 def _bootstrap_ci(values: torch.Tensor, seed: int, reps: int = 10000) -> tuple[float, float]:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(values), (reps, len(values)), generator=g)
@@ -97,7 +81,7 @@ def _bootstrap_ci(values: torch.Tensor, seed: int, reps: int = 10000) -> tuple[f
     return float(means[int(0.025 * reps)]), float(means[int(0.975 * reps) - 1])
 
 
-NAMES = ("logme", "leep", "nce", "hscore")
+NAMES = ("logme", "leep", "nce", "hscore", "transrate")
 Source = tuple[str, MultiTaskModel, str, str]  # label, model, head giving the source probabilities, its kind
 
 
@@ -106,6 +90,7 @@ def study(sources: list[Source], pool: Split, test: Split, *, splits: int, n_tar
     g = torch.Generator().manual_seed(seed)
     classes = int(pool.y.max()) + 1
     corr: dict[str, list[float]] = {n: [] for n in NAMES}
+    tau: dict[str, list[float]] = {n: [] for n in NAMES}
     accs = []
     with torch.no_grad():
         test_feats = [m.features(test.x).double() for _, m, _, _ in sources]
@@ -125,16 +110,21 @@ def study(sources: list[Source], pool: Split, test: Split, *, splits: int, n_tar
         accs.append(actual)
         for n in NAMES:
             corr[n].append(spearman(torch.tensor(scores[n]), torch.tensor(actual)))
+            tau[n].append(weighted_tau(torch.tensor(scores[n]), torch.tensor(actual)))
     acc = torch.tensor(accs).mean(0).tolist()
     print(f"\nlinear-probe test accuracy per source (mean over {splits} splits of {n_target} examples):")
     print("  " + "  ".join(f"{s[0]}: {a:.3f}" for s, a in zip(sources, acc, strict=True)))
-    print(f"\nSpearman correlation with the probe accuracy across {len(sources)} sources, over {splits} splits")
-    print("| estimator | mean Spearman | 95% CI (bootstrap over splits) | splits with Spearman > 0 |")
-    print("|---|---|---|---|")
+    print(f"\nSpearman ρ and weighted Kendall τ with the probe accuracy across {len(sources)} sources, over {splits} "
+          "splits (95% CI: bootstrap over splits)")
+    print("| estimator | mean Spearman | 95% CI | splits with Spearman > 0 | mean weighted τ | 95% CI |")
+    print("|---|---|---|---|---|---|")
     for i, n in enumerate(NAMES):
         v = torch.tensor(corr[n], dtype=torch.float64)
+        w = torch.tensor(tau[n], dtype=torch.float64)
         lo, hi = _bootstrap_ci(v, seed + i)
-        print(f"| {n} | {float(v.mean()):+.3f} | [{lo:+.3f}, {hi:+.3f}] | {int((v > 0).sum())}/{len(v)} |")
+        wlo, whi = _bootstrap_ci(w, seed + 100 + i)
+        print(f"| {n} | {float(v.mean()):+.3f} | [{lo:+.3f}, {hi:+.3f}] | {int((v > 0).sum())}/{len(v)} | "
+              f"{float(w.mean()):+.3f} | [{wlo:+.3f}, {whi:+.3f}] |")
 
 
 def synthetic_setup(args: argparse.Namespace) -> tuple[list[Source], Split, Split]:

@@ -111,13 +111,14 @@ def test_rank_sources_scores_every_estimator(sources: tuple[Path, list[Path]]) -
     rows = ranking["b"]
     assert {r["run"] for r in rows} == {str(p) for p in runs}
     for r in rows:
-        assert set(r["scores"]) == {"logme", "leep", "nce", "hscore"}
+        assert set(r["scores"]) == {"logme", "leep", "nce", "hscore", "transrate"}
         assert all(v is not None and math.isfinite(v) for v in r["scores"].values())
         assert r["scores"]["leep"] <= 0 and r["scores"]["nce"] <= 0
     assert rows[0]["scores"]["logme"] >= rows[1]["scores"]["logme"]
     for r in ranking["score"]:  # a regression target: only LogME is defined
         assert math.isfinite(r["scores"]["logme"])
         assert r["scores"]["leep"] is None and r["scores"]["nce"] is None and r["scores"]["hscore"] is None
+        assert r["scores"]["transrate"] is None
     only = rank_sources(Config.from_dict(yaml.safe_load(target.read_text())), runs[:1], task="score")
     assert list(only) == ["score"] and only["score"][0]["source_task"] == "a"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from mtml.transfer._estimators import (
     logme,
     logme_fixed_point,
     nce,
+    spearman,
+    transrate,
+    weighted_tau,
 )
 
 F64 = torch.float64
@@ -136,11 +140,86 @@ def test_hscore_invariances() -> None:
     assert hscore(dup, y) == pytest.approx(hscore(f, y), rel=1e-6)
 
 
+# -- TransRate ---------------------------------------------------------------------------------------------
+def _rate(z: torch.Tensor, eps: float) -> float:
+    """The coding rate from its definition: ½ log det(I_d + ZᵀZ / (n ε)), by slogdet of the d × d matrix."""
+    n, d = z.shape
+    sign, logdet = torch.linalg.slogdet(torch.eye(d, dtype=F64) + z.T @ z / (n * eps))
+    assert float(sign) > 0
+    return 0.5 * float(logdet)
+
+
+@pytest.mark.parametrize(("n", "d"), [(12, 3), (6, 9)])  # n > d, and n < d (the n × n route of the SVD)
+def test_transrate_equals_the_log_det_formula(n: int, d: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(n, d, generator=g, dtype=F64) + 3.0
+    y = torch.arange(n) % 3
+    for eps in (1e-4, 0.5):
+        z = f - f.mean(0)
+        expected = _rate(z, eps) - sum(_rate(z[y == c], eps) for c in range(3)) / 3
+        assert transrate(f, y, eps=eps) == pytest.approx(expected, rel=1e-10)
+
+
+def test_transrate_closed_form_on_a_tiny_feature_matrix() -> None:
+    # classes at ±a on e₁, spread ±b (class 0) and ±c (class 1) on e₂; the mean (shifted away) is removed. Every
+    # Gram matrix is diagonal: ZᵀZ = diag(4a², 2b² + 2c²), Z₀ᵀZ₀ = diag(2a², 2b²), Z₁ᵀZ₁ = diag(2a², 2c²), so
+    # R(Z) − ½(R(Z₀) + R(Z₁)) = ½ log(1 + (b² + c²)/(2ε)) − ¼ (log(1 + b²/ε) + log(1 + c²/ε)): the e₁ terms cancel.
+    a, b, c, eps = 2.0, 0.5, 1.5, 0.1
+    f = torch.tensor([[a, b], [a, -b], [-a, c], [-a, -c]], dtype=F64) + torch.tensor([1.0, 7.0], dtype=F64)
+    y = torch.tensor([0, 0, 1, 1])
+    expected = 0.5 * math.log(1 + (b * b + c * c) / (2 * eps)) - 0.25 * (math.log(1 + b * b / eps)
+                                                                         + math.log(1 + c * c / eps))
+    assert transrate(f, y, eps=eps) == pytest.approx(expected, rel=1e-12)
+    assert expected > 0
+
+
+def test_transrate_prefers_informative_features_and_ignores_label_names() -> None:
+    f, y = _data(n=120, d=5)
+    noise = torch.randn(120, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert transrate(f, y) > transrate(noise, y)
+    assert transrate(f, torch.tensor([2, 0, 1])[y]) == pytest.approx(transrate(f, y), rel=1e-12)
+    with pytest.raises(DataError, match="eps"):
+        transrate(f, y, eps=0)
+
+
+# -- rank correlation --------------------------------------------------------------------------------------------
+def test_weighted_tau_examples_and_limits() -> None:
+    x, y = torch.tensor([12.0, 2, 1, 12, 2]), torch.tensor([1.0, 4, 7, 1, 0])
+    assert weighted_tau(x, y) == pytest.approx(-0.56694968153682723, rel=1e-12)  # scipy's documented example
+    v = torch.tensor([0.3, 0.1, 0.9, 0.5])
+    assert weighted_tau(v, 2 * v + 1) == pytest.approx(1.0)
+    assert weighted_tau(v, -v) == pytest.approx(-1.0)
+    # a swap among the top items costs more than the same swap at the bottom
+    top = weighted_tau(torch.tensor([4.0, 3, 2, 1]), torch.tensor([3.0, 4, 2, 1]))
+    bottom = weighted_tau(torch.tensor([4.0, 3, 2, 1]), torch.tensor([4.0, 3, 1, 2]))
+    assert top < bottom < 1
+    with pytest.raises(DataError, match="same items"):
+        weighted_tau(v, v[:3])
+
+
+def test_weighted_tau_and_spearman_equal_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = 2 + trial % 9
+        x = torch.randint(0, 4, (n,), generator=g).double() if trial % 2 else torch.randn(n, generator=g, dtype=F64)
+        y = torch.randint(0, 3, (n,), generator=g).double() if trial % 3 == 0 else torch.randn(n, generator=g,
+                                                                                            dtype=F64)
+        want = float(stats.weightedtau(x.numpy(), y.numpy()).statistic)
+        got = weighted_tau(x, y)
+        assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-10, abs=1e-12), (x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns on a constant input (NaN, as spearman gives)
+            want_rho = float(stats.spearmanr(x.numpy(), y.numpy()).statistic)
+        rho = spearman(x, y)
+        assert (math.isnan(want_rho) and math.isnan(rho)) or rho == pytest.approx(want_rho, rel=1e-10, abs=1e-12)
+
+
 # -- the registry and bad input -----------------------------------------------------------------------------
 def test_registry_uniform_call() -> None:
     f, y = _data()
     probs = torch.softmax(f[:, :4], 1)
-    assert set(ESTIMATORS.names()) == {"logme", "leep", "nce", "hscore"}
+    assert set(ESTIMATORS.names()) == {"logme", "leep", "nce", "hscore", "transrate"}
     for name in ESTIMATORS:
         value = ESTIMATORS.create(name, f, probs, y, kind="multiclass")
         assert math.isfinite(value)
@@ -153,7 +232,7 @@ def test_registry_uniform_call() -> None:
         ESTIMATORS.create("hscore", f, None, f[:, 0], kind="regression")
 
 
-@pytest.mark.parametrize("name", ["logme", "leep", "nce", "hscore"])
+@pytest.mark.parametrize("name", ["logme", "leep", "nce", "hscore", "transrate"])
 def test_bad_inputs_are_named(name: str) -> None:
     f, y = _data()
     probs = torch.softmax(f[:, :3], 1)

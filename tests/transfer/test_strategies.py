@@ -55,6 +55,10 @@ def test_every_strategy_gives_finite_metrics_and_leaves_the_source(name: str, ki
         return
     if name == "meta_adapt" and kind == "regression":
         algorithm = ALGORITHMS.create("ridge", model)
+    if name in ("co_tuning", "stochnorm"):  # need head kinds / BatchNorm; run in tests/transfer/test_regularised.py
+        with pytest.raises(ConfigError, match=r"co_tuning|stochnorm"):
+            _fit(name, Source(model, algorithm), task)
+        return
     if name == "blup":  # the mixed model's new-group prediction: a hierarchical-heads source, regression targets
         from mtml.nn._hierarchical import build_hierarchical
 

@@ -60,7 +60,7 @@ def rank(
     by: Annotated[str, typer.Option(help="estimator to sort by")] = "logme",
     out: Annotated[Path | None, typer.Option(help="also write the ranking as JSON here")] = None,
 ) -> None:
-    """Rank source runs for a --target config by LogME, LEEP, NCE and H-score (no fine-tuning)."""
+    """Rank source runs for a --target config by LogME, LEEP, NCE, H-score and TransRate (no fine-tuning)."""
     import json
 
     from rich.table import Table

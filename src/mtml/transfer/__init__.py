@@ -3,7 +3,19 @@
 Pure torch, no I/O."""
 
 from mtml.transfer._affinity import AffinityAccumulator, TagRecorder, lookahead_affinity, negative_transfer
-from mtml.transfer._estimators import ESTIMATORS, Estimator, estimate_all, head_probs, hscore, leep, logme, nce
+from mtml.transfer._estimators import (
+    ESTIMATORS,
+    Estimator,
+    estimate_all,
+    head_probs,
+    hscore,
+    leep,
+    logme,
+    nce,
+    spearman,
+    transrate,
+    weighted_tau,
+)
 from mtml.transfer._grouping import Grouping, group_tasks, grouping_score
 from mtml.transfer._strategies import STRATEGIES, Source, Strategy, trunk_blocks
 
@@ -26,5 +38,8 @@ __all__ = [
     "lookahead_affinity",
     "nce",
     "negative_transfer",
+    "spearman",
+    "transrate",
     "trunk_blocks",
+    "weighted_tau",
 ]

@@ -12,6 +12,11 @@ one number (higher = better expected transfer). Every computation runs in float6
   conditional entropy −H(Y | Z) of target labels given the source's hard labels.
 - :func:`hscore` — Bao et al. 2019, "An Information-Theoretic Approach to Transferability in Task Transfer
   Learning": ``tr(cov(f)⁻¹ cov(E[f | y]))``.
+- :func:`transrate` — Huang, Huang, Rong, Yang & Wei, "Frustratingly Easy Transferability Estimation", ICML
+  2022: the coding-rate difference ``R(Z) − R(Z | Y)`` of the centred features.
+
+:func:`spearman` and :func:`weighted_tau` (Vigna 2015, as ``scipy.stats.weightedtau`` defines it) compare a
+ranking of sources by an estimate with their actual results.
 
 :data:`ESTIMATORS` holds them behind one call, ``estimator(features, source_probs, labels, kind=...)``, so a
 ranking loop treats them alike; :meth:`Estimator.applies` says which inputs and target kinds each one needs.
@@ -30,8 +35,8 @@ from mtml.errors import DataError
 from mtml.registry import Registry
 
 __all__ = [
-    "ESTIMATORS", "Estimator", "estimate_all", "head_probs", "hscore", "leep", "log_evidence", "logme",
-    "logme_fixed_point", "nce",
+    "ESTIMATORS", "Estimator", "coding_rate", "estimate_all", "head_probs", "hscore", "leep", "log_evidence", "logme",
+    "logme_fixed_point", "nce", "spearman", "transrate", "weighted_tau",
 ]
 
 _F64 = torch.float64
@@ -239,6 +244,84 @@ def hscore(features: Tensor, labels: Tensor) -> float:
     return float(torch.trace(torch.linalg.pinv(cov_f, hermitian=True, rtol=1e-10) @ cov_g))
 
 
+# -- TransRate -----------------------------------------------------------------------------------------------
+def coding_rate(features: Tensor, eps: float = 1e-4) -> Tensor:
+    """``R(Z, ε) = ½ log det(I_d + ZᵀZ / (n ε))`` of ``features: [n, d]`` (float64), from the singular values:
+    ``½ Σᵢ log(1 + σᵢ² / (n ε))`` (the same determinant as ``I_n + Z Zᵀ / (n ε)``, so O(min(n, d)³))."""
+    z = features.to(_F64)
+    s = torch.linalg.svdvals(z)
+    return 0.5 * torch.log1p(s.square() / (z.shape[0] * eps)).sum()
+
+
+def transrate(features: Tensor, labels: Tensor, *, eps: float = 1e-4) -> float:
+    """TransRate (Huang et al., ICML 2022) of ``features: [n, d]`` for class ``labels: [n]``:
+    ``R(Z, ε) − R(Z | Y, ε)`` with ``Z`` the features centred over all rows, :func:`coding_rate` ``R`` and
+    ``R(Z | Y, ε) = (1/K) Σ_k R(Z_k, ε)`` over the ``K`` classes present (``Z_k`` the rows of class ``k``, each
+    with its own ``n_k``), as in the authors' released code; ``ε = 1e-4`` is theirs too. Higher is better."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < float("inf"):
+        raise DataError(f"TransRate's eps must be a finite number > 0; got {eps!r}. Use the paper's 1e-4.")
+    y = _classes(labels)
+    f = _features(features, y.shape[0])
+    z = f - f.mean(0)
+    rates = [coding_rate(z[y == c], eps) for c in torch.unique(y)]
+    return float(coding_rate(z, eps) - torch.stack(rates).mean())
+
+
+# -- rank correlation --------------------------------------------------------------------------------------------
+def _pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    x, y = torch.as_tensor(a).to(_F64).reshape(-1), torch.as_tensor(b).to(_F64).reshape(-1)
+    if x.shape != y.shape:
+        raise DataError(f"rank correlation needs two rankings of the same items; got {x.numel()} and {y.numel()}.")
+    if not bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
+        raise DataError("rank correlation needs finite scores; drop the sources with NaN/inf first.")
+    return x, y
+
+
+def _ranks(v: Tensor) -> Tensor:
+    """Average ranks from 0 (ties share the mean rank)."""
+    order = v.argsort()
+    r = torch.empty_like(v)
+    r[order] = torch.arange(len(v), dtype=v.dtype)
+    for value in v.unique():
+        tie = v == value
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's ρ: Pearson's correlation of the average ranks of ``a`` and ``b`` (NaN when one is constant)."""
+    x, y = _pair(a, b)
+    ra, rb = _ranks(x), _ranks(y)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def _weighted_tau_ranked(x: Tensor, y: Tensor) -> Tensor:
+    """Vigna's weighted τ with hyperbolic additive weights, the importance ranking being the decreasing
+    lexicographic order of ``(x, y)``: ``Σ_{i<j} w_ij sgn(xᵢ−xⱼ) sgn(yᵢ−yⱼ) / √(Σ w_ij [xᵢ≠xⱼ] · Σ w_ij [yᵢ≠yⱼ])``
+    with ``w_ij = 1/(rᵢ+1) + 1/(rⱼ+1)`` and ``rᵢ`` the position of item ``i`` in that order (from 0)."""
+    n = x.numel()
+    order = sorted(range(n), key=lambda i: (float(x[i]), float(y[i]), i), reverse=True)
+    rank = torch.empty(n, dtype=_F64)
+    rank[torch.tensor(order)] = torch.arange(n, dtype=_F64)
+    w = 1.0 / (rank + 1.0)
+    i, j = torch.triu_indices(n, n, 1)
+    weight = w[i] + w[j]
+    sx, sy = torch.sign(x[i] - x[j]), torch.sign(y[i] - y[j])
+    return (weight * sx * sy).sum() / torch.sqrt((weight * sx.abs()).sum() * (weight * sy.abs()).sum())
+
+
+def weighted_tau(a: Tensor, b: Tensor) -> float:
+    """Weighted Kendall τ (Vigna, "A Weighted Correlation Index for Rankings with Ties", WWW 2015) as
+    ``scipy.stats.weightedtau(a, b)`` computes it by default: hyperbolic weights ``1/(r+1)`` summed over each pair,
+    the mean of the two values with the importance ranking taken from ``(a, b)`` and from ``(b, a)``. Agreement
+    among the top items (largest values) counts most; 1 for the same order, −1 for the reverse. O(n²)."""
+    x, y = _pair(a, b)
+    if x.numel() < 2:
+        raise DataError(f"rank correlation needs at least 2 items; got {x.numel()}.")
+    return float((_weighted_tau_ranked(x, y) + _weighted_tau_ranked(y, x)) / 2)
+
+
 # -- the uniform interface ---------------------------------------------------------------------------------
 def _kind(kind: str) -> str:
     if kind not in KINDS:
@@ -284,6 +367,8 @@ ESTIMATORS.register("nce", Estimator("probs", CLASSIFICATION, lambda p, y, k: nc
                     help="NCE, Tran et al. 2019: -H(target | source hard label)")
 ESTIMATORS.register("hscore", Estimator("features", CLASSIFICATION, lambda f, y, k: hscore(f, y)),
                     help="H-score, Bao et al. 2019: tr(cov(f)^-1 cov(E[f|y]))")
+ESTIMATORS.register("transrate", Estimator("features", CLASSIFICATION, lambda f, y, k: transrate(f, y)),
+                    help="TransRate, Huang et al. 2022: coding rate R(Z) - R(Z|Y) of the centred features")
 
 
 def head_probs(outputs: Tensor, kind: str) -> Tensor | None:

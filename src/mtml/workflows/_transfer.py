@@ -135,6 +135,11 @@ def _check(source: Source, tasks: Sequence[Task], chosen: Mapping[str, Strategy]
     if source.algorithm is None and any(s.needs_algorithm for s in chosen.values()):
         raise ConfigError("strategy 'meta_adapt' needs a meta-learned source run, but this run was trained "
                           "jointly; drop meta_adapt from the strategies.")
+    for strategy in chosen.values():  # a strategy that cannot serve this source or target says so before any work
+        for task in tasks:
+            refusal = strategy.refusal(source, task)
+            if refusal is not None:
+                raise ConfigError(refusal)
 
 
 def _score(strategy: Strategy, source: Source, tasks: Sequence[Task], seed: int) -> dict[str, float]:
@@ -235,6 +240,8 @@ def _prepare(source_run: str | Path, target_config: str | Path | Config, strateg
                           "'all' has no meaning there, use numbers of shots such as 1,5,20.")
     fixed = None if target.is_meta else target_tasks(target)
     probe = fixed or _episode_tasks(task_family(target, shots=int(parsed[0])), torch.Generator().manual_seed(0))
+    if strategies is None:  # the default set: every strategy that serves this source and these targets
+        chosen = {n: s for n, s in chosen.items() if n == "scratch" or all(s.refusal(source, t) is None for t in probe)}
     _check(source, probe, chosen)
     return _Plan(source, target, parsed, chosen, fixed, probe)
 

@@ -15,9 +15,10 @@ from mtml.groups import TaskGroup, task_groups
 from mtml.meta import current_paths
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task, TaskKind
-from mtml.weighting import GramianTape, JacobianWeighting, Weighting, task_jacobian
+from mtml.weighting import BilevelWeighting, GramianTape, JacobianWeighting, Weighting, task_jacobian
 
-__all__ = ["TaskBatcher", "evaluate", "joint_step", "objective", "predict", "predict_many", "task_losses"]
+__all__ = ["TaskBatcher", "bilevel_update", "evaluate", "joint_step", "objective", "predict", "predict_many",
+           "task_losses"]
 
 #: ``{task: (x, y)}``, or ``(x, y, mask)`` for a task with unlabelled rows (``mask: bool [rows]``, True =
 #: labelled). Tasks on shared rows get the very same ``x`` tensor, which the model runs through its trunk once.
@@ -41,11 +42,14 @@ class TaskBatcher:
     Many tasks with rows of their own (at least :data:`~mtml.engine._packed.MIN_TASKS` of one shape) are drawn as
     one :class:`~mtml.engine._packed.RowPack` instead, with one key per row (the batch is then a
     :class:`~mtml.engine._packed.PackedBatch`); ``speed_paths(packed_rows=False)`` draws them one by one.
+    ``split`` (default ``train``) names the split drawn from; other splits (the ``val`` batches of a
+    :class:`~mtml.weighting.BilevelWeighting`) are always drawn task group by task group.
     """
 
-    def __init__(self, tasks: Sequence[Task], batch_size: int) -> None:
+    def __init__(self, tasks: Sequence[Task], batch_size: int, *, split: str = "train") -> None:
         if batch_size < 1:
             raise ConfigError(f"`batch_size` must be >= 1. Got {batch_size}.")
+        self.split = split
         self.tasks = list(tasks)
         self.groups = task_groups(self.tasks)
         self.batch_size = batch_size
@@ -56,7 +60,7 @@ class TaskBatcher:
         batch: Batch = {}
         pools: list[RowPool] = []
         pooled: set[str] = set()
-        if current_paths().packed_rows:
+        if current_paths().packed_rows and self.split == "train":
             if self._pools is None:
                 self._pools = row_pools(self.tasks)
                 self._pooled = {n for pool in self._pools for n in pool.names}
@@ -64,13 +68,13 @@ class TaskBatcher:
         for group in self.groups:
             if group.tasks[0].name in pooled:
                 continue
-            x, n = group.x("train"), group.rows("train")
+            x, n = group.x(self.split), group.rows(self.split)
             idx = None
             if n > self.batch_size:
                 idx = torch.randperm(n, generator=generator)[: self.batch_size].to(x.device)
                 x = x[idx]
             for t in group.tasks:
-                s = t.train
+                s = t.split(self.split)
                 y, mask = (s.y, s.mask) if idx is None else (s.y[idx], None if s.mask is None else s.mask[idx])
                 batch[t.name] = (x, y) if mask is None else (x, y, mask)
         packs = []
@@ -103,6 +107,7 @@ def joint_step(
     optimizer: torch.optim.Optimizer,
     *,
     gramian: str | None = None,
+    val_batch: Batch | None = None,
 ) -> StepResult:
     """One optimiser update of ``Σᵢ wᵢ·Lᵢ + weighting.penalty()`` on ``batch`` (``{task: (x, y)}``).
 
@@ -110,7 +115,12 @@ def joint_step(
     over the shared parameters is computed first from the same forward pass, by the backend ``gramian``
     (default: the weighting's own ``gramian`` option, itself ``auto`` unless set; see
     :mod:`mtml.weighting._gramian`).
+
+    ``val_batch`` (a batch of the ``val`` splits, for a :class:`~mtml.weighting.BilevelWeighting` only) first
+    updates the weights: :func:`bilevel_update`.
     """
+    if val_batch is not None:
+        bilevel_update(model, tasks, batch, val_batch, weighting, optimizer)
     if isinstance(weighting, JacobianWeighting):
         return jacobian_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
     names = weighting.task_names
@@ -132,6 +142,18 @@ def joint_step(
     optimizer.step()
     lv, wv = losses.detach().tolist(), w.detach().tolist()
     return StepResult(float(total.detach()), dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))
+
+
+def bilevel_update(model: MultiTaskModel, tasks: Mapping[str, Task], batch: Batch, val_batch: Batch,
+                   weighting: Weighting, optimizer: torch.optim.Optimizer) -> None:
+    """Let a :class:`~mtml.weighting.BilevelWeighting` update its weights from the training ``batch`` and
+    ``val_batch`` (task losses by :func:`task_losses`, the learning rate of the optimiser's first group)."""
+    if not isinstance(weighting, BilevelWeighting):
+        raise TypeError(f"{type(weighting).__name__} learns nothing from validation batches; pass val_batch only "
+                        "with a BilevelWeighting (e.g. auto_lambda).")
+    names = weighting.task_names
+    weighting.update(model, batch, val_batch, lambda b: task_losses(model, tasks, b, names),
+                     float(optimizer.param_groups[0]["lr"]))
 
 
 def jacobian_backend(weighting: JacobianWeighting, gramian: str | None, device: torch.device) -> str:

@@ -12,9 +12,9 @@ from torch import nn
 
 from mtml.engine._checkpoint import save_checkpoint
 from mtml.engine._dist_steps import sharded_joint_step
-from mtml.engine._distributed import is_main, map_ranks
+from mtml.engine._distributed import is_distributed, is_main, map_ranks
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
-from mtml.engine._joint import Batch, TaskBatcher, evaluate, objective
+from mtml.engine._joint import Batch, TaskBatcher, bilevel_update, evaluate, objective
 from mtml.engine._precision import autocast, check_precision
 from mtml.engine._run import Run
 from mtml.engine._updates import LRSchedule, Updater
@@ -22,7 +22,7 @@ from mtml.errors import ConfigError, UnknownNameError
 from mtml.groups import tasks_to
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task
-from mtml.weighting import WEIGHTINGS, Weighting
+from mtml.weighting import WEIGHTINGS, BilevelWeighting, Weighting
 
 __all__ = ["TaskBests", "TrainResult", "check_stop_per_task", "make_optimizer", "train_multitask"]
 
@@ -198,6 +198,12 @@ def train_multitask(
     ``scheduler`` sets the learning rate of each update (:class:`~mtml.engine.LRSchedule`), ``grad_clip`` clips the
     gradient's global norm and ``accumulate=k`` makes each update the mean gradient of ``k`` batches of
     ``batch_size`` (:class:`~mtml.engine.Updater`); ``max_steps`` counts updates.
+
+    A :class:`~mtml.weighting.BilevelWeighting` (``auto_lambda``) updates its weights before every
+    ``update_every``-th update from that update's first training batch and a batch of ``batch_size`` rows of each
+    task group's ``val`` split, drawn with a generator of its own (seeded from ``seed``, checkpointed as
+    ``validation``); test rows are never read. That update runs in full precision whatever ``precision`` is. Not
+    available in a process group.
     """
     check_precision(precision, device)
     stop = stop or StopRule()
@@ -211,12 +217,21 @@ def train_multitask(
         weighting = WEIGHTINGS.create(weighting, names, where=f"weighting '{weighting}'",
                                       **dict(weighting_options or {}))
     weighting.to(device)
+    bilevel = weighting if isinstance(weighting, BilevelWeighting) else None
+    if bilevel is not None and is_distributed():
+        raise ConfigError(f"training.weighting: '{type(weighting).__name__}' (a bilevel weighting) runs in one "
+                          "process only; train it without a process group, or choose another weighting.")
     params = list(model.parameters()) + list(weighting.parameters())
     opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     updater = Updater(opt, schedule=scheduler, max_steps=stop.max_steps, grad_clip=grad_clip, accumulate=accumulate,
                       min_delta=stop.min_delta)
     gen = torch.Generator().manual_seed(seed)
     batcher = TaskBatcher(tasks, batch_size)
+    generators = {"sampler": gen}
+    pending: list[Batch] = []  # the val batch of this update, for its first micro-batch
+    if bilevel is not None:  # validation batches of their own: the training batches stay those of other runs
+        val_gen = generators["validation"] = torch.Generator().manual_seed(seed + 0x5EED)
+        val_batcher = TaskBatcher(tasks, batch_size, split="val")
     by_name = {t.name: t for t in tasks}
     modules: dict[str, nn.Module] = {"model": model, "weighting": weighting}
     bests = TaskBests(model, names, min_delta=stop.min_delta, patience=stop.patience) if stop_per_task else None
@@ -228,12 +243,16 @@ def train_multitask(
         batch = batcher.sample(gen)
         if before_step is not None:
             before_step(batch)
+        if pending:  # in full precision: a finite difference of bf16 losses would be mostly rounding
+            bilevel_update(model, by_name, batch, pending.pop(), weighting, opt)  # opt: the current lr
         with autocast(precision, device):
             return sharded_joint_step(model, by_name, batch, weighting, o).as_dict()
 
     def step() -> dict[str, Any]:
         if bests is not None:
             bests.tick()
+        if bilevel is not None and bilevel.tick():
+            pending[:] = [val_batcher.sample(val_gen)]
         return updater.step(micro)
 
     def validate() -> dict[str, Any]:
@@ -249,7 +268,7 @@ def train_multitask(
                 "stop": all(stopped)}
 
     result = fit(modules=modules, optimizer=opt, train_step=step, validate=validate, stop=stop,
-                 generators={"sampler": gen}, run=run, resume=resume, checkpoint_every=checkpoint_every,
+                 generators=generators, run=run, resume=resume, checkpoint_every=checkpoint_every,
                  keep_checkpoints=keep_checkpoints, progress=progress, updater=updater)
     best_steps: dict[str, int] = {}
     if bests is not None:  # fit restored the state of the last step any task improved: now each task's own best

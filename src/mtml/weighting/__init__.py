@@ -8,9 +8,11 @@ matrix ``J [m, d]`` and return the shared parameters' update (:class:`JacobianWe
 
 from mtml.registry import Registry
 from mtml.weighting._aligned_mtl import AlignedMTL
+from mtml.weighting._auto_lambda import AutoLambda
 from mtml.weighting._base import (
     GRAMIAN_BACKENDS,
     JACOBIAN_BACKENDS,
+    BilevelWeighting,
     GramianWeighting,
     JacobianUpdate,
     JacobianWeighting,
@@ -91,6 +93,8 @@ WEIGHTINGS.register("excess_mtl", ExcessMTL, help="exponentiated weights from Ad
                     "al. 2024)")
 WEIGHTINGS.register("trimmed_mean", TrimmedMean, help="coordinate-wise trimmed mean of task gradients (Yin et al. "
                     "2018)")
+WEIGHTINGS.register("auto_lambda", AutoLambda, help="weights learned by a one-step look-ahead on validation "
+                    "batches (Liu et al. 2022)")
 
 __all__ = [
     "DBMTL",
@@ -108,6 +112,8 @@ __all__ = [
     "STCH",
     "WEIGHTINGS",
     "AlignedMTL",
+    "AutoLambda",
+    "BilevelWeighting",
     "CAGrad",
     "ConFIG",
     "DualProj",

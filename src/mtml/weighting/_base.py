@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from mtml.errors import ConfigError, ShapeError
 
-__all__ = ["GRAMIAN_BACKENDS", "JACOBIAN_BACKENDS", "GramianWeighting", "JacobianUpdate", "JacobianWeighting",
-           "Weighting"]
+__all__ = ["GRAMIAN_BACKENDS", "JACOBIAN_BACKENDS", "BilevelWeighting", "GramianWeighting", "JacobianUpdate",
+           "JacobianWeighting", "Weighting"]
 
 #: How the step computes the task Gramian (see :mod:`mtml.weighting._gramian`).
 GRAMIAN_BACKENDS = ("auto", "loop", "batched", "layerwise", "rows", "representation")
@@ -187,3 +187,45 @@ class JacobianWeighting(Weighting):
 
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}, jacobian={self.jacobian}"
+
+
+class BilevelWeighting(Weighting):
+    """A weighting whose weights are learned on held-out data (``needs_validation = True``): every
+    ``update_every``-th training update, before it, the step calls :meth:`update` with the training batch and a
+    batch drawn from the tasks' ``val`` splits; the weights stay fixed in between.
+
+    :meth:`weights` returns the current weights (detached: they are no parameters of the training objective); the
+    weights and any state of their own optimiser live in buffers, so checkpoints carry them. ``steps`` (a buffer)
+    counts the training updates seen through :meth:`tick`, so a resumed run updates on the same steps.
+
+    Args:
+        update_every: update the weights before every ``update_every``-th training update (the first included).
+    """
+
+    #: True for a :class:`BilevelWeighting`: the trainer draws validation batches for it.
+    needs_validation: ClassVar[bool] = True
+    steps: Tensor
+
+    def __init__(self, task_names: Sequence[str], /, *, update_every: int = 1) -> None:
+        super().__init__(task_names)
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ConfigError(f"`update_every` must be an integer >= 1 (training updates between weight updates). "
+                              f"Got {update_every!r}.")
+        self.update_every = update_every
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def tick(self) -> bool:
+        """Count one training update; whether the weights are updated before it."""
+        due = int(self.steps) % self.update_every == 0
+        self.steps += 1
+        return due
+
+    @abstractmethod
+    def update(self, model: nn.Module, train_batch: Any, val_batch: Any, loss_fn: Callable[[Any], Tensor],
+               lr: float) -> None:
+        """Update the weights from ``train_batch`` and ``val_batch`` (``{task: (x, y[, mask])}``);
+        ``loss_fn(batch)`` gives the ``[m]`` task losses of ``model`` on a batch and ``lr`` is the optimiser's
+        current learning rate. ``model`` must be left as it was (parameters and buffers)."""
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.num_tasks}, update_every={self.update_every}"

@@ -141,3 +141,44 @@ def test_few_shot_rejects_float_labels() -> None:
 def test_split_fractions_are_validated() -> None:
     with pytest.raises(ConfigError, match="`fractions`"):
         split_classes(torch.arange(10), fractions=(0.5, 0.5, 0.5), generator=gen())
+
+
+def test_episode_classes_are_the_picked_global_classes() -> None:
+    """``classes[t, k]`` indexes ``sampler.classes`` and names the dataset label of task t's label-k images."""
+    y = torch.arange(30).repeat_interleave(4) * 3 + 7  # labels 7, 10, ..., sparse on purpose
+    x = y.float().view(-1, 1).expand(-1, 2).clone()  # every row carries its own label
+    sampler = FewShotClassification(x, y, ways=5, shots=2, query_shots=2, meta_batch=6, classes=y.unique()[:20])
+    assert sampler.num_classes == 20
+    episode = sampler.sample(gen(4))
+    assert episode.classes is not None and episode.classes.shape == (6, 5)
+    assert int(episode.classes.max()) < 20 and all(len(set(row.tolist())) == 5 for row in episode.classes)
+    for split in (episode.support, episode.query):
+        truth = split.x[..., 0].long()  # [tasks, shots]
+        assert torch.equal(truth, sampler.classes[episode.classes.gather(1, split.y)])
+    part = episode.tasks(2, 5)
+    assert part.classes is not None and torch.equal(part.classes, episode.classes[2:5])
+    moved = episode.to("cpu")
+    assert moved.classes is not None and torch.equal(moved.classes, episode.classes)
+
+
+def test_episode_classes_shape_is_checked_and_optional() -> None:
+    from mtml.errors import ShapeError
+    from mtml.meta import Episode
+    from mtml.tasks import Split
+
+    s = Split(torch.zeros(2, 3, 1), torch.zeros(2, 3, dtype=torch.long))
+    assert Episode(s, s, ways=3).classes is None and Episode(s, s, ways=3).task(1).classes is None
+    with pytest.raises(ShapeError, match=r"`classes` must be an integer tensor \[tasks, ways\] = \[2, 3\]"):
+        Episode(s, s, ways=3, classes=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ShapeError, match="`classes` must be an integer tensor"):
+        Episode(s, s, ways=3, classes=torch.zeros(2, 3))
+
+
+def test_shard_episode_keeps_the_classes() -> None:
+    from mtml.engine._dist_steps import shard_episode
+
+    y = torch.arange(10).repeat_interleave(4)
+    episode = FewShotClassification(torch.randn(40, 3), y, ways=3, shots=1, query_shots=1,
+                                    meta_batch=4).sample(gen())
+    local = shard_episode(episode)  # outside a process group: the whole episode
+    assert local.classes is not None and torch.equal(local.classes, episode.classes)

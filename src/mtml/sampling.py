@@ -84,7 +84,9 @@ class FewShotClassification:
     Each task picks ``ways`` distinct classes (among ``classes``, default all) and, for each, ``shots``
     support and ``query_shots`` query examples, all distinct. Labels are remapped per task: the ``k``-th
     picked class becomes label ``k``, so the mapping is random from episode to episode. Examples are ordered
-    by label within each split. Only classes with at least ``shots + query_shots`` examples are eligible.
+    by label within each split. Only classes with at least ``shots + query_shots`` examples are eligible; they
+    are :attr:`classes` (sorted dataset labels), and an episode's ``classes[t, k] = i`` says that task ``t``'s
+    label ``k`` is the dataset label ``self.classes[i]`` (a global id in ``0..num_classes-1``).
     ``transform`` (optional) maps the drawn inputs ``[tasks, shots, *input]`` to what the model takes, per
     episode: image readers keep ``x`` as compact uint8 pixels and turn them into floats here.
     """
@@ -137,7 +139,13 @@ class FewShotClassification:
         index = self._table[picks.unsqueeze(-1), order]
         labels = torch.arange(ways).view(1, ways, 1).expand(tasks, ways, need)
         return Episode(self._split(index[..., : self.shots], labels[..., : self.shots]),
-                       self._split(index[..., self.shots :], labels[..., self.shots :]), ways=ways)
+                       self._split(index[..., self.shots :], labels[..., self.shots :]), ways=ways,
+                       classes=picks.to(self.x.device))
+
+    @property
+    def num_classes(self) -> int:
+        """Eligible classes: an episode's ``classes[t, k]`` indexes :attr:`classes` (the dataset's labels)."""
+        return len(self.classes)
 
     def _split(self, index: Tensor, labels: Tensor) -> Split:
         tasks = index.shape[0]

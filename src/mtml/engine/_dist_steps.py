@@ -33,7 +33,8 @@ def shard_episode(episode: Episode) -> Episode:
     """This rank's contiguous share of the tasks of ``episode`` (``[tasks, ...]`` sliced on dim 0)."""
     part = shard(episode.num_tasks, "tasks per episode (meta_batch)")
     s, q = episode.support, episode.query
-    return Episode(Split(s.x[part], s.y[part]), Split(q.x[part], q.y[part]), episode.ways)
+    classes = None if episode.classes is None else episode.classes[part]
+    return Episode(Split(s.x[part], s.y[part]), Split(q.x[part], q.y[part]), episode.ways, classes)
 
 
 def sharded_meta_step(algorithm: MetaAlgorithm, model: torch.nn.Module, episode: Episode,

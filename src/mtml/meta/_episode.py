@@ -29,11 +29,15 @@ class Episode:
             ``[tasks, shots]`` integer labels (classification).
         query: the same layout with ``query_shots`` examples per task.
         ways: classes per task for classification (labels lie in ``[0, ways)``); 0 for regression.
+        classes: optional ``[tasks, ways]`` integer tensor: ``classes[t, k]`` is the global id (an index into
+            the sampler's class list, ``0..num_classes-1``) of the class that task ``t`` labels ``k``; ``None``
+            when the sampler does not know it (regression, episodes built by hand).
     """
 
     support: Split
     query: Split
     ways: int = 0
+    classes: Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("support", "query"):
@@ -53,6 +57,11 @@ class Episode:
                              "integer labels (classification).")
         if self.is_classification and self.ways <= 0:
             raise ShapeError(f"episode: integer labels need `ways` > 0 (classes per task). Got {self.ways}.")
+        if self.classes is not None and (self.classes.is_floating_point()
+                                         or tuple(self.classes.shape) != (self.num_tasks, self.ways)):
+            raise ShapeError(f"episode: `classes` must be an integer tensor [tasks, ways] = "
+                             f"[{self.num_tasks}, {self.ways}]; got {tuple(self.classes.shape)} "
+                             f"({self.classes.dtype}). Pass None when the global classes are unknown.")
 
     @property
     def is_classification(self) -> bool:
@@ -75,10 +84,12 @@ class Episode:
         """The episode holding tasks ``start`` to ``stop − 1`` (their support and query sets, views)."""
         pick = slice(start, stop)
         return Episode(Split(self.support.x[pick], self.support.y[pick]),
-                       Split(self.query.x[pick], self.query.y[pick]), self.ways)
+                       Split(self.query.x[pick], self.query.y[pick]), self.ways,
+                       None if self.classes is None else self.classes[pick])
 
     def to(self, device: torch.device | str) -> Episode:
-        return Episode(self.support.to(device), self.query.to(device), self.ways)
+        return Episode(self.support.to(device), self.query.to(device), self.ways,
+                       None if self.classes is None else self.classes.to(device))
 
 
 @runtime_checkable

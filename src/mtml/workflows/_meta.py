@@ -3,7 +3,7 @@ with meta-validation for early stopping and the meta-test protocol at the end.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -75,7 +75,20 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
                  validate=validate, stop=stop_rule(exp.config), generators={"sampler": gen}, run=run, resume=resume,
                  checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, progress=progress,
                  updater=updater)
-    return result, score(family.val, t.meta_val_tasks, [k], 1), score(family.test, t.meta_test_tasks, None, 2)
+    test = per_source(family.test, lambda sampler: score(sampler, t.meta_test_tasks, None, 2))
+    return result, score(family.val, t.meta_val_tasks, [k], 1), test
+
+
+def per_source(sampler: Any, score: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+    """``score(sampler)``, plus ``"<source>/<key>"`` for each source of a multi-source sampler (one with
+    ``by_source()``, e.g. ``meta_dataset``): ``glyphs/accuracy@0``, ``glyphs/accuracy@0_ci95``,
+    ``glyphs/num_tasks``, each source scored on its own ``num_tasks`` tasks."""
+    out = score(sampler)
+    by_source = getattr(sampler, "by_source", None)
+    if callable(by_source):
+        for name, one in by_source().items():
+            out.update({f"{name}/{key}": value for key, value in score(one).items()})
+    return out
 
 
 def _episodes(sampler: Any, generator: torch.Generator, device: torch.device) -> Iterator[Episode]:
@@ -86,16 +99,21 @@ def _episodes(sampler: Any, generator: torch.Generator, device: torch.device) ->
 def _to(episode: Episode, device: torch.device) -> Episode:
     if device.type == "cpu":
         return episode
-    return Episode(episode.support.to(device), episode.query.to(device), episode.ways)
+    return episode.to(device)
 
 
 def evaluate_meta(exp: Built, *, num_tasks: int, steps: list[int] | None, seed: int,
                   device: torch.device) -> dict[str, float]:
-    """The meta-test protocol on the test split of ``exp``'s family (mean and 95% CI per inner-step count)."""
+    """The meta-test protocol on the test split of ``exp``'s family (mean and 95% CI per inner-step count), per
+    source too for a multi-source family (:func:`per_source`)."""
     family, algorithm = _parts(exp)
-    g = torch.Generator().manual_seed(seed)
     exp.model.to(device)
     algorithm.to(device)
-    episodes = _episodes(family.test, g, device)
-    with autocast(exp.config.training.precision, device):
-        return meta_evaluate(algorithm, exp.model, episodes, steps=steps, num_tasks=num_tasks, map_fn=map_ranks)
+
+    def score(sampler: Any) -> dict[str, float]:
+        g = torch.Generator().manual_seed(seed)
+        with autocast(exp.config.training.precision, device):
+            return meta_evaluate(algorithm, exp.model, _episodes(sampler, g, device), steps=steps,
+                                 num_tasks=num_tasks, map_fn=map_ranks)
+
+    return per_source(family.test, score)

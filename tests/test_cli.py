@@ -76,13 +76,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_list_shows_every_registered_name() -> None:
     proc = mtml("list")
     assert proc.returncode == 0, proc.stderr
+    from mtml.datasets import FAMILIES
     from mtml.meta import ALGORITHMS
     from mtml.nn import ARCHITECTURES, BACKBONES
-    from mtml.transfer import ESTIMATORS, STRATEGIES
+    from mtml.transfer import ADAPTERS, ESTIMATORS, STRATEGIES
 
-    for registry in (DATASETS, WEIGHTINGS, ALGORITHMS, ARCHITECTURES, BACKBONES, STRATEGIES, ESTIMATORS):
+    for registry in (DATASETS, FAMILIES, WEIGHTINGS, ALGORITHMS, ARCHITECTURES, BACKBONES, STRATEGIES, ESTIMATORS,
+                     ADAPTERS):
         for name in registry.names():
             assert name in proc.stdout, (registry.kind, name)
+    # the short names issue 20 asks `mtml list` to show
+    for name in ("gls", "graddrop", "moco", "sdmgrad", "modo", "stch", "excess_mtl", "fairgrad", "config_grad",
+                 "dualproj", "si", "auto_lambda", "mtan", "dselect_k", "delta", "bss", "co_tuning", "stochnorm",
+                 "lwf", "dann", "cdan", "mdd", "mcc", "transrate"):
+        assert f"│ {name} " in proc.stdout, name
 
 
 def test_train_writes_a_complete_run_directory(trained: Path) -> None:

@@ -17,7 +17,7 @@ def list_() -> None:
     from mtml.datasets import DATASETS, FAMILIES
     from mtml.meta import ALGORITHMS
     from mtml.nn import ARCHITECTURES, BACKBONES
-    from mtml.transfer import ESTIMATORS, STRATEGIES
+    from mtml.transfer import ADAPTERS, ESTIMATORS, STRATEGIES
     from mtml.weighting import WEIGHTINGS
 
     models = {"mlp": "MLP trunk shared by all tasks + a linear/MLP head per task (stems for other widths)",
@@ -27,7 +27,8 @@ def list_() -> None:
                 ("models", models), ("architectures (model.architecture)", ARCHITECTURES.describe()),
                 ("backbones (model.backbone)", BACKBONES.describe()), ("algorithms", algorithms),
                 ("weightings", WEIGHTINGS.describe()), ("transfer strategies (mtml transfer)", STRATEGIES.describe()),
-                ("transferability estimators (mtml rank)", ESTIMATORS.describe()))
+                ("transferability estimators (mtml rank)", ESTIMATORS.describe()),
+                ("domain adaptation (mtml adapt)", ADAPTERS.describe()))
     for title, items in sections:
         table = Table(title=title, title_justify="left")
         table.add_column("name", style="bold")

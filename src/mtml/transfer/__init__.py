@@ -2,6 +2,7 @@
 
 Pure torch, no I/O."""
 
+from mtml.transfer._adaptation import ADAPTERS, Adapter, supervised_target
 from mtml.transfer._affinity import AffinityAccumulator, TagRecorder, lookahead_affinity, negative_transfer
 from mtml.transfer._estimators import (
     ESTIMATORS,
@@ -20,8 +21,10 @@ from mtml.transfer._grouping import Grouping, group_tasks, grouping_score
 from mtml.transfer._strategies import STRATEGIES, Source, Strategy, trunk_blocks
 
 __all__ = [
+    "ADAPTERS",
     "ESTIMATORS",
     "STRATEGIES",
+    "Adapter",
     "AffinityAccumulator",
     "Estimator",
     "Grouping",
@@ -39,6 +42,7 @@ __all__ = [
     "nce",
     "negative_transfer",
     "spearman",
+    "supervised_target",
     "transrate",
     "trunk_blocks",
     "weighted_tau",

@@ -6,12 +6,14 @@
 | ``mtml train`` | :func:`train`, :func:`train_seeds`, :func:`resume_run` |
 | ``mtml eval`` | :func:`evaluate_run` |
 | ``mtml transfer`` | :func:`transfer` |
+| ``mtml adapt`` | :func:`adapt` |
 | ``mtml rank`` | :func:`rank_sources` |
 | ``mtml affinity`` | :func:`task_affinity` |
 | ``mtml demo`` | :func:`run_demo` |
 | ``mtml export`` | :func:`export_run` |
 """
 
+from mtml.workflows._adapt import AdaptResult, adapt, parse_methods
 from mtml.workflows._affinity import AffinityResult, task_affinity
 from mtml.workflows._build import (
     Built,
@@ -52,6 +54,7 @@ from mtml.workflows._transfer import (
 __all__ = [
     "EXPORT_FORMATS",
     "SWEEP_KINDS",
+    "AdaptResult",
     "AffinityResult",
     "Built",
     "ExportResult",
@@ -59,6 +62,7 @@ __all__ = [
     "SweepParam",
     "SweepResult",
     "TransferResult",
+    "adapt",
     "build",
     "check_output_dir",
     "compare",
@@ -72,6 +76,7 @@ __all__ = [
     "judged_steps",
     "load_source",
     "make_weighting",
+    "parse_methods",
     "parse_param",
     "parse_sizes",
     "rank_sources",

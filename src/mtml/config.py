@@ -36,7 +36,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    architecture: str = Field("hps", description="hps, mmoe, cgc, ple, cross_stitch, mtan, dselect_k or minilm (see `mtml list`)")
+    architecture: str = Field("hps", description="hps, mmoe, cgc, ple, cross_stitch, mtan, dselect_k or minilm "
+                                                 "(see `mtml list`)")
     options: dict[str, Any] = Field(default_factory=dict, description="architecture options, e.g. num_experts")
     trunk_hidden: list[int] = Field(default_factory=lambda: [64, 64], description="shared MLP widths")
     head_hidden: list[int] = Field(default_factory=list, description="hidden widths of each task head")

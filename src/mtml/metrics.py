@@ -7,14 +7,14 @@ Every function takes ``pred`` and ``y`` tensors of one split and returns a Pytho
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Metric", "auroc", "macro_f1"]
+__all__ = ["Metric", "auroc", "delta_m", "macro_f1"]
 
 
 #: ``segmented(pred, y, owner, m) -> [m]``: the metric of each of m tasks whose rows are concatenated, row i
@@ -110,6 +110,26 @@ def auroc(scores: Tensor, labels: Tensor) -> float:
     ranks[order] = avg_rank[inverse]
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def delta_m(values: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
+    """Δm in percent, the mean relative change against single-task models (lower is better):
+    ``Δm = 100/T · Σᵢ (−1)^{lᵢ} (Mᵢ − M_single,ᵢ) / M_single,ᵢ`` with ``lᵢ = 1`` when higher is better.
+
+    Maninis, Radosavovic & Kokkinos, "Attentive Single-Tasking of Multiple Tasks", CVPR 2019; Vandenhende et al.,
+    "Multi-Task Learning for Dense Prediction Tasks: A Survey", TPAMI 2021. Each mapping is keyed by the same
+    (task, metric) names; ``single`` holds the single-task values, none of them zero.
+    """
+    if set(values) != set(single) or set(single) != set(higher_is_better) or not single:
+        raise ValueError(f"delta_m needs the same non-empty keys in all three mappings; got {sorted(values)}, "
+                         f"{sorted(single)} and {sorted(higher_is_better)}")
+    terms = []
+    for key, base in single.items():
+        if base == 0:
+            raise ValueError(f"delta_m: the single-task value of {key!r} is 0, so its relative change is undefined")
+        sign = -1.0 if higher_is_better[key] else 1.0
+        terms.append(sign * (values[key] - base) / base)
+    return 100.0 * sum(terms) / len(terms)
 
 
 def _binary_metrics() -> dict[str, Metric]:

@@ -41,7 +41,9 @@ class DWA(Weighting):
         m = self.num_tasks
         self.register_buffer("running", torch.zeros(m, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("history", torch.full((2, m), float("nan"), dtype=torch.float64))
+        # 0 = no finished period yet (period means of losses are > 0); not NaN: a checkpoint holding NaN is refused
+        # as diverged
+        self.register_buffer("history", torch.zeros((2, m), dtype=torch.float64))
         self.register_buffer("current", torch.ones(m))
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
@@ -60,6 +62,6 @@ class DWA(Weighting):
         self.history[1] = mean
         self.running.zero_()
         self.count.zero_()
-        if torch.isfinite(self.history).all():
+        if bool((self.history > 0).all()):
             ratio = self.history[1] / self.history[0].clamp_min(1e-12)
             self.current.copy_(self.num_tasks * torch.softmax(ratio / self.temperature, 0))

@@ -46,13 +46,14 @@ class FAMO(Weighting):
         self.eps = float(eps)
         m = self.num_tasks
         self.register_buffer("logits", torch.zeros(m, dtype=torch.float64))
-        self.register_buffer("previous", torch.full((m,), float("nan"), dtype=torch.float64))
+        self.register_buffer("previous", torch.zeros(m, dtype=torch.float64))  # 0: no step yet (d > 0); not NaN,
+        # which a checkpoint refuses as diverged
         self.adam = BufferAdam(m, lr=float(lr), weight_decay=float(gamma))
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
         d = (losses.detach().to(self.logits) - self.min_loss).clamp_min(0.0) + self.eps
         if self.training:
-            if not torch.isnan(self.previous).any():
+            if bool(self.previous.all()):
                 z = torch.softmax(self.logits, 0)
                 delta = self.previous.log() - d.log()
                 self.adam.step(self.logits, z * (delta - (z * delta).sum()))  # softmax Jacobian-vector product

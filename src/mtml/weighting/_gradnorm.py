@@ -44,7 +44,8 @@ class GradNorm(GramianWeighting):
         self.alpha = float(alpha)
         m = self.num_tasks
         self.register_buffer("logits", torch.zeros(m, dtype=torch.float64))
-        self.register_buffer("initial", torch.full((m,), float("nan"), dtype=torch.float64))
+        self.register_buffer("initial", torch.zeros(m, dtype=torch.float64))  # 0: no step yet; not NaN, which a
+        # checkpoint refuses as diverged
         self.adam = BufferAdam(m, lr=float(lr))
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
@@ -56,7 +57,7 @@ class GradNorm(GramianWeighting):
         return w.to(losses)
 
     def _update(self, w: Tensor, losses: Tensor, gramian: Tensor) -> None:
-        if torch.isnan(self.initial).any():
+        if not bool(self.initial.all()):
             self.initial.copy_(losses)
         ratio = losses / self.initial.clamp_min(1e-12)
         rel = ratio / ratio.mean().clamp_min(1e-12)

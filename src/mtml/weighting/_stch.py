@@ -59,17 +59,19 @@ class STCH(Weighting):
         m = self.num_tasks
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("total", torch.zeros(m, dtype=torch.float64))
-        self.register_buffer("nadir", torch.full((m,), float("nan"), dtype=torch.float64))
+        # 0 = not set yet (a set nadir point is a mean of losses shifted to > 0); not NaN: a checkpoint holding NaN
+        # is refused as diverged
+        self.register_buffer("nadir", torch.zeros(m, dtype=torch.float64))
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
         d = shifted_losses("stch", self.task_names, losses, self.min_loss, self.eps).to(self.total.device)
         if self.training:
-            if torch.isnan(self.nadir).any() and int(self.steps) >= self.warmup + self.nadir_steps:
+            if not bool(self.nadir.all()) and int(self.steps) >= self.warmup + self.nadir_steps:
                 self.nadir.copy_(self.total / self.nadir_steps if self.nadir_steps else torch.ones_like(d))
-            if torch.isnan(self.nadir).any() and int(self.steps) >= self.warmup:
+            if not bool(self.nadir.all()) and int(self.steps) >= self.warmup:
                 self.total += d
             self.steps += 1
-        if torch.isnan(self.nadir).any():
+        if not bool(self.nadir.all()):
             return (1.0 / d).to(losses)
         p = torch.softmax((d / self.nadir).log() / self.mu, 0)
         return (self.num_tasks * p / d).to(losses)

@@ -97,7 +97,11 @@ def _check_types(factory: Callable[..., Any], options: dict[str, Any], where: st
         try:
             read = adapter.validate_python(value)
         except ValidationError as exc:
-            want = str(exc.errors()[0].get("msg", "")).removeprefix("Input should be ").split(", ")[0]
+            first = exc.errors()[0]
+            if first.get("type") == "sequence_str":  # pydantic's words for a string given where a list goes
+                raise ConfigError(f"{where}: `{key}` must be a list ({_show(adapter)}), not one string: write "
+                                  f"[{value}]. Got {value!r}.") from None
+            want = str(first.get("msg", "")).removeprefix("Input should be ").split(", ")[0]
             raise ConfigError(f"{where}: `{key}` must be {want} ({_show(adapter)}). Got {value!r}.") from None
         except Exception:  # a validator that cannot judge this value: left to the factory
             continue

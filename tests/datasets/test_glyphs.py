@@ -201,7 +201,7 @@ def test_notdef_and_empty_glyphs_are_dropped() -> None:
     ({"ways": 30}, "exceeds the .* characters of the"),
     ({"shots": 4, "query_shots": 5}, "exceeds examples_per_class = 6"),
     ({"alphabets": ["RUNNIC"]}, "Did you mean 'RUNIC'"),
-    ({"alphabets": "RUNIC"}, "non-empty list"),
+    ({"alphabets": "RUNIC"}, r"must be a list .*not one string: write \[RUNIC\]"),
     ({"max_characters": 5}, "max_characters"),
     ({"alphabets": ["OGHAM"], "min_characters": 30, "max_characters": 30}, "min_characters = 30"),
 ])

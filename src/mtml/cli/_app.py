@@ -69,7 +69,8 @@ def _main(argv: list[str] | None) -> None:
     except MtmlError as exc:
         if getattr(exc, "echo_of_rank", None) is not None:
             sys.exit(2)  # rank 0 printed this error already
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # soft_wrap: one line however long (the terminal folds it), so logs and grep see one line
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
@@ -80,7 +81,7 @@ def _main(argv: list[str] | None) -> None:
             raise
         if os.environ.get("MTML_LAUNCHED") and os.environ.get("RANK", "0") != "0":
             sys.exit(2)  # the launcher names failed ranks; rank 0 prints the cause
-        err_console.print(f"[bold red]error:[/] {escape(os_message(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(os_message(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as exc:
         # Usage errors (bad option, missing argument) come from typer's bundled click: show them its way.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mtml.errors import ConfigError
 
-__all__ = ["check_int", "check_positive"]
+__all__ = ["check_int", "check_nonnegative", "check_positive"]
 
 
 def check_positive(name: str, value: float, fix: str) -> float:
@@ -20,3 +20,10 @@ def check_int(name: str, value: int, minimum: int, fix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"`{name}` must be an integer >= {minimum}. Got {value!r}. {fix}")
     return value
+
+
+def check_nonnegative(name: str, value: float, fix: str = "") -> float:
+    """``value`` as a float if it is a finite number >= 0, else :class:`ConfigError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ConfigError(f"`{name}` must be a finite number >= 0. Got {value!r}.{' ' + fix if fix else ''}")
+    return float(value)

@@ -34,7 +34,7 @@ from mtml.weighting import (
     Weighting,
 )
 from mtml.weighting._graddrop import drop_signs, sign_purity
-from mtml.weighting._moco import project_simplex
+from mtml.weighting._simplex import simplex_projection as project_simplex
 from mtml.weighting._solvers import min_norm_simplex
 
 DATA = json.loads((Path(__file__).parent / "data" / "torchjd_jacobian.json").read_text())

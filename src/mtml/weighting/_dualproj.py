@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
-from mtml.errors import ConfigError
+from mtml._checks import check_nonnegative
 from mtml.weighting._base import GramianWeighting
-from mtml.weighting._solvers import as_numpy, nnqp, to_weights
+from mtml.weighting._solvers import as_numpy, nnqp, to_weights, trace_ridged
 
 
 class DualProj(GramianWeighting):
@@ -35,18 +35,13 @@ class DualProj(GramianWeighting):
     def __init__(self, task_names: Sequence[str], /, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
                  gramian: str = "auto") -> None:
         super().__init__(task_names, gramian=gramian)
-        for key, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
-                raise ConfigError(f"`{key}` must be a finite number >= 0. Got {value!r}.")
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
+        self.norm_eps = check_nonnegative("norm_eps", norm_eps)
+        self.reg_eps = check_nonnegative("reg_eps", reg_eps)
 
     def weights(self, losses: Tensor, gramian: Tensor | None) -> Tensor:
         assert gramian is not None
         g = as_numpy(gramian)
         m = g.shape[0]
-        trace = float(np.trace(g))
-        g = g / trace if trace >= self.norm_eps else np.zeros_like(g)
-        q = g + max(self.reg_eps, 1e-12) * np.eye(m)
+        q = trace_ridged(g, self.norm_eps, self.reg_eps)
         u = np.full(m, 1.0 / m)
         return to_weights(u + nnqp(q, q @ u), losses)

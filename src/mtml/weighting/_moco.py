@@ -14,18 +14,9 @@ from torch import Tensor
 
 from mtml.errors import ConfigError, ShapeError
 from mtml.weighting._base import JacobianUpdate, JacobianWeighting
+from mtml.weighting._simplex import simplex_projection
 
 NORMALIZE = ("none", "loss")
-
-
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of ``v [m]`` onto the probability simplex ``{λ ≥ 0, Σλ = 1}`` (sort-based,
-    Held, Wolfe & Crowder 1974; Duchi et al. 2008)."""
-    u = torch.sort(v, descending=True).values
-    css = u.cumsum(0) - 1.0
-    k = torch.arange(1, v.shape[0] + 1, dtype=v.dtype, device=v.device)
-    rho = int((u - css / k > 0).nonzero().max())
-    return (v - css[rho] / (rho + 1)).clamp_min(0.0)
 
 
 class MoCo(JacobianWeighting):
@@ -95,7 +86,7 @@ class MoCo(JacobianWeighting):
         y = y - beta * (y - grads)
         lam = self.lam  # float64: the m-dimensional subproblem costs nothing
         reg = (y @ y.T).to(lam) + self.rho * torch.eye(m, dtype=lam.dtype, device=lam.device)
-        lam = project_simplex(lam - gamma * (reg @ lam))
+        lam = simplex_projection(lam - gamma * (reg @ lam))
         self.y, self.lam = y, lam
         return JacobianUpdate(lam.to(y) @ y, lam.to(losses))
 

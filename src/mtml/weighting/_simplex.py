@@ -1,4 +1,4 @@
-"""Euclidean projection onto the probability simplex, for the stochastic-direction methods (SDMGrad, MoDo)."""
+"""Euclidean projection onto the probability simplex, for SDMGrad, MoDo and MoCo."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 Array = NDArray[np.float64]
 
-__all__ = ["as_numpy", "min_norm_simplex", "nash_bargaining", "nnqp", "scaled", "to_weights"]
+__all__ = ["as_numpy", "min_norm_simplex", "nash_bargaining", "nnqp", "scaled", "to_weights", "trace_ridged"]
 
 
 def as_numpy(gramian: Tensor) -> Array:
@@ -34,6 +34,14 @@ def scaled(gramian: Array) -> tuple[Array, float]:
     if not s > 1e-30 or not np.isfinite(s):
         return np.zeros_like(gramian), 0.0
     return gramian / s, s
+
+
+def trace_ridged(gramian: Array, norm_eps: float, reg_eps: float) -> Array:
+    """UPGrad's and DualProj's QP matrix (TorchJD's convention): ``G`` divided by its trace (a trace below
+    ``norm_eps`` counts as a zero Gramian) plus the ridge ``max(reg_eps, 1e-12)·I``."""
+    trace = float(np.trace(gramian))
+    g = gramian / trace if trace >= norm_eps else np.zeros_like(gramian)
+    return g + max(reg_eps, 1e-12) * np.eye(gramian.shape[0])
 
 
 def nnqp(q: Array, b: Array, *, tol: float = 1e-12) -> Array:

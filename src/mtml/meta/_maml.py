@@ -230,9 +230,14 @@ class MAML(MetaAlgorithm):
                     pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
                     out[done] = self.score(pred, episode)
             if done < wanted[-1]:
-                fast = self._step(model, chain, shared, fast, episode.support, False, False)
+                fast = self._test_step(model, chain, shared, fast, episode.support, done)
                 fast = {n: w.detach() for n, w in fast.items()}
         return out
+
+    def _test_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
+                   done: int) -> Params:
+        """Test-time inner step number ``done`` (from 0): a plain step at the test rate (MAML++: its learned one)."""
+        return self._step(model, chain, shared, fast, support, False, False)
 
 
 def fomaml(

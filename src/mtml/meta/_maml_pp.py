@@ -5,14 +5,12 @@ Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from mtml._checks import check_int
 from mtml.errors import ConfigError
-from mtml.meta._base import MetaOutput, Scores
+from mtml.meta._base import MetaOutput
 from mtml.meta._episode import Episode, episode_losses, mean_task_loss
 from mtml.meta._functional import ParameterFilter, Plan, batched_forward, task_gradients
 from mtml.meta._maml import MAML, Params
@@ -195,18 +193,7 @@ class MAMLPlusPlus(MAML):
                 self.advance()
         return MetaOutput(objective, losses, self._accuracy(pred, episode))
 
-    def evaluate(self, model: nn.Module, episode: Episode, steps: Sequence[int]) -> dict[int, Scores]:
-        """Query metrics after each of ``steps`` test-time inner steps (learned rates, detached), in one loop."""
-        wanted = sorted({check_int("steps", s, 0, "Use step counts >= 0.") for s in steps})
-        params, chain, names = self._prepare(model)
-        shared, fast = self._start(params, names, differentiable=False)
-        out: dict[int, Scores] = {}
-        for done in range(wanted[-1] + 1):
-            if done in wanted:
-                with torch.no_grad():
-                    out[done] = self.score(batched_forward(model, shared, fast, episode.query.x, chain=chain),
-                                           episode)
-            if done < wanted[-1]:
-                fast = self._lslr_step(model, chain, shared, fast, episode.support, done, False, False)
-                fast = {n: w.detach() for n, w in fast.items()}
-        return out
+    def _test_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
+                   done: int) -> Params:
+        """Test-time step ``done`` with its learned rates (detached; steps past ``inner_steps`` reuse the last)."""
+        return self._lslr_step(model, chain, shared, fast, support, done, False, False)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mtml.cli._app import console, prints
-from mtml.errors import ConfigError, MtmlError
 
 
 def adapt_(
@@ -25,19 +24,10 @@ def adapt_(
     """Adapt a run to a --target domain with DANN, CDAN+E, MCC and MDD; target accuracy vs source-only, with CIs."""
     import time
 
-    from mtml._yaml import load_yaml
+    from mtml.cli._transfer import parse_options
     from mtml.workflows import adapt
 
-    options: dict[str, dict[str, object]] = {}
-    for item in option or []:
-        key, eq, value = item.partition("=")
-        name, dot, opt = key.partition(".")
-        if not eq or not dot or not name or not opt:
-            raise MtmlError(f"--option {item!r}: write METHOD.KEY=VALUE, e.g. --option mcc.temperature=2.")
-        try:
-            options.setdefault(name, {})[opt] = load_yaml(value, f"--option {item!r}")
-        except ConfigError:
-            options.setdefault(name, {})[opt] = value
+    options = parse_options(option, "METHOD", "mcc.temperature=2")
     out = out or run / f"adapt-{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not prints():
         adapt(run, target, methods=methods, seeds=seeds, seed=seed, options=options, upper_bound=upper_bound, out=out)

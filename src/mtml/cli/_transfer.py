@@ -105,21 +105,11 @@ def transfer_(
     """Transfer a run to a target config with each strategy; metric and gain over scratch per size, with CIs."""
     import time
 
-    from mtml._yaml import load_yaml
     from mtml.report import TRANSFER_CAPTION, transfer_tables
     from mtml.workflows import check_output_dir, parse_sizes, transfer
 
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None
-    options: dict[str, dict[str, object]] = {}
-    for item in option or []:
-        key, eq, value = item.partition("=")
-        name, dot, opt = key.partition(".")
-        if not eq or not dot or not name or not opt:
-            raise MtmlError(f"--option {item!r}: write STRATEGY.KEY=VALUE, e.g. --option finetune_last.k=2.")
-        try:
-            options.setdefault(name, {})[opt] = load_yaml(value, f"--option {item!r}")
-        except ConfigError:
-            options.setdefault(name, {})[opt] = value
+    options = parse_options(option, "STRATEGY", "finetune_last.k=2")
     parsed = parse_sizes(sizes)
     if repeats < 1:
         raise MtmlError(f"--repeats must be >= 1. Got {repeats}.")
@@ -145,3 +135,21 @@ def transfer_(
         console.print(table)
     console.print(TRANSFER_CAPTION, markup=False, highlight=False)
     console.print(f"written to [bold]{out}[/] (transfer.json, transfer.md, plots/transfer.png)")
+
+
+def parse_options(items: list[str] | None, what: str, example: str) -> dict[str, dict[str, object]]:
+    """``--option NAME.KEY=VALUE`` items → ``{NAME: {KEY: value}}``, each value read as YAML (a word stays a
+    string); ``what`` and ``example`` go into the one-line error for a malformed item."""
+    from mtml._yaml import load_yaml
+
+    options: dict[str, dict[str, object]] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not eq or not dot or not name or not opt:
+            raise MtmlError(f"--option {item!r}: write {what}.KEY=VALUE, e.g. --option {example}.")
+        try:
+            options.setdefault(name, {})[opt] = load_yaml(value, f"--option {item!r}")
+        except ConfigError:
+            options.setdefault(name, {})[opt] = value
+    return options

@@ -24,6 +24,7 @@ tasks can share a trunk call.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from mtml.nn._mlp import ACTIVATIONS, mlp
 __all__ = ["MTANMLPTrunk", "MTANTrunk"]
 
 
-class _AttentionTrunk(ColumnTrunk):
+class _AttentionTrunk(ColumnTrunk, ABC):
     """The MTAN forward pass over ``_stages`` (shared features per stage) with per-task ``attention`` and
     shared ``bridges``; ``backbone`` is the plain shared trunk (what every task reads when all masks are 1)."""
 
@@ -45,11 +46,13 @@ class _AttentionTrunk(ColumnTrunk):
     bridges: nn.ModuleList  # stage j → j + 1
     out_features: int
 
+    @abstractmethod
     def _stages(self, x: Tensor) -> list[Tensor]:
-        raise NotImplementedError
+        """The shared trunk's features after each stage (conv blocks, or MLP layers)."""
 
+    @abstractmethod
     def _finish(self, attended: Tensor) -> Tensor:
-        raise NotImplementedError
+        """A task's attended last-stage features → its flat representation."""
 
     def _module(self, task: str, stage: int) -> nn.Module:
         modules = self.attention[task]

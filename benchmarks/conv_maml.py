@@ -9,7 +9,12 @@ K-shot episodes, for several meta-batch sizes. Implementations:
 - ``mtml loop bf16``: the same under bfloat16 autocast (``training.precision: bf16``);
 - ``mtml vmap``: ``vmap(functional_call)`` (``speed_paths(task_loop=False)``);
 - ``learn2learn``: ``l2l.algorithms.MAML``, ``clone()`` and ``adapt()`` per task and one ``backward()`` per
-  task, as its own examples do (installed by ``benchmarks/setup_peers.sh`` into ``build/venv-bench``).
+  task, as its own examples do (installed by ``benchmarks/setup_peers.sh`` into ``build/venv-bench``), on the
+  textbook module a learn2learn user writes: ``nn.Sequential`` of ``nn.Conv2d → nn.GroupNorm → nn.ReLU →
+  nn.MaxPool2d`` blocks (ResNet-12: ``pool(act(main + shortcut))``), same weights, default (NCHW) memory format;
+- ``l2l + mtml Conv4``: learn2learn on mtml's own module (:class:`mtml.nn.Conv4` / ``ResNet12``, which run
+  channels-last with a matmul first layer and the pool before the ReLU; see ``mtml.nn._conv``), so the table
+  shows how much of mtml's speed is the module's and how much the engine's.
 
 All start from the same weights and see the same episodes; they run in interleaved rounds (so machine load hits
 all alike) and the median ms per meta-step is printed with each one's speed relative to learn2learn
@@ -33,16 +38,69 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtml._allocator import keep_freed_memory
 from mtml.engine import autocast
 from mtml.meta import ALGORITHMS, Episode, meta_parameters, meta_step, speed_paths
 from mtml.nn import MultiTaskModel, build_backbone, feature_dim
+from mtml.nn._conv import ConvBlock, GroupNorm, ResidualBlock, StemConv2d
 from mtml.tasks import Split
 
 Step = Callable[[Episode], None]
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 ENGINES: dict[str, tuple[dict[str, bool], str]] = {
     "mtml loop": ({}, "fp32"), "mtml loop bf16": ({}, "bf16"), "mtml one backward": ({"task_backward": False}, "fp32"),
     "mtml vmap": ({"task_loop": False}, "fp32"),
 }
+
+
+class TextbookResidual(nn.Module):
+    """ResNet-12's stage as the papers write it: ``pool(act(main(x) + shortcut(x)))``."""
+
+    def __init__(self, block: ResidualBlock) -> None:
+        super().__init__()
+        self.main, self.shortcut, self.act, self.pool = block.main, block.shortcut, block.act, block.pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.act(self.main(x) + self.shortcut(x)))
+
+
+class TextbookResNet12(nn.Module):
+    def __init__(self, stages: nn.Module) -> None:
+        super().__init__()
+        self.stages = stages
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.stages(x).mean(dim=(2, 3)), 1)
+
+
+def textbook(module: nn.Module) -> nn.Module:
+    """A copy of mtml's Conv-4 / ResNet-12 built from plain torch modules in the textbook order (same weights)."""
+    def plain(m: nn.Module) -> nn.Module:
+        if isinstance(m, StemConv2d):
+            conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding,  # type: ignore[arg-type]
+                             bias=m.bias is not None)
+            conv.load_state_dict(m.state_dict())
+            return conv
+        if isinstance(m, GroupNorm):
+            norm = nn.GroupNorm(m.num_groups, m.num_channels)
+            norm.load_state_dict(m.state_dict())
+            return norm
+        if isinstance(m, ConvBlock):
+            return nn.Sequential(*(plain(c) for c in m.children()))
+        if isinstance(m, ResidualBlock):
+            return TextbookResidual(plain_children(m))  # type: ignore[arg-type]
+        return plain_children(m)
+
+    def plain_children(m: nn.Module) -> nn.Module:
+        for name, child in list(m.named_children()):
+            setattr(m, name, plain(child))
+        return m
+
+    copy_ = copy.deepcopy(module)
+    stages = getattr(copy_, "stages", None)
+    if isinstance(stages, nn.Module):  # ResNet-12
+        return TextbookResNet12(plain(stages))
+    return nn.Sequential(*(plain(c) for c in copy_.children()))  # Conv-4: its blocks and the Flatten
 
 
 def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Generator) -> Episode:
@@ -113,12 +171,12 @@ def relative_gap(a: list[Tensor], b: list[Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) / scale
 
 
-def timed(step: Step, ep: Episode, iterations: int) -> list[float]:
+def timed(step: Step, ep: Episode, iterations: int, clock: Callable[[], float]) -> list[float]:
     out = []
     for _ in range(iterations):
-        start = time.perf_counter()
+        start = clock()
         step(ep)
-        out.append((time.perf_counter() - start) * 1000)
+        out.append((clock() - start) * 1000)
     return out
 
 
@@ -129,7 +187,7 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     base = MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), ways)})
     ep = episode(tasks, ways, args.shots, args.query, torch.Generator().manual_seed(tasks * 100 + ways))
     engines = ENGINES
-    reference = (l2l_gradient(nn.Sequential(copy.deepcopy(base.trunk), copy.deepcopy(base.heads["task"])), args, ep)
+    reference = (l2l_gradient(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])), args, ep)
                  if args.algorithm in ("maml", "fomaml") else None)  # learn2learn's MAML class: MAML and FOMAML
     gaps = {}
     if reference is not None:
@@ -138,18 +196,20 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off, precision)
                               for name, (off, precision) in engines.items()}
     if reference is not None:
-        steps["learn2learn"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
-                                                       copy.deepcopy(base.heads["task"])), args)
+        steps["learn2learn"] = build_l2l(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])),
+                                         args)
+        steps["l2l + mtml Conv4"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
+                                                            copy.deepcopy(base.heads["task"])), args)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step(ep)  # warm-up
     for _ in range(args.rounds):
         for name, step in steps.items():
-            times[name] += timed(step, ep, args.iterations)
+            times[name] += timed(step, ep, args.iterations, CLOCKS[args.clock])
     medians = {name: statistics.median(t) for name, t in times.items()}
     base_ms = medians.get("learn2learn")
     print(f"\n{args.algorithm}, {args.backbone}, {ways}-way {args.shots}-shot, {args.query} query/class, "
-          f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median of "
+          f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median {args.clock} time of "
           f"{args.rounds}x{args.iterations} meta-steps")
     print(f"{'implementation':<18} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16}")
     for name, ms in medians.items():
@@ -173,7 +233,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: freed blocks stay in the heap, as the mtml command line sets for every run "
+                             "(mtml._allocator); default: glibc's thresholds. Either way it holds for every "
+                             "implementation, since they run in one process")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (with one thread, robust to other "
+                             "load on a shared machine)")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     for ways in args.ways:
         for tasks in args.tasks:

@@ -83,7 +83,7 @@ def test_norm_choices(norm: str, kind: type, groups: int | None) -> None:
     model = Conv4((1, 28, 28), norm=norm)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm | nn.Identity)]
     assert len(norms) == 4
-    assert all(type(m) is kind for m in norms)
+    assert all(isinstance(m, kind) and (kind is not nn.Identity or type(m) is nn.Identity) for m in norms)
     if groups is not None:
         assert all(m.num_groups == groups for m in norms)
 

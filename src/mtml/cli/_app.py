@@ -52,6 +52,9 @@ def _on_late_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
     into one-line messages without a traceback. SIGTERM is handled like Ctrl-C (exit status 143)."""
+    from mtml._allocator import keep_freed_memory
+
+    keep_freed_memory()  # freed activations stay in the heap for the next step (MTML_MALLOC=default: glibc's)
     handles = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
         signal.SIG_DFL, None)
     if handles:

@@ -230,7 +230,8 @@ def page(suite: Suite, tasks: list[Task], scores: Scores, costs: CostRows, seeds
              "each seed re-draws the split and the initialisation. Cells: mean ± 95% t-interval over seeds. "
              "Verdict: from the 95% interval of the paired (same-seed) difference Δ.", "", *rows, "", summary, "",
              f"![multi-task vs single-task]({png})", "", "## One model vs separate models", "",
-             "Times are the best of several repeats on this machine (2 shared cores), so they are noisy.", "",
+             "Times are the best of several repeats on this machine (2 shared cores), so they are noisy; "
+             f"`{command} --reuse` measures them again from the saved scores, without training.", "",
              "| | one multi-task model | separate single-task models | ratio |", "|---|---|---|---|"]
     lines += [f"| {what} | {_fmt(a)} | {_fmt(b)} | {b / a:.2f}× |" for what, a, b in costs]
     lines += ["", suite.page_notes.strip(), ""]

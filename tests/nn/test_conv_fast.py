@@ -188,3 +188,35 @@ def test_keep_freed_memory_sets_glibc_thresholds_once_and_can_be_declined() -> N
     env["MTML_MALLOC"] = "default"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_group_norm_on_channels_last_is_exact_to_second_order_and_safe_for_weight_only_gradients() -> None:
+    torch.manual_seed(0)
+    norm = GroupNorm(2, 4).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = norm(x)
+    assert type(y.grad_fn).__name__ == "_ChannelsLastGroupNormBackward"
+    # the input needs no gradient here: torch 2.13's own kernel crashes the process on this (segfault)
+    (gw,) = torch.autograd.grad((y**2).sum(), [norm.weight])
+    ref = F.group_norm(x.contiguous(), 2, norm.weight, norm.bias)
+    torch.testing.assert_close(gw, torch.autograd.grad((ref**2).sum(), [norm.weight])[0])
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_: norm(x_.contiguous(memory_format=torch.channels_last)), (x,))
+    assert torch.autograd.gradgradcheck(lambda x_: norm(x_.contiguous(memory_format=torch.channels_last)), (x,))
+
+
+def test_norm_only_adaptation_on_conv4_runs_and_matches_the_textbook_model() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("conv4", (1, 28, 28), {"width": 8, "groups": 4}).double()
+    twin = textbook(model).double()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    grads = []
+    for m in (model, twin):
+        norms = [p for n, p in m.named_parameters() if n.endswith(("1.weight", "1.bias"))]
+        assert len(norms) == 8
+        grads.append(torch.autograd.grad(m(x).square().sum(), norms))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -35,6 +35,7 @@ The outputs and gradients equal the textbook order's up to floating-point summat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +48,58 @@ __all__ = ["NORMS", "Conv4", "ConvBlock", "ResNet12", "StemConv2d", "check_posit
 NORMS = ("group", "layer", "none")
 
 
+class _ChannelsLastGroupNorm(torch.autograd.Function):
+    """Group norm of a channels-last CPU batch whose backward always asks PyTorch's kernel for all three
+    gradients: with ``output_mask`` leaving out the input's gradient (a backward to the norm's weights only),
+    ``native_group_norm_backward`` on channels-last input crashes the process (segmentation fault, torch 2.13).
+    The backward is itself differentiable (second-order MAML), through the op's own double-backward formula."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                eps: float) -> Tensor:
+        n, c = x.shape[0], x.shape[1]
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.eps = groups, eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: PyTorch's own differentiable formula, in the default layout
+            wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+            if not wanted:
+                return None, None, None, None, None
+            y = F.group_norm(x.contiguous(), ctx.groups, weight, bias, ctx.eps)
+            found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+            gx, gw, gb = (next(found) if t is not None and t.requires_grad else None for t in (x, weight, bias))
+            return gx, gw, gb, None, None
+        n, c = x.shape[0], x.shape[1]
+        grad = grad.contiguous(memory_format=torch.channels_last)  # the kernel reads grad in x's layout
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(grad, x, mean, rstd, weight, n, c, x[0, 0].numel(),
+                                                               ctx.groups, [True, weight is not None, bias is not None])
+        return gx, gw, gb, None, None
+
+
 class GroupNorm(nn.GroupNorm):
-    """:class:`torch.nn.GroupNorm` that normalises a channels-last bfloat16 / float16 CPU batch in the default
-    layout and hands it back channels-last: PyTorch's CPU kernel for that case is about ten times slower (12 ms
-    against 1.1 ms forward on ``[75, 64, 28, 28]``), while for float32 its channels-last kernel is the faster
-    choice once the copies are counted."""
+    """:class:`torch.nn.GroupNorm` for channels-last CPU batches: float32 / float64 through PyTorch's
+    channels-last kernel with a backward that cannot crash (:class:`_ChannelsLastGroupNorm`); bfloat16 / float16
+    normalised in the default layout and handed back channels-last, since the channels-last kernel is about ten
+    times slower there (12 ms against 1.1 ms forward on ``[75, 64, 28, 28]``). Anything else is
+    ``nn.GroupNorm``'s own path."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if (input.dtype in (torch.bfloat16, torch.float16) and _fast_cpu(input)
-                and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()):
+        if not (_fast_cpu(input) and input.is_contiguous(memory_format=torch.channels_last)
+                and not input.is_contiguous()):
+            return super().forward(input)
+        if input.dtype in (torch.bfloat16, torch.float16):
             out = F.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return out.contiguous(memory_format=torch.channels_last)
-        return super().forward(input)
+        if torch.is_autocast_enabled("cpu"):  # (autocast would have run group_norm in its own dtype rules)
+            return super().forward(input)
+        out = _ChannelsLastGroupNorm.apply(input, self.weight, self.bias, self.num_groups, self.eps)
+        assert isinstance(out, Tensor)
+        return out
 
 
 def make_norm(norm: str, channels: int, groups: int) -> nn.Module:

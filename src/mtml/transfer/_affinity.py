@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtml._batched_grad import batched_grad
 from mtml.errors import ConfigError, DataError
 from mtml.nn import MultiTaskModel
 from mtml.tasks import Task
@@ -42,7 +43,7 @@ def _task_grads(losses: Tensor, params: list[Tensor], vectorize: bool) -> list[T
     m = losses.shape[0]
     if vectorize:
         eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-        batched = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        batched = batched_grad(losses, params, eye, allow_unused=True)
         return [g if g is not None else torch.zeros(m, *p.shape, dtype=p.dtype, device=p.device)
                 for g, p in zip(batched, params, strict=True)]
     rows = [torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(m)]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mtml._batched_grad import batched_grad
 from mtml.errors import ConfigError
 from mtml.weighting._base import GRAMIAN_BACKENDS
 from mtml.weighting._layer_gram import batched_gram, combined_delta, rows_gram, task_chunks
@@ -60,8 +61,7 @@ def task_gramian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: str
                 gram = gram + block @ block.T
         return gram
     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True,
-                                retain_graph=True, allow_unused=True)
+    grads = batched_grad(losses, params, eye, allow_unused=True)
     reached = [g.reshape(m, -1) for g in grads if g is not None]
     if not reached:
         return zero
@@ -85,8 +85,7 @@ def task_jacobian(losses: Tensor, params: Sequence[torch.Tensor], *, backend: st
         rows = [torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(m)]
     else:
         eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-        batched = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                      allow_unused=True)
+        batched = batched_grad(losses, params, eye, allow_unused=True)
         rows = [tuple(g[i] if g is not None else None for g in batched) for i in range(m)]
     return torch.stack([torch.cat([(g if g is not None else p.new_zeros(p.shape)).reshape(-1).to(losses.dtype)
                                    for g, p in zip(row, params, strict=True)]) for row in rows])
@@ -273,8 +272,7 @@ class GramianTape:
                     gram = gram + torch.diag(gram.new_zeros(m).index_add(0, own, sq))
             return gram
         eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-        grads = torch.autograd.grad(losses, feats, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True)
+        grads = batched_grad(losses, feats, eye, allow_unused=True)
         flat = [g.reshape(m, -1) for g in grads if g is not None]
         return torch.cat(flat, 1) @ torch.cat(flat, 1).T if flat else gram
 
@@ -289,8 +287,7 @@ class GramianTape:
             chunked = [[d] for d in torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)]
         else:  # per-task δ in task chunks: one batched backward each, every temporary small
             eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-            per_chunk = [torch.autograd.grad(losses, outs, grad_outputs=eye[part], is_grads_batched=True,
-                                             retain_graph=True, allow_unused=True)
+            per_chunk = [batched_grad(losses, outs, eye[part], allow_unused=True)
                          for part in task_chunks(m, max(z.numel() for z in outs))]
             chunked = [list(ds) for ds in zip(*per_chunk, strict=True)]
         by_layer: dict[nn.Linear, list[tuple[Tensor, list[Tensor], int]]] = {}

@@ -164,8 +164,12 @@ def test_load_config_applies_overrides_on_top(tmp_path: Path) -> None:
     assert str(path) in str(info.value) and "training.lrr: unknown key. Did you mean 'lr'?" in str(info.value)
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(_write(tmp_path, "")) == Config.from_dict({})
+@pytest.mark.parametrize("text", ["", "# a comment only\n", "\n\n"])
+def test_an_empty_file_is_refused_unless_overrides_fill_it(tmp_path: Path, text: str) -> None:
+    # an empty config is a truncated save far more often than a request for every default (issue 17's catalogue)
+    with pytest.raises(ConfigError, match=r"cfg\.yaml is empty \(no keys\).*examples/configs"):
+        load_config(_write(tmp_path, text))
+    assert load_config(_write(tmp_path, text), ["training.lr=0.5"]) == Config.from_dict({"training": {"lr": 0.5}})
 
 
 @pytest.mark.parametrize("text", ["training: [1,\n", "a: b: c\n", "\tx: 1\n"])

@@ -55,4 +55,6 @@ def load_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+        # PyYAML names the text "<unicode string>" and adds the offending line: put the file's name there, on one line
+        detail = " ".join(str(exc).replace('"<unicode string>"', source).split()).rstrip(" ^")
+        raise ConfigError(f"{source} is not valid YAML: {detail}") from None

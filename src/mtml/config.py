@@ -320,7 +320,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8.") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}.") from None
-    data = load_yaml(text, str(path)) or {}
+    data = load_yaml(text, str(path))
+    if data is None and not overrides:  # an empty (or all-comment) file: a truncated save, not "all defaults"
+        raise ConfigError(f"{path} is empty (no keys); a config names at least its data (data.dataset). Start "
+                          "from one in examples/configs/ (mtml list shows the datasets).")
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
     return Config.from_dict(apply_overrides(data, overrides or []), source=str(path))

@@ -118,8 +118,8 @@ class TrainingConfig(_Strict):
                                 "model.share_trunk: false)")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints (default: eval_every)")
     keep_checkpoints: int = Field(3, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 autocast for steps and "
-                                                       "evaluations (fp16: not yet, it needs a gradient scaler)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16 / fp16 autocast for "
+                                                       "steps and evaluations (fp16 with a gradient scaler)")
     scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(),
                                        description="learning-rate schedule: constant, step, cosine or plateau")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient's global L2 norm to this (none: "

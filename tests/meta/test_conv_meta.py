@@ -66,6 +66,8 @@ def model(backbone: str = "conv4", seed: int = 0, dtype: torch.dtype = torch.flo
 OPTIONS: dict[str, dict[str, Any]] = {
     "maml": {"inner_lr": 0.1}, "fomaml": {"inner_lr": 0.1}, "reptile": {"inner_lr": 0.05, "inner_steps": 5},
     "anil": {"inner_lr": 0.1}, "boil": {"inner_lr": 0.1}, "metasgd": {"inner_lr": 0.1},
+    # (hand-built episodes carry no global class ids: the Baseline family meta-trains through its support fit)
+    "baseline": {"pretrain": False}, "baseline_pp": {"pretrain": False}, "rfs_linear": {"pretrain": False},
 }
 
 

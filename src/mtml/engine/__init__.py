@@ -14,7 +14,7 @@ from mtml.engine._distributed import (
 )
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import TaskBatcher, evaluate, joint_step, objective, predict
-from mtml.engine._precision import PRECISIONS, autocast, check_precision
+from mtml.engine._precision import PRECISIONS, LossScaler, autocast, check_precision
 from mtml.engine._preempt import Terminated, last_terminated, request_stop
 from mtml.engine._run import Run
 from mtml.engine._trainer import TrainResult, check_stop_per_task, make_optimizer, train_multitask
@@ -28,6 +28,7 @@ __all__ = [
     "DistributedError",
     "FitResult",
     "LRSchedule",
+    "LossScaler",
     "ProgressHook",
     "Run",
     "StopRule",

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mtml.engine._distributed import all_reduce_, is_distributed, reduce_gradients, shard, world_size
 from mtml.engine._joint import Batch, StepResult, jacobian_backend, joint_step, task_losses, unpack
+from mtml.engine._precision import check_scalable
 from mtml.errors import ConfigError
 from mtml.meta import Episode, MetaAlgorithm, meta_backward, meta_step
 from mtml.nn import MultiTaskModel
@@ -38,19 +39,22 @@ def shard_episode(episode: Episode) -> Episode:
 
 
 def sharded_meta_step(algorithm: MetaAlgorithm, model: torch.nn.Module, episode: Episode,
-                      optimizer: torch.optim.Optimizer) -> dict[str, float]:
+                      optimizer: torch.optim.Optimizer, *,
+                      scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """:func:`~mtml.meta.meta_step` on the global ``episode``, its tasks split over the ranks.
 
     The meta-objective of every algorithm is a mean over tasks (Reptile's gradient ``θ − φ̄`` too), so the
     local objective is scaled by ``local tasks / global tasks``. Loss and accuracy travel with the gradients
-    in the same all-reduce.
+    in the same all-reduce. ``scaler`` (fp16): the gradients are of the scaled objective (see
+    :func:`~mtml.meta.meta_step`); summed over ranks they stay scaled by the same factor, and a NaN or inf on one
+    rank reaches every rank, so all skip the same updates.
     """
     if not is_distributed():
-        return meta_step(algorithm, model, episode, optimizer)
+        return meta_step(algorithm, model, episode, optimizer, scaler=scaler)
     n = episode.num_tasks
     local = shard_episode(episode)
     optimizer.zero_grad(set_to_none=True)
-    out = meta_backward(algorithm, model, local, scale=local.num_tasks / n)
+    out = meta_backward(algorithm, model, local, scale=local.num_tasks / n, scaler=scaler)
     acc = out.accuracy.sum() if out.accuracy is not None else out.losses.new_zeros(())
     stats = reduce_gradients(_optimized(optimizer), torch.stack([out.losses.sum(), acc.to(out.losses)]).detach())
     assert stats is not None
@@ -115,6 +119,7 @@ def sharded_joint_step(
     optimizer: torch.optim.Optimizer,
     *,
     gramian: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """:func:`~mtml.engine._joint.joint_step` on the global ``batch``, split over the ranks.
 
@@ -124,10 +129,13 @@ def sharded_joint_step(
     sum over ranks is the global loss vector. Weightings see the global (all-reduced) losses and, when they need
     it, the Gramian ``J Jᵀ`` of the all-reduced per-task gradient matrix ``J [m, shared parameters]`` — the same
     numbers on every rank, so every rank computes the same weights. Weightings may use the losses' values only
-    (all built-in ones do); their penalty is split evenly.
+    (all built-in ones do); their penalty is split evenly. ``scaler`` (fp16): back-propagate the scaled loss, as
+    :func:`~mtml.engine._joint.joint_step` does (weightings that take per-task gradients are refused with one).
     """
     if not is_distributed():
-        return joint_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
+        return joint_step(model, tasks, batch, weighting, optimizer, gramian=gramian, scaler=scaler)
+    if scaler is not None:
+        check_scalable(weighting)
     names = weighting.task_names
     losses, own = _local_losses(model, tasks, batch, names)
     m = len(names)
@@ -145,7 +153,8 @@ def sharded_joint_step(
     w = weighting(global_losses, gram)
     penalty = weighting.penalty().to(losses)
     optimizer.zero_grad(set_to_none=True)
-    ((w * losses).sum() + penalty / world_size()).backward()
+    local = (w * losses).sum() + penalty / world_size()
+    (local if scaler is None else scaler.scale(local)).backward()
     reduce_gradients(_optimized(optimizer))
     optimizer.step()
     total = float((w.detach() * global_losses).sum() + penalty.detach())

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mtml.engine._packed import PackedBatch, RowPool, chunk_scores, packable, packed_losses, pooled_chunks, row_pools
+from mtml.engine._precision import check_scalable
 from mtml.errors import ConfigError
 from mtml.groups import TaskGroup, task_groups
 from mtml.meta import current_paths
@@ -108,6 +109,7 @@ def joint_step(
     *,
     gramian: str | None = None,
     val_batch: Batch | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimiser update of ``Σᵢ wᵢ·Lᵢ + weighting.penalty()`` on ``batch`` (``{task: (x, y)}``).
 
@@ -118,9 +120,15 @@ def joint_step(
 
     ``val_batch`` (a batch of the ``val`` splits, for a :class:`~mtml.weighting.BilevelWeighting` only) first
     updates the weights: :func:`bilevel_update`.
+
+    ``scaler`` (fp16): back-propagate ``scaler.scale(loss)``; the optimiser then sees scaled gradients, which the
+    caller unscales before stepping (as :class:`~mtml.engine.Updater` does with a
+    :class:`~mtml.engine.LossScaler`). Weightings that take per-task gradients are refused with one.
     """
     if val_batch is not None:
         bilevel_update(model, tasks, batch, val_batch, weighting, optimizer)
+    if scaler is not None:
+        check_scalable(weighting)
     if isinstance(weighting, JacobianWeighting):
         return jacobian_step(model, tasks, batch, weighting, optimizer, gramian=gramian)
     names = weighting.task_names
@@ -138,7 +146,7 @@ def joint_step(
     if tape is not None:  # layer-wise Gramians already hold what the shared layers' gradient needs
         tape.backward(total, w, [p for group in optimizer.param_groups for p in group["params"]])
     else:
-        total.backward()
+        (total if scaler is None else scaler.scale(total)).backward()
     optimizer.step()
     lv, wv = losses.detach().tolist(), w.detach().tolist()
     return StepResult(float(total.detach()), dict(zip(names, lv, strict=True)), dict(zip(names, wv, strict=True)))

@@ -15,7 +15,7 @@ from mtml.engine._dist_steps import sharded_joint_step
 from mtml.engine._distributed import is_distributed, is_main, map_ranks
 from mtml.engine._fit import FitResult, ProgressHook, StopRule, fit
 from mtml.engine._joint import Batch, TaskBatcher, bilevel_update, evaluate, objective
-from mtml.engine._precision import autocast, check_precision
+from mtml.engine._precision import LossScaler, autocast, check_precision
 from mtml.engine._run import Run
 from mtml.engine._updates import LRSchedule, Updater
 from mtml.errors import ConfigError, UnknownNameError
@@ -194,7 +194,9 @@ def train_multitask(
     ends at ``max_steps`` or once every task has stopped, and each task is restored from its own best step. The
     logged ``objective`` is then the mean of the tasks' best losses.
 
-    ``precision="bf16"`` runs steps and evaluations under bfloat16 autocast (:func:`~mtml.engine.autocast`).
+    ``precision="bf16"`` runs steps and evaluations under bfloat16 autocast (:func:`~mtml.engine.autocast`),
+    ``"fp16"`` under float16 autocast with a :class:`~mtml.engine.LossScaler` (checkpointed as ``grad_scaler``;
+    an update whose scaled gradient overflows is skipped; weightings that take per-task gradients are refused).
     ``scheduler`` sets the learning rate of each update (:class:`~mtml.engine.LRSchedule`), ``grad_clip`` clips the
     gradient's global norm and ``accumulate=k`` makes each update the mean gradient of ``k`` batches of
     ``batch_size`` (:class:`~mtml.engine.Updater`); ``max_steps`` counts updates.
@@ -217,14 +219,17 @@ def train_multitask(
         weighting = WEIGHTINGS.create(weighting, names, where=f"weighting '{weighting}'",
                                       **dict(weighting_options or {}))
     weighting.to(device)
+    check_precision(precision, device, weighting)
     bilevel = weighting if isinstance(weighting, BilevelWeighting) else None
     if bilevel is not None and is_distributed():
         raise ConfigError(f"training.weighting: '{type(weighting).__name__}' (a bilevel weighting) runs in one "
                           "process only; train it without a process group, or choose another weighting.")
     params = list(model.parameters()) + list(weighting.parameters())
     opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
+    scaler = LossScaler(device) if precision == "fp16" else None
     updater = Updater(opt, schedule=scheduler, max_steps=stop.max_steps, grad_clip=grad_clip, accumulate=accumulate,
-                      min_delta=stop.min_delta)
+                      min_delta=stop.min_delta, scaler=scaler)
+    grad_scaler = None if scaler is None else scaler.grad_scaler
     gen = torch.Generator().manual_seed(seed)
     batcher = TaskBatcher(tasks, batch_size)
     generators = {"sampler": gen}
@@ -237,6 +242,8 @@ def train_multitask(
     bests = TaskBests(model, names, min_delta=stop.min_delta, patience=stop.patience) if stop_per_task else None
     if bests is not None:
         modules["task_bests"] = bests
+    if scaler is not None:
+        modules["grad_scaler"] = scaler
 
     def micro(o: torch.optim.Optimizer) -> dict[str, Any]:
         # in a process group every rank draws the same batch and trains on its share of each task's rows
@@ -246,7 +253,7 @@ def train_multitask(
         if pending:  # in full precision: a finite difference of bf16 losses would be mostly rounding
             bilevel_update(model, by_name, batch, pending.pop(), weighting, opt)  # opt: the current lr
         with autocast(precision, device):
-            return sharded_joint_step(model, by_name, batch, weighting, o).as_dict()
+            return sharded_joint_step(model, by_name, batch, weighting, o, scaler=grad_scaler).as_dict()
 
     def step() -> dict[str, Any]:
         if bests is not None:

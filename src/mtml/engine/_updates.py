@@ -24,14 +24,18 @@ resumed run takes the same rates as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from mtml.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mtml.engine._precision import LossScaler
 
 __all__ = ["SCHEDULES", "LRSchedule", "Updater"]
 
@@ -104,10 +108,13 @@ class Updater:
     """One optimiser update at a time: ``accumulate`` micro-batches, the mean gradient clipped to ``grad_clip``
     (global L2 norm, None: no clipping), then ``optimizer.step()`` and the ``schedule``'s next rate. A plateau
     schedule counts a validation as an improvement when it lowers the best objective by more than ``min_delta``
-    (the early-stopping rule's)."""
+    (the early-stopping rule's). With a ``scaler`` (fp16, :class:`~mtml.engine.LossScaler`) the step functions'
+    gradients are of the scaled loss: the update's gradient is unscaled before clipping, and the update is skipped
+    when it holds NaN or inf (it still counts, and the schedule still moves)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, schedule: LRSchedule | None = None, max_steps: int,
-                 grad_clip: float | None = None, accumulate: int = 1, min_delta: float = 0.0) -> None:
+                 grad_clip: float | None = None, accumulate: int = 1, min_delta: float = 0.0,
+                 scaler: LossScaler | None = None) -> None:
         if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
             raise ConfigError(f"accumulate must be a whole number of micro-batches >= 1. Got {accumulate!r}.")
         if grad_clip is not None and not (isinstance(grad_clip, int | float) and 0 < grad_clip < math.inf):
@@ -116,7 +123,7 @@ class Updater:
             raise ConfigError(f"max_steps must be >= 1. Got {max_steps}.")
         self.optimizer, self.max_steps = optimizer, max_steps
         self.schedule = schedule or LRSchedule()
-        self.grad_clip, self.accumulate = grad_clip, accumulate
+        self.grad_clip, self.accumulate, self.scaler = grad_clip, accumulate, scaler
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self._sums: list[Tensor | None] = []
         self._micro = 0
@@ -132,7 +139,8 @@ class Updater:
             bases = [float(g["lr"]) for g in optimizer.param_groups]
             self._lambda = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, [_Factor(s, max_steps, b) for b in bases])
-        self._collector = _Collector(self) if accumulate > 1 or grad_clip is not None else None
+        wrapped = accumulate > 1 or grad_clip is not None or scaler is not None
+        self._collector = _Collector(self) if wrapped else None
 
     @property
     def lr(self) -> float:
@@ -157,8 +165,12 @@ class Updater:
             info = _mean(infos)
             if self._norm is not None:
                 info["grad_norm"] = self._norm
+        if self.scaler is not None:
+            info.update(self.scaler.log())
         if self._lambda is not None:
-            self._lambda.step()
+            with warnings.catch_warnings():  # (torch warns when the first update was skipped by the scaler)
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                self._lambda.step()
         info["lr"] = lr
         return info
 
@@ -181,10 +193,15 @@ class Updater:
         self._apply()
 
     def _apply(self) -> None:
+        if self.scaler is not None:  # the true gradient from here on: clipping and grad_norm see it
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
             grads = [p for p in self.params if p.grad is not None]
             self._norm = float(torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)) if grads else 0.0
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skipped when the gradient holds NaN or inf
+            self.scaler.step(self.optimizer)
 
     def validated(self, objective: float) -> None:
         """Feed a validation objective to the ``plateau`` schedule (a no-op for the others)."""

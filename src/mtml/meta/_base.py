@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtml.meta._episode import Episode, episode_losses, task_accuracy
+from mtml.meta._episode import Episode, episode_losses, task_accuracy, way_logits
 from mtml.tasks import Split
 
 __all__ = ["MetaAlgorithm", "MetaOutput", "Scores"]
@@ -66,7 +66,7 @@ class MetaAlgorithm(nn.Module):
         """Mean query loss over the tasks after adapting on their support sets (differentiable)."""
         self.check_episode(episode)
         adapted = self.adapt(model, episode.support, ways=episode.ways, train=True)
-        pred = self.predict(model, adapted, episode.query.x)
+        pred = way_logits(self.predict(model, adapted, episode.query.x), episode.query.y, episode.ways)
         losses = episode_losses(pred, episode.query.y)
         return MetaOutput(losses.mean(), losses.detach(), self._accuracy(pred, episode))
 
@@ -93,7 +93,9 @@ class MetaAlgorithm(nn.Module):
         """Raise :class:`ConfigError` when this algorithm cannot handle ``episode`` (kind, shots)."""
 
     def score(self, pred: Tensor, episode: Episode) -> dict[str, Tensor]:
-        """``{"loss": [tasks]}`` plus ``"accuracy"`` for classification, from query predictions."""
+        """``{"loss": [tasks]}`` plus ``"accuracy"`` for classification, from query predictions (logits beyond the
+        episode's ways, of a head with more outputs, left out: :func:`~mtml.meta._episode.way_logits`)."""
+        pred = way_logits(pred, episode.query.y, episode.ways)
         out = {"loss": episode_losses(pred, episode.query.y)}
         accuracy = self._accuracy(pred, episode)
         if accuracy is not None:
@@ -105,4 +107,4 @@ class MetaAlgorithm(nn.Module):
         if not episode.is_classification:
             return None
         with torch.no_grad():
-            return task_accuracy(pred, episode.query.y)
+            return task_accuracy(way_logits(pred, episode.query.y, episode.ways), episode.query.y)

@@ -17,7 +17,7 @@ from torch import Tensor
 from mtml.errors import ShapeError
 from mtml.tasks import Split
 
-__all__ = ["Episode", "EpisodeSampler", "episode_losses", "mean_task_loss", "task_accuracy"]
+__all__ = ["Episode", "EpisodeSampler", "episode_losses", "mean_task_loss", "task_accuracy", "way_logits"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,20 @@ class EpisodeSampler(Protocol):
     """Anything that draws an :class:`Episode` from an explicit generator (see :mod:`mtml.sampling`)."""
 
     def sample(self, generator: torch.Generator) -> Episode: ...
+
+
+def way_logits(pred: Tensor, y: Tensor, ways: int) -> Tensor:
+    """The logits of an episode's ``ways`` classes: ``pred[..., :ways]`` when a classification head has more outputs
+    than the episode has ways (variable-way episodes through a ``max_ways`` head), so that the unused classes do not
+    enter the softmax; ``pred`` itself (the same tensor) for regression (float ``y``), ``ways`` 0 (unknown) or a head
+    of exactly ``ways`` outputs.
+    """
+    if ways <= 0 or y.is_floating_point() or pred.shape[-1] == ways:
+        return pred
+    if pred.shape[-1] < ways:
+        raise ShapeError(f"the episode has {ways} ways but the model gives {pred.shape[-1]} logits; build the head "
+                         "with one output per way of the largest episode (model outputs >= max ways).")
+    return pred[..., :ways]
 
 
 def episode_losses(pred: Tensor, y: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.errors import ConfigError
-from mtml.meta._episode import episode_losses
+from mtml.meta._episode import episode_losses, way_logits
 from mtml.meta._mlp import Layer, chain_forward, chain_gradients, linear_chain, single_head, supports_gradients
 from mtml.meta._paths import current_paths
 from mtml.nn import MultiTaskModel
@@ -127,23 +127,26 @@ def task_gradients(
     *,
     chain: Plan = None,
     create_graph: bool = False,
+    ways: int = 0,
 ) -> dict[str, Tensor]:
     """``{name: [tasks, *shape]}``: each task's gradient of its mean support loss w.r.t. each fast parameter.
 
     With ``create_graph`` the gradients are differentiable (second-order meta-gradients); otherwise they are
-    detached. The speed path is used when ``chain`` is given and can be differentiated by hand.
+    detached. The speed path is used when ``chain`` is given and can be differentiated by hand. ``ways`` (the
+    episode's, for classification) leaves a head's logits beyond it out of the loss (:func:`way_logits`).
     """
     if (isinstance(chain, list) and support.x.ndim == 3 and supports_gradients(chain)
             and current_paths().hand_gradients):
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-            return chain_gradients(chain, {**shared, **fast}, list(fast), support.x, support.y)
+            return chain_gradients(chain, {**shared, **fast}, list(fast), support.x, support.y, ways=ways)
     tasks = support.x.shape[0]
     ndim = {n: p.ndim for n, p in model.named_parameters()}
     stacked = {n: w if w.ndim > ndim[n] else w.unsqueeze(0).expand(tasks, *w.shape) for n, w in fast.items()}
     with torch.enable_grad():
         if not create_graph:
             stacked = {n: w.detach().requires_grad_() for n, w in stacked.items()}
-        loss = episode_losses(batched_forward(model, shared, stacked, support.x, chain=chain), support.y).sum()
+        pred = way_logits(batched_forward(model, shared, stacked, support.x, chain=chain), support.y, ways)
+        loss = episode_losses(pred, support.y).sum()
         grads = torch.autograd.grad(loss, list(stacked.values()), create_graph=create_graph)
     return dict(zip(stacked, grads, strict=True))
 

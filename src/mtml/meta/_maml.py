@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from mtml._checks import check_int, check_positive
 from mtml.errors import ConfigError
 from mtml.meta._base import MetaAlgorithm, MetaOutput, Scores
-from mtml.meta._episode import Episode, episode_losses, mean_task_loss
+from mtml.meta._episode import Episode, episode_losses, mean_task_loss, way_logits
 from mtml.meta._functional import ParameterFilter, Plan, batched_forward, model_plan, parameter_filter, task_gradients
 from mtml.meta._paths import current_paths
 from mtml.tasks import Split
@@ -152,42 +152,43 @@ class MAML(MetaAlgorithm):
         return torch.add(w, grad, alpha=-rate)
 
     def _step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
-              train: bool, create_graph: bool) -> Params:
-        grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph)
+              train: bool, create_graph: bool, ways: int = 0) -> Params:
+        grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph, ways=ways)
         return {n: self._update(n, w, grads[n], train) for n, w in fast.items()}
 
     def _checkpointed_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params,
-                           support: Split) -> Params:
+                           support: Split, ways: int = 0) -> Params:
         names = list(fast)
 
         def step(*values: Tensor) -> tuple[Tensor, ...]:
-            out = self._step(model, chain, shared, dict(zip(names, values, strict=True)), support, True, True)
+            out = self._step(model, chain, shared, dict(zip(names, values, strict=True)), support, True, True, ways)
             return tuple(out.values())
 
         values = checkpoint(step, *fast.values(), use_reentrant=False)
         return dict(zip(names, values, strict=True))
 
     def inner_loop(self, model: nn.Module, support: Split, *, steps: int, train: bool,
-                   differentiable: bool) -> tuple[Params, Params]:
+                   differentiable: bool, ways: int = 0) -> tuple[Params, Params]:
         """Adapt every task of ``support`` for ``steps`` steps → ``(shared, fast)`` parameter dicts.
 
         ``fast`` holds ``[tasks, *shape]`` adapted parameters (still tied, of the model's shapes, after zero
         steps). With ``differentiable`` they keep the graph back to the model's parameters (second order
-        unless ``first_order``); otherwise they are detached. ``train`` picks the training step size.
+        unless ``first_order``); otherwise they are detached. ``train`` picks the training step size. ``ways``
+        (classification): the support loss takes the first ``ways`` logits of a head with more outputs.
         """
-        shared, fast, _ = self._inner(model, support, steps, train, differentiable)
+        shared, fast, _ = self._inner(model, support, steps, train, differentiable, ways)
         return shared, fast
 
     def _inner(self, model: nn.Module, support: Split, steps: int, train: bool,
-               differentiable: bool) -> tuple[Params, Params, Plan]:
+               differentiable: bool, ways: int = 0) -> tuple[Params, Params, Plan]:
         params, chain, names = self._prepare(model)
         shared, fast = self._start(params, names, differentiable)
         create_graph = differentiable and not self.first_order
         for _ in range(steps):
             if self.checkpoint_inner and create_graph:
-                fast = self._checkpointed_step(model, chain, shared, fast, support)
+                fast = self._checkpointed_step(model, chain, shared, fast, support, ways)
             else:
-                fast = self._step(model, chain, shared, fast, support, train, create_graph)
+                fast = self._step(model, chain, shared, fast, support, train, create_graph, ways)
             if not differentiable:
                 fast = {n: w.detach() for n, w in fast.items()}
         return shared, fast, chain
@@ -196,7 +197,7 @@ class MAML(MetaAlgorithm):
     def adapt(self, model: nn.Module, support: Split, *, ways: int = 0, train: bool = True) -> Params:
         """Per-task adapted parameters ``{name: [tasks, *shape]}`` after the training (or test) inner loop."""
         steps = self.inner_steps if train else self.test_inner_steps
-        return self._inner(model, support, steps, train, differentiable=train)[1]
+        return self._inner(model, support, steps, train, train, ways)[1]
 
     def predict(self, model: nn.Module, adapted: Params, x: Tensor) -> Tensor:
         params, chain, _ = self._prepare(model)
@@ -212,8 +213,9 @@ class MAML(MetaAlgorithm):
 
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         """Mean query loss after the training inner loop, differentiable back to the model's parameters."""
-        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True)
-        pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, True, episode.ways)
+        pred = way_logits(batched_forward(model, shared, fast, episode.query.x, chain=chain), episode.query.y,
+                          episode.ways)
         with torch.no_grad():
             losses = episode_losses(pred, episode.query.y)
         return MetaOutput(mean_task_loss(pred, episode.query.y), losses, self._accuracy(pred, episode))
@@ -230,14 +232,14 @@ class MAML(MetaAlgorithm):
                     pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
                     out[done] = self.score(pred, episode)
             if done < wanted[-1]:
-                fast = self._test_step(model, chain, shared, fast, episode.support, done)
+                fast = self._test_step(model, chain, shared, fast, episode.support, done, episode.ways)
                 fast = {n: w.detach() for n, w in fast.items()}
         return out
 
     def _test_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
-                   done: int) -> Params:
+                   done: int, ways: int = 0) -> Params:
         """Test-time inner step number ``done`` (from 0): a plain step at the test rate (MAML++: its learned one)."""
-        return self._step(model, chain, shared, fast, support, False, False)
+        return self._step(model, chain, shared, fast, support, False, False, ways)
 
 
 def fomaml(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from mtml._checks import check_int
 from mtml.errors import ConfigError
 from mtml.meta._base import MetaOutput
-from mtml.meta._episode import Episode, episode_losses, mean_task_loss
+from mtml.meta._episode import Episode, episode_losses, mean_task_loss, way_logits
 from mtml.meta._functional import ParameterFilter, Plan, batched_forward, task_gradients
 from mtml.meta._maml import MAML, Params
 from mtml.tasks import Split
@@ -154,17 +154,17 @@ class MAMLPlusPlus(MAML):
         return rate if train else rate.detach()
 
     def _lslr_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split, step: int,
-                   train: bool, create_graph: bool) -> Params:
-        grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph)
+                   train: bool, create_graph: bool, ways: int = 0) -> Params:
+        grads = task_gradients(model, shared, fast, support, chain=chain, create_graph=create_graph, ways=ways)
         return {n: w - self.step_rate(n, step, train) * grads[n] for n, w in fast.items()}
 
     def _inner(self, model: nn.Module, support: Split, steps: int, train: bool,
-               differentiable: bool) -> tuple[Params, Params, Plan]:
+               differentiable: bool, ways: int = 0) -> tuple[Params, Params, Plan]:
         params, chain, names = self._prepare(model)
         shared, fast = self._start(params, names, differentiable)
         create_graph = differentiable and self.second_order_now()
         for i in range(steps):
-            fast = self._lslr_step(model, chain, shared, fast, support, i, train, create_graph)
+            fast = self._lslr_step(model, chain, shared, fast, support, i, train, create_graph, ways)
             if not differentiable:
                 fast = {n: w.detach() for n, w in fast.items()}
         return shared, fast, chain
@@ -179,9 +179,10 @@ class MAMLPlusPlus(MAML):
         objective: Tensor | None = None
         pred = None
         for i, weight in enumerate(weights):
-            fast = self._lslr_step(model, chain, shared, fast, episode.support, i, True, create_graph)
+            fast = self._lslr_step(model, chain, shared, fast, episode.support, i, True, create_graph, episode.ways)
             if weight > 0:
-                pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+                pred = way_logits(batched_forward(model, shared, fast, episode.query.x, chain=chain), episode.query.y,
+                                  episode.ways)
                 term = weight * mean_task_loss(pred, episode.query.y)
                 objective = term if objective is None else objective + term
         assert pred is not None and objective is not None  # the last weight is always > 0
@@ -194,6 +195,6 @@ class MAMLPlusPlus(MAML):
         return MetaOutput(objective, losses, self._accuracy(pred, episode))
 
     def _test_step(self, model: nn.Module, chain: Plan, shared: Params, fast: Params, support: Split,
-                   done: int) -> Params:
+                   done: int, ways: int = 0) -> Params:
         """Test-time step ``done`` with its learned rates (detached; steps past ``inner_steps`` reuse the last)."""
-        return self._lslr_step(model, chain, shared, fast, support, done, False, False)
+        return self._lslr_step(model, chain, shared, fast, support, done, False, False, ways)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtml.errors import ConfigError
+from mtml.meta._episode import way_logits
 from mtml.nn import MultiTaskModel
 
 __all__ = [
@@ -153,15 +154,21 @@ def _output_delta(pred: Tensor, y: Tensor) -> Tensor:
 
 
 def chain_gradients(chain: list[Layer], params: Mapping[str, Tensor], names: list[str], x: Tensor,
-                    y: Tensor) -> dict[str, Tensor]:
+                    y: Tensor, *, ways: int = 0) -> dict[str, Tensor]:
     """Per-task gradients ``{name: [tasks, *shape]}`` of each task's mean loss on ``(x, y)``, for ``names``.
 
     ``params`` holds every parameter, shared or per task (see :func:`chain_forward`); ``names`` are those to
     differentiate. The result is differentiable (the outer loop back-propagates through it for second-order
-    MAML); under ``torch.no_grad()`` it is a plain computation. Requires :func:`supports_gradients`.
+    MAML); under ``torch.no_grad()`` it is a plain computation. Requires :func:`supports_gradients`. With
+    ``ways`` below the chain's outputs (classification) the loss is on the first ``ways`` logits only
+    (:func:`~mtml.meta._episode.way_logits`): the others get a zero gradient.
     """
     trace: list[Tensor] = []
-    delta = _output_delta(chain_forward(chain, params, x, trace), y)
+    pred = chain_forward(chain, params, x, trace)
+    logits = way_logits(pred, y, ways)
+    delta = _output_delta(logits, y)
+    if logits.shape[-1] < pred.shape[-1]:
+        delta = F.pad(delta, (0, pred.shape[-1] - logits.shape[-1]))
     wanted = set(names)
     first = min(i for i, layer in enumerate(chain)
                 if isinstance(layer, Linear) and (layer.weight in wanted or layer.bias in wanted))

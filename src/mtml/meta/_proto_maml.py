@@ -59,8 +59,9 @@ class ProtoMAML(MAML):
     back into the head's starting value). The model's own head parameters are not used.
 
     The head is found as for ``adapt="heads"`` (``heads.*`` of a :class:`~mtml.nn.MultiTaskModel`, the last layer of
-    an ``nn.Sequential``) and must be one ``nn.Linear`` with a bias and ``ways`` outputs (a config's
-    ``model.head_hidden: []``). Its inputs are read with a forward pre-hook during one forward pass of the
+    an ``nn.Sequential``) and must be one ``nn.Linear`` with a bias and at least ``ways`` outputs (a config's
+    ``model.head_hidden: []``; an episode with fewer ways than outputs, as in variable-way families, gets a
+    prototype head of its own ways). Its inputs are read with a forward pre-hook during one forward pass of the
     support set through the model (all tasks in one call). With ``adapt="heads"`` the trunk is the same for every
     task and every step, so the support and query embeddings are computed once and the inner loop runs on them
     alone: per task, the softmax cross-entropy gradient of a linear head, ``(softmax(fWᵀ + b) − onehot)/n`` against
@@ -116,9 +117,9 @@ class ProtoMAML(MAML):
     def _check(self, model: nn.Module, episode: Episode) -> None:
         self.check_episode(episode)
         ways = self.head_of(model).ways
-        if ways != episode.ways:
+        if ways < episode.ways:
             raise ConfigError(f"proto_maml: the model's head has {ways} outputs but the episode has {episode.ways} "
-                              "ways; build the head with one output per way.")
+                              "ways; build the head with one output per way (of the largest episode).")
 
     def head_inputs(self, model: nn.Module, x: Tensor) -> Tensor:
         """The head's inputs ``[tasks, n, dim]`` for ``x: [tasks, n, *input]`` at the model's own parameters
@@ -138,12 +139,14 @@ class ProtoMAML(MAML):
         return seen[-1].reshape(x.shape[0], x.shape[1], -1)
 
     def _proto_start(self, model: nn.Module, params: Params, names: list[str], support: Split,
-                     differentiable: bool) -> tuple[Params, Params]:
-        """MAML's start, with the head replaced by each task's prototype head (stacked per task)."""
+                     differentiable: bool, ways: int) -> tuple[Params, Params]:
+        """MAML's start, with the head replaced by each task's prototype head (stacked per task, ``ways`` rows:
+        an episode with fewer ways than the head has outputs gets a head of its own ways)."""
         shared, fast = self._start(params, names, differentiable)
         head = self.head_of(model)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            weight, bias = prototype_head(class_means(self.head_inputs(model, support.x), support.y, head.ways))
+            weight, bias = prototype_head(class_means(self.head_inputs(model, support.x), support.y,
+                                                      ways or head.ways))
         fast[head.weight], fast[head.bias] = weight, bias
         return shared, fast
 
@@ -175,7 +178,7 @@ class ProtoMAML(MAML):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             feats_s = self.head_inputs(model, episode.support.x)
             feats_q = self.head_inputs(model, episode.query.x)
-            weight, bias = prototype_head(class_means(feats_s, episode.support.y, self.head_of(model).ways))
+            weight, bias = prototype_head(class_means(feats_s, episode.support.y, episode.ways))
         return feats_s, feats_q, weight, bias
 
     @staticmethod
@@ -189,15 +192,15 @@ class ProtoMAML(MAML):
 
     # -- MAML's loops, started at the prototypes ---------------------------------------------------------------
     def _inner(self, model: nn.Module, support: Split, steps: int, train: bool,
-               differentiable: bool) -> tuple[Params, Params, Plan]:
+               differentiable: bool, ways: int = 0) -> tuple[Params, Params, Plan]:
         params, chain, names = self._prepare(model)
-        shared, fast = self._proto_start(model, params, names, support, differentiable)
+        shared, fast = self._proto_start(model, params, names, support, differentiable, ways)
         create_graph = differentiable and not self.first_order
         for _ in range(steps):
             if self.checkpoint_inner and create_graph:
-                fast = self._checkpointed_step(model, chain, shared, fast, support)
+                fast = self._checkpointed_step(model, chain, shared, fast, support, ways)
             else:
-                fast = self._step(model, chain, shared, fast, support, train, create_graph)
+                fast = self._step(model, chain, shared, fast, support, train, create_graph, ways)
             if not differentiable:
                 fast = {n: w.detach() for n, w in fast.items()}
         return shared, fast, chain
@@ -221,7 +224,7 @@ class ProtoMAML(MAML):
         if self._head_only():
             return self._evaluate_head(model, episode, wanted)
         params, chain, names = self._prepare(model)
-        shared, fast = self._proto_start(model, params, names, episode.support, differentiable=False)
+        shared, fast = self._proto_start(model, params, names, episode.support, False, episode.ways)
         out: dict[int, Scores] = {}
         for done in range(wanted[-1] + 1):
             if done in wanted:
@@ -229,7 +232,7 @@ class ProtoMAML(MAML):
                     out[done] = self.score(batched_forward(model, shared, fast, episode.query.x, chain=chain),
                                            episode)
             if done < wanted[-1]:
-                fast = self._step(model, chain, shared, fast, episode.support, False, False)
+                fast = self._step(model, chain, shared, fast, episode.support, False, False, episode.ways)
                 fast = {n: w.detach() for n, w in fast.items()}
         return out
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtml.meta._base import MetaOutput
-from mtml.meta._episode import Episode, episode_losses
+from mtml.meta._episode import Episode, episode_losses, way_logits
 from mtml.meta._functional import ParameterFilter, batched_forward
 from mtml.meta._maml import MAML
 
@@ -46,9 +46,10 @@ class Reptile(MAML):
 
     def meta_objective(self, model: nn.Module, episode: Episode) -> MetaOutput:
         self.check_episode(episode)
-        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, False)
+        shared, fast, chain = self._inner(model, episode.support, self.inner_steps, True, False, episode.ways)
         with torch.no_grad():
-            pred = batched_forward(model, shared, fast, episode.query.x, chain=chain)
+            pred = way_logits(batched_forward(model, shared, fast, episode.query.x, chain=chain), episode.query.y,
+                              episode.ways)
             losses = episode_losses(pred, episode.query.y)
         params = dict(model.named_parameters())
         objective = sum((0.5 * (params[n] - w.mean(0).detach()).square().sum() for n, w in fast.items()),

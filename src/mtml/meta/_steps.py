@@ -28,13 +28,16 @@ def meta_parameters(algorithm: MetaAlgorithm, model: nn.Module) -> list[nn.Param
 
 
 def meta_step(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode,
-              optimizer: torch.optim.Optimizer) -> dict[str, float]:
+              optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One outer update on ``episode``: zero the gradients, back-propagate the meta-objective, step.
 
     Returns ``{"loss": mean query loss after adaptation}`` plus ``"accuracy"`` for classification episodes.
+    ``scaler`` (fp16): back-propagate ``scaler.scale(objective)``; the optimiser then sees scaled gradients, which
+    the caller unscales before stepping (as :class:`~mtml.engine.Updater` does with a
+    :class:`~mtml.engine.LossScaler`). The inner loop's gradients are of the unscaled support loss.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = meta_backward(algorithm, model, episode)
+    out = meta_backward(algorithm, model, episode, scaler=scaler)
     optimizer.step()
     metrics = {"loss": float(out.losses.mean())}
     if out.accuracy is not None:
@@ -42,12 +45,13 @@ def meta_step(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode,
     return metrics
 
 
-def meta_backward(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode, scale: float = 1.0) -> MetaOutput:
-    """Back-propagate ``scale ×`` the meta-objective of ``episode`` into the parameters' ``.grad``, in chunks of
-    :meth:`~mtml.meta.MetaAlgorithm.backward_chunk` tasks, each chunk's objective weighted by its share of the
-    tasks → the episode's detached per-task losses and accuracies, and as ``objective`` the detached sum of the
-    weighted chunk objectives (the episode's objective when that is a mean over tasks; for Reptile only its
-    gradient, ``θ − φ̄``, adds up that way)."""
+def meta_backward(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode, scale: float = 1.0, *,
+                  scaler: torch.amp.GradScaler | None = None) -> MetaOutput:
+    """Back-propagate ``scale ×`` the meta-objective of ``episode`` (times ``scaler``'s scale, with one) into the
+    parameters' ``.grad``, in chunks of :meth:`~mtml.meta.MetaAlgorithm.backward_chunk` tasks, each chunk's
+    objective weighted by its share of the tasks → the episode's detached per-task losses and accuracies, and as
+    ``objective`` the detached sum of the weighted chunk objectives (unscaled; the episode's objective when that
+    is a mean over tasks; for Reptile only its gradient, ``θ − φ̄``, adds up that way)."""
     n = episode.num_tasks
     chunk = max(1, min(n, algorithm.backward_chunk(episode)))
     parts: list[MetaOutput] = []
@@ -56,7 +60,8 @@ def meta_backward(algorithm: MetaAlgorithm, model: nn.Module, episode: Episode, 
         part = episode if chunk == n else episode.tasks(start, min(n, start + chunk))
         out = algorithm.meta_objective(model, part)
         weighted = out.objective * (part.num_tasks / n)
-        (weighted * scale).backward()
+        loss = weighted * scale
+        (loss if scaler is None else scaler.scale(loss)).backward()
         parts.append(out)
         weighted_objectives.append(weighted.detach())
     if len(parts) == 1:

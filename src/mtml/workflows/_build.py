@@ -23,7 +23,7 @@ from torch import nn
 
 from mtml.config import Config
 from mtml.datasets import DATASETS, FAMILIES, EpisodeSource
-from mtml.engine import LRSchedule, Run, StopRule, Updater, load_checkpoint, restore
+from mtml.engine import LossScaler, LRSchedule, Run, StopRule, Updater, load_checkpoint, restore
 from mtml.errors import ConfigError
 from mtml.groups import labelled_only, task_groups
 from mtml.meta import ALGORITHMS, MetaAlgorithm
@@ -119,11 +119,12 @@ def schedule_of(config: Config) -> LRSchedule:
     return LRSchedule(**config.training.scheduler.model_dump())
 
 
-def updater_of(config: Config, optimizer: torch.optim.Optimizer) -> Updater:
-    """The :class:`~mtml.engine.Updater` of ``training``: its schedule, gradient clipping and accumulation."""
+def updater_of(config: Config, optimizer: torch.optim.Optimizer, *, scaler: LossScaler | None = None) -> Updater:
+    """The :class:`~mtml.engine.Updater` of ``training``: its schedule, gradient clipping and accumulation (and
+    fp16's gradient ``scaler``)."""
     t = config.training
     return Updater(optimizer, schedule=schedule_of(config), max_steps=t.max_steps, grad_clip=t.grad_clip,
-                   accumulate=t.accumulate, min_delta=t.min_delta)
+                   accumulate=t.accumulate, min_delta=t.min_delta, scaler=scaler)
 
 
 def build(config: Config, **family_override: Any) -> Built:
@@ -196,9 +197,42 @@ def _build_meta(config: Config, **family_override: Any) -> Built:
         head: nn.Module = mlp(width, m.head_hidden, family.num_outputs, activation=m.activation)
         model = MultiTaskModel(trunk, {"task": head}, input_shapes={"task": family.input_shape})
         t = config.training
-        algorithm = ALGORITHMS.create(t.algorithm, model, where="training.algorithm_options", **t.algorithm_options)
+        options = _with_num_classes(config, family, overridden=bool(family_override))
+        algorithm = ALGORITHMS.create(t.algorithm, model, where="training.algorithm_options", **options)
     check_episode_memory(family, model)
     return Built(config, model, family=family, algorithm=algorithm)
+
+
+def _with_num_classes(config: Config, family: EpisodeSource, *, overridden: bool = False) -> dict[str, Any]:
+    """``training.algorithm_options``, plus ``num_classes`` (the training sampler's: the range of its episodes'
+    global class ids) for an algorithm that takes it (the Baseline family's pre-training). A family whose episodes
+    carry no global class ids is refused here when the algorithm would pre-train on them. ``overridden``: ``family``
+    was built with other options (``mtml eval --shots``), which can change which classes are eligible, so the count
+    is read off the config's own family, the one the run trained on (its classifier's size is in the checkpoint)."""
+    t = config.training
+    options = dict(t.algorithm_options)
+    params = inspect.signature(ALGORITHMS.get(t.algorithm)).parameters
+    if "num_classes" not in params:
+        return options
+    dataset = config.data.dataset
+    if "num_classes" in options:
+        raise ConfigError(f"training.algorithm_options.num_classes: the number of base classes comes from the data "
+                          f"(data.dataset '{dataset}'); drop the option.")
+    pretrain = options.get("pretrain", params["pretrain"].default if "pretrain" in params else False)
+    if overridden and pretrain is True and family.kind == "classification":
+        family = task_family(config)
+    num_classes = getattr(family.train, "num_classes", None)
+    if pretrain is True and family.kind != "classification":
+        raise ConfigError(f"training.algorithm '{t.algorithm}' trains classifiers, but data.dataset '{dataset}' is "
+                          f"{family.kind}; use a classification dataset, or maml or ridge for regression.")
+    if pretrain is True and not isinstance(num_classes, int):
+        raise ConfigError(f"training.algorithm '{t.algorithm}' pre-trains a classifier over the base classes' global "
+                          f"ids (pretrain: true, its default), but data.dataset '{dataset}' gives its training "
+                          "episodes none (its sampler has no num_classes); set training.algorithm_options.pretrain: "
+                          "false to meta-train through the unrolled support fit, or draw the episodes with a sampler "
+                          "that records them (mtml.sampling.FewShotClassification).")
+    options["num_classes"] = num_classes if isinstance(num_classes, int) else None
+    return options
 
 
 def _available_bytes() -> int | None:

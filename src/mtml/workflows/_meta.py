@@ -11,6 +11,7 @@ import torch
 from mtml.datasets import EpisodeSource
 from mtml.engine import (
     FitResult,
+    LossScaler,
     ProgressHook,
     Run,
     autocast,
@@ -51,12 +52,14 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
     k = judged_steps(algorithm)
     key = f"loss@{k}"
 
-    updater = updater_of(exp.config, opt)
+    scaler = LossScaler(device) if t.precision == "fp16" else None  # (its state is checkpointed as a module)
+    updater = updater_of(exp.config, opt, scaler=scaler)
+    grad_scaler = None if scaler is None else scaler.grad_scaler
 
     def micro(o: torch.optim.Optimizer) -> dict[str, Any]:
         episode = _to(family.train.sample(gen), device)
         with autocast(t.precision, device):
-            return sharded_meta_step(algorithm, exp.model, episode, o)
+            return sharded_meta_step(algorithm, exp.model, episode, o, scaler=grad_scaler)
 
     def step() -> dict[str, Any]:
         return updater.step(micro)
@@ -71,7 +74,10 @@ def fit_meta(exp: Built, run: Run | None, *, resume: bool, device: torch.device,
         val = score(family.val, t.meta_val_tasks, [k], 1)
         return {"objective": val[key], "meta_val": val}
 
-    result = fit(modules={"model": exp.model, "algorithm": algorithm}, optimizer=opt, train_step=step,
+    modules: dict[str, torch.nn.Module] = {"model": exp.model, "algorithm": algorithm}
+    if scaler is not None:
+        modules["grad_scaler"] = scaler
+    result = fit(modules=modules, optimizer=opt, train_step=step,
                  validate=validate, stop=stop_rule(exp.config), generators={"sampler": gen}, run=run, resume=resume,
                  checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, progress=progress,
                  updater=updater)

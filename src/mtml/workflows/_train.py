@@ -65,7 +65,7 @@ def _prepare(config: Config) -> _Prepared:
         torch.set_num_threads(config.threads)
     device = local_device(resolve_device(config.device))
     built = build(config)
-    check_precision(config.training.precision, device)  # refused before any run directory exists
+    check_precision(config.training.precision, device, built.weighting)  # refused before any run directory exists
     check_trackers(tensorboard=config.logging.tensorboard, mlflow=config.logging.mlflow)
     if config.training.stop_per_task and not built.is_meta:
         check_stop_per_task(built.model)  # refused before any run directory exists

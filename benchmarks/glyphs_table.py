@@ -42,14 +42,22 @@ ROWS = [
     "protonet_5w1s", "ridge_5w1s", "maml_5w1s", "fomaml_5w1s", "anil_5w1s",
     "protonet_5w5s", "ridge_5w5s", "protonet_20w5s", "ridge_20w5s",
     "fomaml_20w1s", "anil_20w1s",
+    # issue 16: ProtoNets trained 60-way (Snell et al.'s Omniglot protocol), then the newer methods' short rows
+    "protonet_60wtrain_20w1s",
+    "maml_pp_5w1s", "metaoptnet_5w1s", "proto_maml_5w1s", "baseline_pp_5w1s", "rfs_linear_5w1s",
 ]
 
 METHODS = {"protonet": "ProtoNets", "ridge": "ridge (R2D2)", "maml": "MAML", "fomaml": "first-order MAML",
-           "anil": "anil"}
+           "anil": "ANIL", "protonet_60wtrain": "ProtoNets, 60-way training", "maml_pp": "MAML++",
+           "metaoptnet": "MetaOptNet-SVM", "proto_maml": "Proto-MAML", "baseline_pp": "Baseline++",
+           "rfs_linear": "linear probe (RFS)"}
 
 # Published Omniglot test accuracies (%), Conv-4-like networks, (ways, shots) -> value; None = not reported /
 # not sure. MAML and first-order MAML: Finn et al. 2017, table 1; ProtoNets: Snell et al. 2017, table 1;
-# R2-D2: Bertinetto et al. 2019, table 1; ANIL: Raghu et al. 2020 (20-way only).
+# R2-D2: Bertinetto et al. 2019, table 1; ANIL: Raghu et al. 2020 (20-way only); MAML++: Antoniou et al. 2019,
+# table 1 (its 5-way 5-shot figure not re-checked here: n/a). MetaOptNet, Baseline++ and RFS report no Omniglot
+# N-way figures (mini-/tiered-ImageNet, CIFAR-FS, FC100; Baseline++ Omniglot only cross-domain to EMNIST), nor
+# does Proto-MAML outside Meta-Dataset's variable-way episodes: n/a.
 PUBLISHED: dict[str, dict[tuple[int, int], float | None]] = {
     "maml": {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9},
     "fomaml": {(5, 1): 98.3, (5, 5): 99.2, (20, 1): 89.4, (20, 5): 97.9},
@@ -57,9 +65,11 @@ PUBLISHED: dict[str, dict[tuple[int, int], float | None]] = {
     # R2-D2's 20-way figures are in its table 1 but were not re-checked against the paper here: n/a.
     "ridge": {(5, 1): 98.6, (5, 5): 99.7, (20, 1): None, (20, 5): None},
     "anil": {(5, 1): None, (5, 5): None, (20, 1): 96.2, (20, 5): 98.0},
+    "protonet_60wtrain": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},  # Snell et al. train 60-way
+    "maml_pp": {(5, 1): 99.47, (5, 5): None, (20, 1): 97.65, (20, 5): 99.33},
 }
 CITES = {"maml": "Finn et al. 2017", "fomaml": "Finn et al. 2017", "protonet": "Snell et al. 2017",
-         "ridge": "Bertinetto et al. 2019", "anil": "Raghu et al. 2020"}
+         "ridge": "Bertinetto et al. 2019", "anil": "Raghu et al. 2020", "maml_pp": "Antoniou et al. 2019"}
 
 
 def config_path(row: str) -> Path:
@@ -123,7 +133,7 @@ def row_line(row: str, out: Path) -> str:
     ways, shots = (int(x) for x in setting.rstrip("s").split("w"))
     cfg = yaml.safe_load(config_path(row).read_text()) if config_path(row).is_file() else None
     pub = PUBLISHED.get(method, {}).get((ways, shots))
-    published = f"{pub:.1f}" if pub is not None else "n/a"
+    published = str(pub) if pub is not None else "n/a"
     name = f"{METHODS.get(method, method)}"
     run_dir = out / row
     if cfg is None or not completed(run_dir):
@@ -145,7 +155,12 @@ def row_line(row: str, out: Path) -> str:
     o, t = cfg["data"]["options"], cfg["training"]
     algo = t.get("algorithm_options", {})
     budget = (f"{summary['steps']} steps (best {summary['best_step']}) × {o.get('meta_batch', 4)} tasks, "
-              f"{o.get('query_shots', 15)} queries/class")
+              f"{o.get('train_query_shots', o.get('query_shots', 15))} queries/class")
+    if o.get("train_ways", ways) != ways:
+        budget += f", trained {o['train_ways']}-way"
+    schedule = t.get("scheduler")
+    if schedule:
+        budget += f", {schedule if isinstance(schedule, str) else schedule.get('name', 'constant')} lr"
     if "inner_steps" in algo:
         budget += f", {algo['inner_steps']} inner step(s) (test {algo.get('test_inner_steps', algo['inner_steps'])})"
         if algo.get("zero_head"):

@@ -27,13 +27,12 @@ COMMANDS = (".venv/bin/", "build/venv", "mtml ", "python", "make ", "pytest", "b
 # Sections whose numbers need no command: (path under docs/, heading text) -> why.
 ALLOWED: dict[tuple[str, str], str] = {
     ("images.md", "Pixels and shapes"): "60 000 × 3 × 84 × 84 = 1.3 GB is arithmetic on the array's shape",
+    ("glyphs.md", "How it is made"): "72 % of the canvas is a design value of the renderer, not a measurement",
 }
 
 # TEMPORARY: files that other tasks are editing while this test lands. The lead removes each entry once its file
 # passes; `MTML_DOCS_NUMBERS_ALL=1 .venv/bin/pytest tests/test_docs_numbers.py` shows what they would flag.
 SKIP_FILES_TEMPORARILY: dict[str, str] = {
-    "glyphs.md": "being edited in parallel by another task",
-    "backbones.md": "being edited in parallel by another task",
     "testing.md": "being written in parallel by another task",
 }
 

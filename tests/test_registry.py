@@ -160,6 +160,24 @@ def test_a_word_for_a_flag_is_refused() -> None:
             registry.create("f", flag=bad)
 
 
+def test_a_flag_for_a_number_is_refused() -> None:
+    # pydantic's lax mode read true as 1.0: ExcessMTL's step_size=true and MoDo's rho=true built with 1.0
+    from mtml.weighting import WEIGHTINGS
+
+    for name, key in (("excess_mtl", "step_size"), ("modo", "rho")):
+        with pytest.raises(ConfigError, match=rf"`{key}` must be float, written as such.*Got True"):
+            WEIGHTINGS.create(name, ["a", "b"], **{key: True})
+    def factory(*, k: int = 1, x: float = 0.5) -> float:
+        return k * x
+
+    registry: Registry[float] = Registry("thing")
+    registry.register("f", factory)
+    assert registry.create("f", k=2, x=1) == 2.0
+    for bad in ({"k": False}, {"x": True}):
+        with pytest.raises(ConfigError, match=r"must be (int|float), written as such"):
+            registry.create("f", **bad)
+
+
 def test_annotations_pydantic_cannot_read_are_left_to_the_factory() -> None:
     def factory(*, model: torch.nn.Module | None = None, k: int = 1) -> int:
         return k

@@ -105,9 +105,11 @@ def _check_types(factory: Callable[..., Any], options: dict[str, Any], where: st
             raise ConfigError(f"{where}: `{key}` must be {want} ({_show(adapter)}). Got {value!r}.") from None
         except Exception:  # a validator that cannot judge this value: left to the factory
             continue
-        # pydantic's lax mode reads "yes" as True and "3" as 3: a word where a number or a flag goes is a mistake
+        # pydantic's lax mode reads "yes" as True, "3" as 3 and true as 1.0: a word where a number or a flag goes,
+        # a number where a flag goes, or a flag where a number goes is a mistake
         if (isinstance(value, str) and isinstance(read, (bool, int, float))) or (
-                isinstance(read, bool) and not isinstance(value, bool)):
+                isinstance(read, bool) and not isinstance(value, bool)) or (
+                isinstance(value, bool) and not isinstance(read, bool) and isinstance(read, (int, float))):
             raise ConfigError(f"{where}: `{key}` must be {_show(adapter)}, written as such (true/false, 3, "
                               f"0.5). Got {value!r}.")
         out[key] = read

@@ -22,7 +22,7 @@ SRC = Path(mtml.__file__).parent
 # lower rank = lower layer; a module may import its own layer or lower ones only
 LAYERS: dict[str, int] = {
     "mtml._version": 0, "mtml._checks": 0, "mtml._yaml": 0, "mtml.errors": 0, "mtml.atomic": 0, "mtml.registry": 0,
-    "mtml._optional": 0,
+    "mtml._optional": 0, "mtml._allocator": 0, "mtml._batched_grad": 0,
     "mtml.tasks": 1, "mtml.groups": 1, "mtml.metrics": 1, "mtml.nn": 1, "mtml.weighting": 1, "mtml.meta": 1,
     "mtml.transfer": 1,
     "mtml.datasets": 2, "mtml.sampling": 2,
@@ -34,7 +34,8 @@ LAYERS: dict[str, int] = {
 LAYER_NAMES = ["base", "core", "data", "engine", "report/config", "workflows", "cli"]
 # the package root holds only the face, the base modules and the few modules everything uses
 ROOT_MODULES = {"__init__", "__main__", "_version", "_optional", "_checks", "_yaml", "errors", "atomic", "registry",
-                "tasks", "groups", "metrics", "sampling", "config"}
+                "tasks", "groups", "metrics", "sampling", "config",
+                "_allocator", "_batched_grad"}  # glibc's malloc thresholds (the CLI's start); weighting+transfer
 
 
 def _modules() -> dict[str, Path]:

@@ -66,10 +66,21 @@ def scipy_primal(x: Tensor, y: Tensor, ways: int, c: float) -> Tensor:
         own = s[np.arange(n), ys][:, None]
         return (own - s - (np.arange(ways)[None, :] != ys[:, None]) + xi[:, None]).ravel()
 
+    def gradient(z: np.ndarray) -> np.ndarray:
+        w, _ = unpack(z)
+        return np.concatenate([w.ravel(), np.full(n, c)])
+
     z0 = np.concatenate([np.zeros(d * ways), np.ones(n)])
-    done = scipy_optimize.minimize(objective, z0, method="SLSQP", constraints=[{"type": "ineq", "fun": margins}],
+    # the constraints are linear: their exact Jacobian, column by column (SLSQP's own finite differences made
+    # its line search fail on one of these tasks at c = 1)
+    jacobian = np.stack([margins(np.eye(z0.size)[i]) - margins(np.zeros(z0.size)) for i in range(z0.size)], 1)
+    done = scipy_optimize.minimize(objective, z0, jac=gradient, method="SLSQP",
+                                   constraints=[{"type": "ineq", "fun": margins, "jac": lambda z: jacobian}],
                                    options={"ftol": 1e-14, "maxiter": 2000})
-    assert done.success, done.message
+    # status 8 ("positive directional derivative for linesearch") is SLSQP stopping at the limit of its precision
+    # with ftol this tight (seen on SciPy 1.17 for some tasks): the point is then judged by the comparison with
+    # the dual's solution the caller makes (rtol 1e-5), not by the solver's flag
+    assert done.success or done.status == 8, done.message
     return torch.from_numpy(unpack(done.x)[0])
 
 
@@ -166,7 +177,7 @@ def test_batched_equals_one_task_at_a_time() -> None:
 
 
 def test_gradient_matches_finite_differences_of_the_exact_solution() -> None:
-    """Autograd through the unrolled solver equals central differences of the (converged) QP solution."""
+    """The solver's (implicit, KKT) gradient equals central differences of the converged QP solution."""
     x, y = toy(tasks=1, ways=3, shots=2, dim=4, seed=4)
     q = torch.randn(1, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     probe = torch.randn(1, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
@@ -186,7 +197,7 @@ def test_gradient_matches_finite_differences_of_the_exact_solution() -> None:
         numeric.view(-1)[index] = (readout(x + bump, 3000) - readout(x - bump, 3000)) / (2 * eps)
     assert grad.abs().max() > 1e-2  # the readout really depends on the support features
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
-    assert torch.autograd.gradcheck(lambda f: readout(f, 60), (leaf,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda f: readout(f, 400), (leaf,), eps=1e-6, atol=1e-6)
 
 
 def test_algorithm_equals_a_per_task_loop(model_kind: str) -> None:
@@ -273,3 +284,31 @@ def test_bad_option_in_a_config_is_a_config_error() -> None:
         run_config = {"data": {"dataset": "gaussian_classes"},
                       "training": {"algorithm": "metaoptnet", "algorithm_options": {"iterations": 0}}}
         train(Config.from_dict(run_config), Path("/nonexistent/never-written"))
+
+
+def test_default_meta_gradient_is_the_qp_gradient_on_relu_like_embeddings() -> None:
+    """Non-negative, strongly correlated embeddings (as after a ReLU trunk) make the Gram matrix ill-conditioned
+    (one eigenvalue ~320, the others 5-10). At the algorithm's default training iterations the gradient must
+    still be the QP solution's, checked against central differences of a 4,000-step solve. The old head
+    (30 back-propagated unrolled steps) was off by 17-240 % here, and its meta-gradient on a glyphs Conv-4
+    episode was orthogonal to the true one, so MetaOptNet did not learn."""
+    g = torch.Generator().manual_seed(0)
+    x = (1.0 + 0.35 * torch.randn(2, 5, 64, generator=g, dtype=torch.float64)).relu()
+    y = torch.arange(5).repeat(2, 1)
+    q = (1.0 + 0.35 * torch.randn(2, 10, 64, generator=g, dtype=torch.float64)).relu()
+    target = torch.randint(0, 5, (2, 10), generator=g)
+    eigenvalues = torch.linalg.eigvalsh(x @ x.transpose(1, 2))
+    assert (eigenvalues[:, -1] / eigenvalues[:, 0]).min() > 30  # really ill-conditioned
+    iterations = MetaOptNet(make_model("mlp")).iterations
+
+    def loss(features: Tensor, steps: int) -> Tensor:
+        alpha = svm_dual(features, y, 5, 0.1, steps)
+        return F.cross_entropy((10.0 * q @ features.transpose(1, 2) @ alpha).reshape(-1, 5), target.reshape(-1))
+
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(leaf, iterations), leaf)
+    for k in range(3):
+        d = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + k), dtype=torch.float64)
+        numeric = (loss(x + 1e-6 * d, 4000) - loss(x - 1e-6 * d, 4000)) / 2e-6
+        assert numeric.abs() > 1e-3
+        torch.testing.assert_close((grad * d).sum(), numeric, rtol=1e-4, atol=1e-8)

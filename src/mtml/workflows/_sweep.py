@@ -489,8 +489,14 @@ def _next_trial(study: optuna.Study, folder: Path, spec: _Spec,
     for t in trials:
         if t.state == TrialState.RUNNING:
             fd = _claim(folder, t.number)
-            if fd is not None:  # nobody alive trains it: the process that did was killed
+            if fd is None:
+                continue
+            # the claim is free, so nobody alive trains it — unless its worker finished it (and let go of the
+            # claim) after the states above were read: read them again now that the claim is held
+            still = {u.number for u in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            if t.number in still:  # the process that trained it was killed
                 return optuna.trial.Trial(study, t._trial_id), fd, True
+            os.close(fd)
     if sum(t.state != TrialState.WAITING for t in trials) >= spec.trials:
         return None
     trial = study.ask(dict(distributions))

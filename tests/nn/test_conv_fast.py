@@ -90,7 +90,14 @@ def test_fast_cpu_execution_equals_the_textbook_module(name: str, shape: tuple[i
     assert not any(isinstance(m, StemConv2d | ConvBlock | GroupNorm) for m in twin.modules())
     x = torch.randn(6, *shape, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
+    layouts: list[bool] = []  # the fast path ran: every convolution wrote channels-last activations
+    convs = [m for m in model.modules() if isinstance(m, StemConv2d)]
+    hooks = [c.register_forward_hook(lambda m, i, o: layouts.append(
+        o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())) for c in convs]
     out = model(x)
+    for h in hooks:
+        h.remove()
+    assert layouts and all(layouts), layouts
     assert out.is_contiguous()  # features come back in the usual layout
     torch.testing.assert_close(out, twin(x), rtol=0, atol=1e-12)
     head = nn.Linear(feature_dim(model), 3).double()

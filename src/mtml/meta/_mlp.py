@@ -89,7 +89,10 @@ def single_head(model: MultiTaskModel) -> str:
 def _chain(module: nn.Module, prefix: str, out: list[Layer]) -> bool:
     kind = type(module)
     if kind is nn.Sequential:
-        return all(_chain(child, f"{prefix}{name}.", out) for name, child in module.named_children())
+        # every entry, in order: named_children() yields a module used twice (``act`` in ``l1, act, l2, act``)
+        # only once, which would drop the second use from the chain
+        return all(child is not None and _chain(child, f"{prefix}{name}.", out)
+                   for name, child in module._modules.items())
     if isinstance(module, nn.Linear) and kind is nn.Linear:
         out.append(Linear(prefix + "weight", prefix + "bias" if module.bias is not None else None))
         return True
@@ -110,7 +113,12 @@ def _chain(module: nn.Module, prefix: str, out: list[Layer]) -> bool:
 def linear_chain(model: nn.Module) -> list[Layer] | None:
     """The model as :class:`Linear` and :class:`Activation` steps, or ``None`` if it is not such a chain."""
     out: list[Layer] = []
-    return out if _chain(model, "", out) else None
+    if not _chain(model, "", out):
+        return None
+    # a Linear used twice (tied weights) is registered under one name only: the general path handles it
+    params = dict(model.named_parameters())
+    names = [n for layer in out if isinstance(layer, Linear) for n in (layer.weight, layer.bias) if n is not None]
+    return out if len(set(names)) == len(names) and all(n in params for n in names) else None
 
 
 def _linear(x: Tensor, layer: Linear, params: Mapping[str, Tensor]) -> Tensor:

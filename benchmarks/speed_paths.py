@@ -10,7 +10,9 @@ losses agree up to floating-point reordering).
 
 Runs are shortened by ``--scale``: ``max_steps``, ``eval_every``, ``meta_val_tasks`` and ``meta_test_tasks``
 are all multiplied by it, so the mix of training, validation and testing stays that of a shipped run that goes
-to ``max_steps``; patience is switched off so every variant runs the same steps.
+to ``max_steps``; patience is switched off so every variant runs the same steps. ``compiled on`` is the opposite
+kind of variant: an opt-in option (``compiled: true``, MAML's compiled meta-gradient) switched on, so its
+``off/on`` below 1 is its gain; its first round pays an uncached compile, later rounds hit torch's compile cache.
 
     .venv/bin/python benchmarks/speed_paths.py                          # every config below, 3 rounds
     .venv/bin/python benchmarks/speed_paths.py --configs sinusoid --rounds 5 --scale 0.1
@@ -36,7 +38,10 @@ from mtml.meta import speed_paths
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mtml" / "configs"
 
 #: config → (default scale, the variants that apply: name → switches turned off)
-MLP = {"all on": {}, "hand gradients off": {"hand_gradients": False}, "MLP chain off (vmap)": {"mlp_chain": False}}
+MLP = {"all on": {}, "hand gradients off": {"hand_gradients": False}, "MLP chain off (vmap)": {"mlp_chain": False},
+       "compiled on": {}}
+#: variants that are an opt-in option rather than a switched-off path: the config overrides they add
+OPT_IN = {"compiled on": ["training.algorithm_options.compiled=true"]}
 CONV = {"all on": {}, "task loop off (vmap)": {"task_loop": False}}
 PACKED = {"all on": {}, "packed rows off": {"packed_rows": False}}
 PLAN: dict[str, tuple[float, dict[str, dict[str, bool]]]] = {
@@ -98,11 +103,12 @@ def overrides(config: Path, scale: float) -> list[str]:
 
 
 def one_run(config: Path, scale: float, off: dict[str, bool], root: Path,
-            clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+            clock: Callable[[], float] = time.perf_counter, extra: list[str] | None = None) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(dir=root)) / "run"
+    sets = [a for o in extra or [] for a in ("--set", o)]
     with speed_paths(**off), contextlib.redirect_stdout(io.StringIO()):
         start = clock()
-        main(["train", str(config), "--quiet", "--out", str(out), *overrides(config, scale)])
+        main(["train", str(config), "--quiet", "--out", str(out), *overrides(config, scale), *sets])
         seconds = clock() - start
     test = json.loads((out / "summary.json").read_text())["test"]
     scores = next(iter(test.values()))
@@ -120,12 +126,14 @@ def main_(args: argparse.Namespace) -> None:
             default_scale, variants = PLAN[name]
             scale = args.scale or default_scale
             config = generated_config(name, Path(tmp)) if name in GENERATED else CONFIGS / f"{name}.yaml"
+            if args.variants:
+                variants = {v: off for v, off in variants.items() if v == "all on" or v in args.variants}
             times: dict[str, list[float]] = {v: [] for v in variants}
             losses: dict[str, float] = {}
             one_run(config, scale * 0.1, {}, Path(tmp))  # warm-up: imports, data caches, first-call kernels
             for _ in range(args.rounds):
                 for variant, off in variants.items():
-                    seconds, loss = one_run(config, scale, off, Path(tmp), clock)
+                    seconds, loss = one_run(config, scale, off, Path(tmp), clock, OPT_IN.get(variant))
                     times[variant].append(seconds)
                     losses[variant] = loss
             base = statistics.median(times["all on"])
@@ -149,4 +157,5 @@ if __name__ == "__main__":
     parser.add_argument("--cpu-time", action="store_true", help="time CPU seconds of this process (less noisy "
                         "on a shared machine; the runs use one thread)")
     parser.add_argument("--scale", type=float, default=None, help="override each config's default scale")
+    parser.add_argument("--variants", nargs="+", help="run only these variants (and 'all on')")
     main_(parser.parse_args())

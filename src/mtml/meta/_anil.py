@@ -24,6 +24,7 @@ def anil(
     first_order: bool = False,
     checkpoint_inner: bool = False,
     zero_head: bool = False,
+    compiled: bool = False,
 ) -> MAML:
     """Almost No Inner Loop (Raghu et al., ICLR 2020): MAML adapting the head, meta-learning the trunk.
 
@@ -33,4 +34,5 @@ def anil(
     """
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_lr=test_inner_lr,
                 test_inner_steps=test_inner_steps, first_order=first_order, adapt="heads",
-                checkpoint_inner=checkpoint_inner, zero_head=zero_head)
+                checkpoint_inner=checkpoint_inner, zero_head=zero_head,
+                compiled=compiled)

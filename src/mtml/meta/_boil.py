@@ -22,6 +22,7 @@ def boil(
     test_inner_steps: int | None = None,
     first_order: bool = False,
     checkpoint_inner: bool = False,
+    compiled: bool = False,
 ) -> MAML:
     """Body Only update in Inner Loop (Oh et al., ICLR 2021): the head stays fixed while the trunk adapts.
 
@@ -31,4 +32,4 @@ def boil(
     """
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_lr=test_inner_lr,
                 test_inner_steps=test_inner_steps, first_order=first_order, adapt="trunk",
-                checkpoint_inner=checkpoint_inner)
+                checkpoint_inner=checkpoint_inner, compiled=compiled)

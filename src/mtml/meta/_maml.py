@@ -120,7 +120,9 @@ class MAML(MetaAlgorithm):
                               "inner loop, so it runs eagerly: drop `compiled`.")
         chain = linear_chain(model)
         if chain is None or not supports_gradients(chain):
-            kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+            containers = (nn.Sequential, nn.ModuleDict, nn.ModuleList)
+            kinds = sorted({type(m).__name__ for m in model.modules()
+                            if not list(m.children()) and not isinstance(m, containers)})
             raise ConfigError(f"`compiled` compiles the meta-gradient of an MLP chain (nn.Linear layers and ReLU, "
                               f"Tanh, Sigmoid, LeakyReLU or GELU), but this model is not one (its layers: "
                               f"{', '.join(kinds) or type(model).__name__}); drop `compiled` for it.")

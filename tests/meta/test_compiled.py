@@ -1,9 +1,10 @@
 """The compiled meta-gradient (``MAML(..., compiled=True)``, :mod:`mtml.meta._compiled`).
 
 Oracle: on float64 MLP chains the compiled meta-gradient equals the eager one (itself checked against autograd and
-float64 loops in test_oracle.py) for MAML, FOMAML, ANIL, BOIL, several steps, the zeroing trick, variable ways and
-frozen parameters — and each case asserts the compiled function computed it. Then: training through
-:func:`~mtml.meta.meta_step` follows the eager run, what it refuses, and the eager fallback when compiling fails.
+float64 loops in test_oracle.py) for MAML, FOMAML, ANIL, BOIL and Meta-SGD (with its rates' gradients), several
+steps, the zeroing trick, variable ways and frozen parameters — and each case asserts the compiled function
+computed it. Then: training through :func:`~mtml.meta.meta_step` follows the eager run, programs are shared by
+algorithms of one structure, what it refuses, and the eager fallback when compiling fails.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 import mtml.meta._compiled as compiled_module
 from mtml.errors import ConfigError
-from mtml.meta import ALGORITHMS, MAML, Episode, MetaSGD, meta_step, speed_paths
+from mtml.meta import ALGORITHMS, MAML, Episode, meta_step, speed_paths
 from mtml.tasks import Split
 
 from .conftest import make_episode, make_model
@@ -26,7 +27,7 @@ from .conftest import make_episode, make_model
 
 def _meta_gradient(algorithm: MAML, model: nn.Module, episode: Episode) -> tuple[float, list[torch.Tensor]]:
     out = algorithm.meta_objective(model, episode)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (*model.parameters(), *algorithm.parameters()) if p.requires_grad]  # Meta-SGD's rates
     grads = torch.autograd.grad(out.objective, params, allow_unused=True)  # a zeroed head gets none
     return float(out.objective.detach()), [torch.full_like(p, torch.nan) if g is None else g
                                            for p, g in zip(params, grads, strict=True)]
@@ -39,6 +40,8 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("anil", "mlp", "regression", {"inner_steps": 3}),
     ("maml", "multitask", "classification", {"zero_head": True, "adapt": "heads"}),
     ("boil", "multitask", "regression", {"inner_steps": 2}),
+    ("metasgd", "mlp", "regression", {"inner_steps": 2}),
+    ("metasgd", "multitask", "classification", {"zero_head": True}),
 ]
 
 
@@ -102,6 +105,28 @@ def test_meta_step_follows_the_eager_run_and_copies() -> None:
     assert algorithm.state_dict().keys() == MAML(make_model("mlp")).state_dict().keys()
 
 
+def test_algorithms_of_one_structure_share_one_program() -> None:
+    """A second algorithm (another inner rate, a fresh model of the same layers) reuses the first one's compiled
+    program without compiling again; programs of different structures compile separate code objects."""
+    from torch._dynamo.utils import counters
+
+    episode = make_episode("regression")
+    first = MAML(make_model("mlp"), inner_lr=0.3, compiled=True)
+    _meta_gradient(first, make_model("mlp"), episode)
+    graphs = counters["stats"]["unique_graphs"]
+    model = make_model("mlp", seed=5)
+    second = MAML(model, inner_lr=0.1, compiled=True)
+    _, got = _meta_gradient(second, model, episode)
+    _, want = _meta_gradient(MAML(model, inner_lr=0.1), model, episode)
+    assert first._compiled is not None and second._compiled is not None
+    assert second._compiled[1]._program is first._compiled[1]._program
+    assert second._compiled[1].calls == 1 and counters["stats"]["unique_graphs"] == graphs  # nothing compiled
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    names = {p.fn.__wrapped__.__code__.co_name for p in compiled_module._PROGRAMS.values()}  # type: ignore[attr-defined]
+    assert len(names) == len(compiled_module._PROGRAMS)  # each program its own code object (own Dynamo cache)
+
+
 def test_eager_where_the_compiled_path_does_not_apply() -> None:
     """Speed paths off, autocast, or evaluation (no grad): the eager path runs and gives the same objective."""
     model = make_model("mlp")
@@ -125,9 +150,9 @@ def test_refused_where_it_cannot_compile() -> None:
         MAML(make_model("mlp"), compiled=True, checkpoint_inner=True)
     with pytest.raises(ConfigError, match=r"`compiled` must be true or false. Got 'yes'"):
         MAML(make_model("mlp"), compiled="yes")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="compiled"):  # Meta-SGD changes the inner loop: not offered
-        ALGORITHMS.create("metasgd", make_model("mlp"), compiled=True)
-    assert "compiled" not in MetaSGD.__init__.__code__.co_varnames
+    for name in ("maml_pp", "proto_maml"):  # they change the inner loop: not offered
+        with pytest.raises(ConfigError, match="compiled"):
+            ALGORITHMS.create(name, make_model("mlp"), compiled=True)
 
 
 def test_a_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +162,7 @@ def test_a_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.Monke
         return call
 
     monkeypatch.setattr(compiled_module.torch, "compile", broken)
+    monkeypatch.setattr(compiled_module, "_PROGRAMS", {})  # a fresh program, built with the broken compiler
     model = make_model("mlp")
     episode = make_episode("regression")
     algorithm = MAML(model, inner_lr=0.3, compiled=True)

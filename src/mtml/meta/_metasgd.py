@@ -28,7 +28,8 @@ class MetaSGD(MAML):
     Args:
         model: the meta-learner, whose adapted parameters' shapes fix the rates' shapes.
         inner_lr: initial value of every rate.
-        inner_steps, test_inner_steps, first_order, adapt, checkpoint_inner, zero_head: as for :class:`~mtml.meta.MAML`.
+        inner_steps, test_inner_steps, first_order, adapt, checkpoint_inner, zero_head, compiled: as for
+            :class:`~mtml.meta.MAML`.
     """
 
     def __init__(
@@ -43,10 +44,11 @@ class MetaSGD(MAML):
         adapt: str | ParameterFilter = "all",
         checkpoint_inner: bool = False,
         zero_head: bool = False,
+        compiled: bool = False,
     ) -> None:
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                          first_order=first_order, adapt=adapt, checkpoint_inner=checkpoint_inner,
-                         zero_head=zero_head)
+                         zero_head=zero_head, compiled=compiled)
         params = dict(model.named_parameters())
         self.rates = nn.ParameterDict({
             _key(n): nn.Parameter(torch.full_like(params[n].detach(), self.inner_lr))

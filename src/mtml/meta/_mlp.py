@@ -50,6 +50,7 @@ class Activation:
 
     forward: Callable[[Tensor], Tensor]
     backward: Callable[[Tensor, Tensor, Tensor], Tensor] | None
+    kind: str = ""  # what it computes, e.g. "leaky_relu(0.1)": chains of one structure compare equal by it
 
 
 Layer = Linear | Activation
@@ -58,21 +59,23 @@ Layer = Linear | Activation
 def _activation(module: nn.Module) -> Activation | None:
     kind = type(module)
     if kind is nn.ReLU:
-        return Activation(torch.relu, lambda g, pre, post: _aten.threshold_backward(g, post, 0.0))
+        return Activation(torch.relu, lambda g, pre, post: _aten.threshold_backward(g, post, 0.0), "relu")
     if kind is nn.Tanh:
-        return Activation(torch.tanh, lambda g, pre, post: _aten.tanh_backward(g, post))
+        return Activation(torch.tanh, lambda g, pre, post: _aten.tanh_backward(g, post), "tanh")
     if kind is nn.Sigmoid:
-        return Activation(torch.sigmoid, lambda g, pre, post: _aten.sigmoid_backward(g, post))
+        return Activation(torch.sigmoid, lambda g, pre, post: _aten.sigmoid_backward(g, post), "sigmoid")
     if kind is nn.LeakyReLU:
         slope = float(getattr(module, "negative_slope", 0.01))
         return Activation(lambda x: F.leaky_relu(x, slope),
-                          lambda g, pre, post: _aten.leaky_relu_backward(g, pre, slope, False))
+                          lambda g, pre, post: _aten.leaky_relu_backward(g, pre, slope, False),
+                          f"leaky_relu({slope!r})")
     if kind is nn.GELU:
         approximate = str(getattr(module, "approximate", "none"))
         return Activation(lambda x: F.gelu(x, approximate=approximate),
-                          lambda g, pre, post: _aten.gelu_backward(g, pre, approximate=approximate))
+                          lambda g, pre, post: _aten.gelu_backward(g, pre, approximate=approximate),
+                          f"gelu({approximate})")
     if kind is nn.SiLU:  # silu_backward has no derivative of its own: autograd differentiates this chain
-        return Activation(F.silu, None)
+        return Activation(F.silu, None, "silu")
     return None
 
 

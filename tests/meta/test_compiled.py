@@ -176,3 +176,14 @@ def test_a_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.Monke
     for a, b, c in zip(got, again, want, strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
         torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+def test_a_second_derivative_through_the_compiled_gradient_is_refused() -> None:
+    """The compiled meta-gradient is handed to backward() as a constant: differentiating it again would give a
+    silently wrong (zero) Hessian, so autograd refuses it."""
+    model = make_model("mlp")
+    algorithm = MAML(model, inner_lr=0.3, compiled=True)
+    objective = algorithm.meta_objective(model, make_episode("regression")).objective
+    grads = torch.autograd.grad(objective, list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # once_differentiable: no graph
+        torch.autograd.grad(grads[0].sum(), list(model.parameters()))

@@ -12,7 +12,9 @@ clipping work as before.
 
 Opt-in (``MAML(..., compiled=True)``, also FOMAML, ANIL, BOIL and Meta-SGD; ``compiled: true`` in a config's
 algorithm options): compiling takes seconds (10–18 s for the sinusoid MLP on this project's CPU, about 2.5 s from
-torch's on-disk cache) and needs a C++ compiler; each new episode shape compiles again. If compiling fails the algorithm says so once and runs eagerly; the result is the same either way.
+torch's on-disk cache) and needs a C++ compiler; each new episode shape compiles again. If compiling fails the
+algorithm says so once and runs eagerly; the result is the same either way. The objective it returns is
+differentiable once (a second derivative through the compiled gradient is refused).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mtml.meta._episode import mean_task_loss, way_logits
 from mtml.meta._mlp import Layer, Linear, chain_forward, chain_gradients
@@ -40,6 +43,7 @@ class _GivenGradients(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @once_differentiable  # the compiled gradient is a constant here: a second derivative through it is refused
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.saved_tensors
         return (None, None, *(None for _ in grads), *(g * grad_out for g in grads))

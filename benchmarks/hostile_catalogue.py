@@ -109,6 +109,12 @@ def cases() -> list[Case]:
         Case("null option", train, {"c.yaml": SYNTH.replace("num_tasks: 3", "num_tasks: null")}, "refuse",
              "num_tasks"),
         Case("precision fp8", [*train, "--set", "training.precision=fp8"], synth, "refuse", "precision"),
+        Case("compiled on a model that is no MLP chain", [*train, "--set", "training.algorithm_options.compiled=true",
+                                                           "--set", "model.activation=silu"],
+             {"c.yaml": SINE}, "refuse", "compiled"),
+        Case("compiled: 1 (a number for a flag)", train,
+             {"c.yaml": SINE.replace("algorithm: maml,", "algorithm: maml, algorithm_options: {compiled: 1},")},
+             "refuse", "compiled"),
         # data accepted silently
         Case("table: misspelt kind", train, {"c.yaml": table_config("{y: {column: label, knd: regression}}")},
              "refuse", "kind", setup=write_csv),

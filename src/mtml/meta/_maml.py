@@ -235,7 +235,7 @@ class MAML(MetaAlgorithm):
 
     def backward_chunk(self, episode: Episode) -> int:
         """One task per backward pass on images (the task loop builds one graph per task anyway: freeing each
-        before the next holds a quarter to a fifth of the memory at 16 tasks, for 2–7 % more time than one backward,
+        before the next needs a fifth of the step's memory at 16 tasks, for 2–7 % more time than one backward,
         see docs/backbones.md); all tasks at once otherwise (switch: ``task_backward``)."""
         if episode.support.x.ndim == 5 and current_paths().task_loop and current_paths().task_backward:
             return 1

@@ -33,7 +33,8 @@ class SpeedPaths:
             they go through ``vmap(functional_call)``.
         task_backward: with the task loop, :func:`~mtml.meta.meta_step` back-propagates one task at a time
             (:meth:`~mtml.meta.MetaAlgorithm.backward_chunk`), as learn2learn's examples do; off, one backward
-            pass for the episode (2–7 % faster on Conv-4, 4–5× the peak memory at 16 tasks; docs/backbones.md).
+            pass for the episode (2–7 % faster on Conv-4; at 16 tasks 3–3.5× the peak resident memory, 4.6–5.1× the
+            step's own; docs/backbones.md).
         packed_rows: joint training draws the train rows of many tasks that have rows of their own (one task per
             school or store) as one pack and scores them with one trunk pass, one stacked head product and one
             segmented loss sum (:mod:`mtml.engine._packed`); off, each task's rows are drawn and scored on their own.

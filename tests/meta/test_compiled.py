@@ -187,3 +187,22 @@ def test_a_second_derivative_through_the_compiled_gradient_is_refused() -> None:
     grads = torch.autograd.grad(objective, list(model.parameters()), create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad"):  # once_differentiable: no graph
         torch.autograd.grad(grads[0].sum(), list(model.parameters()))
+
+
+def test_bad_shapes_raise_the_eager_error_and_keep_the_program() -> None:
+    """A query of the wrong width fails while tracing: no "could not compile" warning, no log noise, the eager
+    path's own error; the same algorithm then compiles a good episode."""
+    model = make_model("mlp")
+    algorithm = MAML(model, inner_lr=0.3, compiled=True)
+    good = make_episode("regression")
+    bad = Episode(good.support, Split(torch.randn(4, 6, 5, dtype=torch.float64), good.query.y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError) as compiled_error:
+            algorithm.meta_objective(model, bad)
+    with pytest.raises(RuntimeError) as eager_error:
+        MAML(model, inner_lr=0.3).meta_objective(model, bad)
+    assert str(compiled_error.value) == str(eager_error.value)
+    algorithm.meta_objective(model, good)
+    assert algorithm._compiled is not None and algorithm._compiled[1].calls == 1
+    assert algorithm._compiled[1].failed is None and algorithm._compiled[1]._program.failed is None

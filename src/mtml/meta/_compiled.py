@@ -19,6 +19,7 @@ differentiable once (a second derivative through the compiled gradient is refuse
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,12 +27,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import TorchRuntimeError
 from torch.autograd.function import once_differentiable
 
 from mtml.meta._episode import mean_task_loss, way_logits
 from mtml.meta._mlp import Layer, Linear, chain_forward, chain_gradients
 
 __all__ = ["CompiledMetaGradient"]
+
+_FAKE_LOG = logging.getLogger("torch._subclasses.fake_tensor")
 
 
 class _GivenGradients(torch.autograd.Function):
@@ -142,16 +146,22 @@ class CompiledMetaGradient:
         # a zeroed head never reaches the objective: like the eager path, it gets no gradient (not a zero one)
         meta = {n: p.detach() for n, p in params.items() if p.requires_grad and n not in self.zeroed}
         frozen = {n: p.detach() for n, p in params.items() if n not in meta}
+        quiet = _FAKE_LOG.disabled
+        _FAKE_LOG.disabled = True  # it logs a traced op's error (a shape mismatch) at length before raising it
         try:
             lr = torch.tensor(self.lr, dtype=xs.dtype, device=xs.device)
             learned = (meta, {n: r.detach() for n, r in rates.items()})
             grads, (value, pred) = self._program.fn(self._program.gradient, learned, frozen, lr, xs, ys, xq, yq)
+        except TorchRuntimeError:  # the computation itself fails (bad shapes): the eager path raises its own error
+            return None
         except Exception as error:  # no C++ compiler, an unsupported op or device: the eager path gives the same
             self.failed = self._program.failed = f"{type(error).__name__}: {_first_line(error)}"
             warnings.warn(f"mtml: `compiled: true` could not compile the meta-gradient ({self.failed[:300]}); "
                           "running the eager path, which computes the same result more slowly.",
                           RuntimeWarning, stacklevel=3)
             return None
+        finally:
+            _FAKE_LOG.disabled = quiet
         self.calls += 1
         meta_grads, rate_grads = grads
         given = [meta_grads[n] for n in meta] + [rate_grads[n] for n in rates]

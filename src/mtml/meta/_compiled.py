@@ -53,6 +53,11 @@ class _GivenGradients(torch.autograd.Function):
         return (None, None, *(None for _ in grads), *(g * grad_out for g in grads))
 
 
+def _warn_eager(why: str) -> None:
+    warnings.warn(f"mtml: `compiled: true` could not compile the meta-gradient ({why[:300]}); running the eager "
+                  "path, which computes the same result more slowly.", RuntimeWarning, stacklevel=4)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
@@ -139,9 +144,7 @@ class CompiledMetaGradient:
             return None
         if self._program.failed is not None:  # another algorithm of this structure could not compile it
             self.failed = self._program.failed
-            warnings.warn(f"mtml: `compiled: true` could not compile the meta-gradient ({self.failed[:300]}); "
-                          "running the eager path, which computes the same result more slowly.",
-                          RuntimeWarning, stacklevel=3)
+            _warn_eager(self.failed)
             return None
         # a zeroed head never reaches the objective: like the eager path, it gets no gradient (not a zero one)
         meta = {n: p.detach() for n, p in params.items() if p.requires_grad and n not in self.zeroed}
@@ -156,9 +159,7 @@ class CompiledMetaGradient:
             return None
         except Exception as error:  # no C++ compiler, an unsupported op or device: the eager path gives the same
             self.failed = self._program.failed = f"{type(error).__name__}: {_first_line(error)}"
-            warnings.warn(f"mtml: `compiled: true` could not compile the meta-gradient ({self.failed[:300]}); "
-                          "running the eager path, which computes the same result more slowly.",
-                          RuntimeWarning, stacklevel=3)
+            _warn_eager(self.failed)
             return None
         finally:
             _FAKE_LOG.disabled = quiet

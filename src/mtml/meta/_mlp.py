@@ -50,7 +50,7 @@ class Activation:
 
     forward: Callable[[Tensor], Tensor]
     backward: Callable[[Tensor, Tensor, Tensor], Tensor] | None
-    kind: str = ""  # what it computes, e.g. "leaky_relu(0.1)": chains of one structure compare equal by it
+    kind: str  # what it computes, e.g. "leaky_relu(0.1)": the compiled path shares one program per chain of kinds
 
 
 Layer = Linear | Activation

@@ -329,3 +329,20 @@ def test_table_with_missing_targets_trains_masked_tasks_and_refuses_an_empty_one
     proc = mtml("train", write_config(tmp_path / "empty.yaml", empty), "--out", tmp_path / "o", "--quiet")
     assert_clean_failure(proc, "nothing", "empty")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_mtml_warning_is_one_line_and_the_run_goes_on(tmp_path: Path) -> None:
+    """bf16 on a CPU without bfloat16 arithmetic (an AVX2-only /proc/cpuinfo stands in for one): the command
+    line shows mtml's warning as one `warning:` line, without Python's file name, category and source line."""
+    config = write_config(tmp_path / "c.yaml", {**SMALL, "training": {**SMALL["training"], "precision": "bf16"}})
+    code = ("import sys, mtml.engine._precision as p; p._cpuinfo = lambda: 'flags : fpu sse2 avx2'; "
+            "from mtml.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(config), "--out", str(tmp_path / "run"),
+                           "--quiet"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("warning: training.precision: bf16 on this CPU is emulated: it has no bf16 "
+                               "arithmetic"), proc.stderr
+    assert lines[0].endswith("; use fp32."), proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 30

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+import mtml.engine._precision as precision_module
 import mtml.engine._trainer as trainer
 import mtml.workflows._meta as meta_workflow
 from mtml.config import Config
@@ -51,6 +53,47 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused_naming_the_gpu(monkeypatch: p
     check_precision("fp16", "cuda")  # float16 runs on that GPU
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     check_precision("bf16", "cuda")
+
+
+X86_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+X86_SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16\n"
+X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
+ARM_V1 = "processor\t: 0\nFeatures\t: fp asimd fphp asimdhp sve bf16 i8mm\n"  # Neoverse V1
+ARM_A72 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
+
+
+@pytest.mark.parametrize(("cpuinfo", "bf16", "fp16"), [
+    (X86_ZEN4, True, False), (X86_SAPPHIRE, True, True), (X86_AVX2, False, False), (ARM_V1, True, True),
+    (ARM_A72, False, False), ("", None, None),
+])
+def test_native_arithmetic_is_read_off_the_cpu_flags(cpuinfo: str, bf16: bool | None, fp16: bool | None) -> None:
+    assert precision_module.cpu_flags_say("bf16", cpuinfo) is bf16
+    assert precision_module.cpu_flags_say("fp16", cpuinfo) is fp16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_precision_emulated_on_this_cpu_warns_once_and_runs(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    """An emulated format computes the same as a native one, several times slower than fp32: a warning, not a
+    refusal (a config made on one machine still runs on another)."""
+    precision_module._warn_emulated.cache_clear()
+    monkeypatch.setattr(precision_module, "_cpuinfo", lambda: X86_AVX2)
+    with pytest.warns(RuntimeWarning, match=rf"{precision} on this CPU is emulated: it has no {precision} "
+                                            rf"arithmetic .* torch's CPU capability is \w+\), so {precision} runs "
+                                            r"several times slower than fp32 here .*; use fp32\.$"):
+        check_precision(precision, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision(precision, "cpu")  # once per process: autocast() checks at every step
+        with autocast(precision, "cpu"):
+            pass
+        check_precision("fp32", "cpu")
+    precision_module._warn_emulated.cache_clear()
+    for cpuinfo in (X86_SAPPHIRE, ""):  # native, or the system does not say: nothing to warn of
+        monkeypatch.setattr(precision_module, "_cpuinfo", lambda cpuinfo=cpuinfo: cpuinfo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_precision(precision, "cpu")
+    precision_module._warn_emulated.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "graddrop"])

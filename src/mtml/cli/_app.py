@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -49,11 +51,29 @@ def _on_late_sigterm(signum: int, frame: object) -> None:
     os._exit(TERMINATED)
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])  # src/mtml: warnings raised in mtml's own code
+_show_other_warning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """mtml's own warnings as one line, ``warning: ...`` (rank 0 only under torchrun / ``--nproc``, like its
+    results), without Python's file name and source line; other libraries' warnings as Python shows them."""
+    if not str(Path(filename).resolve()).startswith(_PACKAGE):
+        _show_other_warning(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+        return
+    if prints():
+        text = str(message).removeprefix("mtml: ")
+        err_console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app on ``argv`` (default: the command line's arguments), turning mtml's errors
-    into one-line messages without a traceback. SIGTERM is handled like Ctrl-C (exit status 143)."""
+    into one-line messages without a traceback and its warnings into one-line ``warning:`` messages. SIGTERM is
+    handled like Ctrl-C (exit status 143)."""
     from mtml._allocator import keep_freed_memory
 
+    warnings.showwarning = _show_warning
     keep_freed_memory()  # freed activations stay in the heap for the next step (MTML_MALLOC=default: glibc's)
     handles = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
         signal.SIG_DFL, None)

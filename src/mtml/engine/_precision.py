@@ -25,7 +25,10 @@ of ``tests/engine/test_precision.py`` measure.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -54,8 +57,49 @@ def check_precision(precision: str, device: torch.device | str, weighting: nn.Mo
         raise ConfigError(f"training.precision: bf16 needs a GPU with bfloat16 arithmetic (compute capability 8.0, "
                           f"Ampere, or newer), and {torch.cuda.get_device_name(device)} has none; use fp16 (with "
                           "its gradient scaler) or fp32.")
+    if device.type == "cpu" and cpu_arithmetic(precision) is False:
+        _warn_emulated(precision)
     if precision == "fp16" and weighting is not None:
         check_scalable(weighting)
+
+
+# /proc/cpuinfo flags of native arithmetic: x86 AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16; Arm FEAT_BF16,
+# half-precision SIMD
+_NATIVE_FLAGS = {"bf16": frozenset({"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}),
+                 "fp16": frozenset({"avx512_fp16", "amx_fp16", "asimdhp", "fphp"})}
+_FEATURES = {"bf16": "AVX512-BF16, AMX-BF16 or Arm BF16", "fp16": "AVX512-FP16, AMX-FP16 or Arm FP16"}
+
+
+def cpu_flags_say(precision: str, cpuinfo: str) -> bool | None:
+    """Whether a ``/proc/cpuinfo`` text names native arithmetic for ``precision`` (``None``: it lists no flags)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & _NATIVE_FLAGS[precision]) if flags else None
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_arithmetic(precision: str) -> bool | None:
+    """Whether this CPU computes in ``precision`` (``bf16``/``fp16``) natively; ``None`` where the system does
+    not say (no ``/proc/cpuinfo``). Without it torch emulates the format through float32, several times slower."""
+    return cpu_flags_say(precision, _cpuinfo())
+
+
+@functools.cache  # once per process and precision: autocast() checks its precision at every step
+def _warn_emulated(precision: str) -> None:
+    warnings.warn(f"mtml: training.precision: {precision} on this CPU is emulated: it has no {precision} "
+                  f"arithmetic (no {_FEATURES[precision]} in /proc/cpuinfo; torch's CPU capability is "
+                  f"{torch.backends.cpu.get_cpu_capability()}), so {precision} runs several times slower than fp32 "
+                  "here (docs/training.md, Mixed precision); use fp32.", RuntimeWarning, stacklevel=3)
 
 
 def _cuda_bf16(device: torch.device) -> bool:

@@ -19,7 +19,8 @@ K-shot episodes, for several meta-batch sizes. Implementations:
 All start from the same weights and see the same episodes; they run in interleaved rounds (so machine load hits
 all alike) and the median ms per meta-step is printed with each one's speed relative to learn2learn
 (``l2l ms / ms``). Before timing, each implementation's meta-gradient on the first episode is compared with
-learn2learn's (largest entry-wise difference relative to the largest gradient entry).
+learn2learn's (largest entry-wise difference relative to the largest gradient entry) and with learn2learn's in
+float64 (``vs float64``: the oracle, below both libraries' float32 rounding).
 
     bash benchmarks/setup_peers.sh
     build/venv-bench/bin/python benchmarks/conv_maml.py --tasks 4 16 --ways 5 20
@@ -186,18 +187,26 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     trunk = build_backbone(args.backbone, (1, 28, 28), options)
     base = MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), ways)})
     ep = episode(tasks, ways, args.shots, args.query, torch.Generator().manual_seed(tasks * 100 + ways))
-    engines = ENGINES
+    engines = {name: ENGINES[name] for name in args.engines}
     reference = (l2l_gradient(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])), args, ep)
                  if args.algorithm in ("maml", "fomaml") else None)  # learn2learn's MAML class: MAML and FOMAML
-    gaps = {}
+    gaps, gaps64 = {}, {}
     if reference is not None:
+        textbook64 = nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])).double()
+        ep64 = Episode(Split(ep.support.x.double(), ep.support.y), Split(ep.query.x.double(), ep.query.y), ways=ways)
+        reference64 = l2l_gradient(textbook64, args, ep64)  # the float64 oracle: both libraries' rounding below it
+        assert reference64 is not None
+        gaps64["learn2learn"] = relative_gap([g.double() for g in reference], reference64)
         for name, (off, precision) in engines.items():
-            gaps[name] = relative_gap(mtml_gradient(copy.deepcopy(base), args, off, precision, ep), reference)
+            grad = mtml_gradient(copy.deepcopy(base), args, off, precision, ep)
+            gaps[name] = relative_gap(grad, reference)
+            gaps64[name] = relative_gap([g.double() for g in grad], reference64)
     steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off, precision)
                               for name, (off, precision) in engines.items()}
-    if reference is not None:
+    if reference is not None and "learn2learn" in args.peers:
         steps["learn2learn"] = build_l2l(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])),
                                          args)
+    if reference is not None and "l2l + mtml Conv4" in args.peers:
         steps["l2l + mtml Conv4"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
                                                             copy.deepcopy(base.heads["task"])), args)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -211,11 +220,12 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     print(f"\n{args.algorithm}, {args.backbone}, {ways}-way {args.shots}-shot, {args.query} query/class, "
           f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median {args.clock} time of "
           f"{args.rounds}x{args.iterations} meta-steps")
-    print(f"{'implementation':<18} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16}")
+    print(f"{'implementation':<18} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16} {'vs float64':>11}")
     for name, ms in medians.items():
         ratio = f"{base_ms / ms:11.2f}x" if base_ms else f"{'-':>12}"
         gap = f"{gaps[name]:16.1e}" if name in gaps else f"{'-':>16}"
-        print(f"{name:<18} {ms:9.1f} {ratio} {gap}", flush=True)
+        gap64 = f"{gaps64[name]:11.1e}" if name in gaps64 else f"{'-':>11}"
+        print(f"{name:<18} {ms:9.1f} {ratio} {gap} {gap64}", flush=True)
 
 
 def main() -> None:
@@ -230,6 +240,10 @@ def main() -> None:
     parser.add_argument("--algorithm", default="maml", choices=["maml", "fomaml", "anil"])
     parser.add_argument("--backbone", default="conv4", choices=["conv4", "resnet12"])
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
+                        help="mtml's implementations to time (default: all)")
+    parser.add_argument("--peers", nargs="*", choices=["learn2learn", "l2l + mtml Conv4"],
+                        default=["learn2learn", "l2l + mtml Conv4"], help="learn2learn rows to time (default: both)")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

@@ -14,7 +14,9 @@ K-shot episodes, for several meta-batch sizes. Implementations:
   nn.MaxPool2d`` blocks (ResNet-12: ``pool(act(main + shortcut))``), same weights, default (NCHW) memory format;
 - ``l2l + mtml Conv4``: learn2learn on mtml's own module (:class:`mtml.nn.Conv4` / ``ResNet12``, which run
   channels-last with a matmul first layer and the pool before the ReLU; see ``mtml.nn._conv``), so the table
-  shows how much of mtml's speed is the module's and how much the engine's.
+  shows how much of mtml's speed is the module's and how much the engine's;
+- ``higher``: ``higher.innerloop_ctx`` with a differentiable SGD per task, one ``backward()`` per task, on the
+  textbook module (second-order MAML only).
 
 All start from the same weights and see the same episodes; they run in interleaved rounds (so machine load hits
 all alike) and the median ms per meta-step is printed with each one's speed relative to learn2learn
@@ -24,6 +26,7 @@ float64 (``vs float64``: the oracle, below both libraries' float32 rounding).
 
     bash benchmarks/setup_peers.sh
     build/venv-bench/bin/python benchmarks/conv_maml.py --tasks 4 16 --ways 5 20
+    build/venv-bench/bin/python benchmarks/conv_maml.py --tasks 32 --peers learn2learn higher   # meta-batch 32
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ ENGINES: dict[str, tuple[dict[str, bool], str]] = {
     "mtml loop": ({}, "fp32"), "mtml loop bf16": ({}, "bf16"), "mtml one backward": ({"task_backward": False}, "fp32"),
     "mtml vmap": ({"task_loop": False}, "fp32"),
 }
+PEERS = ["learn2learn", "l2l + mtml Conv4", "higher"]
 
 
 class TextbookResidual(nn.Module):
@@ -167,6 +171,48 @@ def l2l_gradient(model: nn.Module, args: argparse.Namespace, ep: Episode) -> lis
     return list(torch.autograd.grad(total, list(model.parameters())))
 
 
+def higher_losses(model: nn.Module, ep: Episode, args: argparse.Namespace) -> Callable[[int], Tensor]:
+    """higher's way: a functional copy of the model per task, adapted by a differentiable SGD (second-order MAML)."""
+    higher = importlib.import_module("higher")
+    inner = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
+
+    def task(t: int) -> Tensor:
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(args.steps):
+                diffopt.step(F.cross_entropy(fmodel(ep.support.x[t]), ep.support.y[t]))
+            return F.cross_entropy(fmodel(ep.query.x[t]), ep.query.y[t]) / ep.num_tasks
+
+    return task
+
+
+def build_higher(model: nn.Module, args: argparse.Namespace) -> Step:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(ep: Episode) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task = higher_losses(model, ep, args)
+        for t in range(ep.num_tasks):
+            task(t).backward()
+        optimizer.step()
+
+    return step
+
+
+def higher_gradient(model: nn.Module, args: argparse.Namespace, ep: Episode) -> list[Tensor] | None:
+    try:
+        importlib.import_module("higher")
+    except ImportError:
+        return None
+    params = list(model.parameters())
+    grads = [torch.zeros_like(p) for p in params]
+    task = higher_losses(model, ep, args)
+    for t in range(ep.num_tasks):  # one task at a time, as higher's users do (its graph is per task)
+        for g, d in zip(grads, torch.autograd.grad(task(t), params, allow_unused=True), strict=True):
+            if d is not None:
+                g += d
+    return grads
+
+
 def relative_gap(a: list[Tensor], b: list[Tensor]) -> float:
     scale = max(float(g.abs().max()) for g in b)
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) / scale
@@ -201,6 +247,12 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
             grad = mtml_gradient(copy.deepcopy(base), args, off, precision, ep)
             gaps[name] = relative_gap(grad, reference)
             gaps64[name] = relative_gap([g.double() for g in grad], reference64)
+        if "higher" in args.peers and args.algorithm == "maml":  # higher's differentiable optimiser: second order
+            higher_grad = higher_gradient(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])),
+                                          args, ep)
+            if higher_grad is not None:
+                gaps["higher"] = relative_gap(higher_grad, reference)
+                gaps64["higher"] = relative_gap([g.double() for g in higher_grad], reference64)
     steps: dict[str, Step] = {name: build_mtml(copy.deepcopy(base), args, off, precision)
                               for name, (off, precision) in engines.items()}
     if reference is not None and "learn2learn" in args.peers:
@@ -209,6 +261,8 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     if reference is not None and "l2l + mtml Conv4" in args.peers:
         steps["l2l + mtml Conv4"] = build_l2l(nn.Sequential(copy.deepcopy(base.trunk),
                                                             copy.deepcopy(base.heads["task"])), args)
+    if reference is not None and "higher" in args.peers and "higher" in gaps:
+        steps["higher"] = build_higher(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])), args)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step(ep)  # warm-up
@@ -242,8 +296,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
                         help="mtml's implementations to time (default: all)")
-    parser.add_argument("--peers", nargs="*", choices=["learn2learn", "l2l + mtml Conv4"],
-                        default=["learn2learn", "l2l + mtml Conv4"], help="learn2learn rows to time (default: both)")
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=PEERS,
+                        help="peer rows to time (default: all; a peer not installed is left out)")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

@@ -23,8 +23,12 @@ sysdata:
 demo: $(STAMP)
 	$(BIN)/mtml demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; `auto`: one per core), each test file on one worker
+# (--dist loadfile: a file's tests share module state and fixtures as they do in one process).
+TEST_WORKERS ?= auto
+
 test: $(STAMP) sysdata
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 	$(MAKE) --no-print-directory lint
 
 test-fast: $(STAMP) sysdata

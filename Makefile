@@ -32,7 +32,7 @@ test: $(STAMP) sysdata
 	$(MAKE) --no-print-directory lint
 
 test-fast: $(STAMP) sysdata
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

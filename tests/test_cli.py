@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -212,6 +213,24 @@ def _processes_with(tag: str) -> list[int]:
     return found
 
 
+def _terminal_sigint() -> None:
+    """In the child, before exec: SIGINT as a terminal's foreground process has it. A shell without job control
+    starts background jobs (``pytest ... &`` in a script, some CI runners) with SIGINT ignored, children inherit
+    that, and Python then installs no Ctrl-C handler: the test's SIGINT would be dropped and the run go on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _end(proc: subprocess.Popen[str], tag: str | None = None) -> None:
+    """Kill ``proc`` (and every process carrying ``tag``) if a failed test left it running: these runs are set to
+    100 000 steps and would hold a core for the rest of the suite."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=30)
+    for pid in _processes_with(tag) if tag else []:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, nproc: int) -> None:
@@ -221,15 +240,18 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, np
     out, tag = tmp_path / "run", f"MTML_TEST_TAG={os.getpid()}-{nproc}-{time.monotonic_ns()}"
     proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet",
                              "--nproc", str(nproc)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, tag.split("=")[0]: tag.split("=")[1]})
-    deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-    while not list((out / "checkpoints").glob("step-*.safetensors")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    assert len(_processes_with(tag)) == 1 + (nproc if nproc > 1 else 0)  # the launcher and its ranks
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                            env={**ENV, tag.split("=")[0]: tag.split("=")[1]}, preexec_fn=_terminal_sigint)
+    try:
+        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
+        while not list((out / "checkpoints").glob("step-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        assert len(_processes_with(tag)) == 1 + (nproc if nproc > 1 else 0)  # the launcher and its ranks
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _end(proc, tag)
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert err.count("interrupted") == 1 and "mtml train --resume" in err, err
@@ -245,26 +267,32 @@ def test_sigterm_stops_like_ctrl_c_marks_the_run_interrupted_and_resumes(tmp_pat
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-    while not list((out / "checkpoints").glob("step-*.safetensors")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
+        while not list((out / "checkpoints").glob("step-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _end(proc)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and err.count("terminated") == 1 and "mtml train --resume" in err, err
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     resumed = subprocess.Popen([sys.executable, "-m", "mtml", "train", "--resume", str(out), "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-    while '"resume"' not in (out / "metrics.jsonl").read_text():
-        assert resumed.poll() is None, resumed.communicate()
-        assert time.monotonic() < deadline, "the resumed run did not start"
-        time.sleep(0.02)
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
-    resumed.send_signal(signal.SIGTERM)
-    _, err = resumed.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
+        while '"resume"' not in (out / "metrics.jsonl").read_text():
+            assert resumed.poll() is None, resumed.communicate()
+            assert time.monotonic() < deadline, "the resumed run did not start"
+            time.sleep(0.02)
+        assert json.loads((out / "run.json").read_text())["status"] == "running"
+        resumed.send_signal(signal.SIGTERM)
+        _, err = resumed.communicate(timeout=60)
+    finally:
+        _end(resumed)
     assert resumed.returncode == 143 and "Traceback" not in err, err
 
 
@@ -276,17 +304,21 @@ def test_ranks_end_when_the_launcher_is_killed(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet",
                              "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**ENV, "MTML_TEST_TAG": tag, "MTML_LAUNCH": "fork"})
-    deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-    while not (out / "metrics.jsonl").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.02)
-    assert len(_processes_with(tag)) == 3
-    proc.kill()  # SIGKILL: the launcher cannot pass anything on
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while _processes_with(tag) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _processes_with(tag) == []  # no orphaned rank keeps training
+    try:
+        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
+        while not (out / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.02)
+        assert len(_processes_with(tag)) == 3
+        proc.kill()  # SIGKILL: the launcher cannot pass anything on
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _processes_with(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _processes_with(tag)
+    finally:
+        _end(proc, tag)
+    assert left == []  # no orphaned rank keeps training
 
 
 def test_demo_quick(tmp_path: Path) -> None:

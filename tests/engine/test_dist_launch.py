@@ -27,7 +27,11 @@ def test_launch_method_follows_the_environment(monkeypatch: pytest.MonkeyPatch) 
     if not sys.platform.startswith("linux"):
         assert launch_method() == "spawn"
         return
-    assert launch_method() == "fork"
+    # one thread: fork; pytest-xdist's worker runs threads of its own, so there the rule already says spawn
+    assert launch_method() == ("fork" if threading.active_count() == 1 else "spawn")
+    with monkeypatch.context() as single:
+        single.setattr(threading, "active_count", lambda: 1)
+        assert launch_method() == "fork"
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait)
     helper.start()
@@ -85,6 +89,10 @@ def _record(args: list[str]) -> None:
 def test_launch_forks_ranks_with_torchrun_environment(tmp_path: Path, method: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTML_LAUNCH", method)
+    if method == "auto" and threading.active_count() > 1:
+        # under pytest-xdist, whose worker threads would make auto spawn: let it see a single-threaded launcher
+        # (those threads hold no lock a forked rank needs; the "fork" case forks beside them too)
+        monkeypatch.setattr(threading, "active_count", lambda: 1)
     launch([str(tmp_path)], 3, run_dir=tmp_path, entry=_record)
     seen = {p.name: p.read_text().split() for p in tmp_path.iterdir()}
     assert sorted(seen) == ["rank0", "rank1", "rank2"]

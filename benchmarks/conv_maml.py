@@ -148,11 +148,16 @@ def l2l_losses(maml: nn.Module, ep: Episode, steps: int) -> Callable[[int], Tens
 def build_l2l(model: nn.Module, args: argparse.Namespace) -> Step:
     l2l = importlib.import_module("learn2learn")
     maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=args.algorithm == "fomaml")
-    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    return per_task_step(maml, lambda ep: l2l_losses(maml, ep, args.steps))
+
+
+def per_task_step(model: nn.Module, losses: Callable[[Episode], Callable[[int], Tensor]]) -> Step:
+    """A peer's meta-step as its users write it: one ``backward()`` per task's query loss, then Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(ep: Episode) -> None:
         optimizer.zero_grad(set_to_none=True)
-        task = l2l_losses(maml, ep, args.steps)
+        task = losses(ep)
         for t in range(ep.num_tasks):
             task(t).backward()
         optimizer.step()
@@ -186,16 +191,7 @@ def higher_losses(model: nn.Module, ep: Episode, args: argparse.Namespace) -> Ca
 
 
 def build_higher(model: nn.Module, args: argparse.Namespace) -> Step:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(ep: Episode) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        task = higher_losses(model, ep, args)
-        for t in range(ep.num_tasks):
-            task(t).backward()
-        optimizer.step()
-
-    return step
+    return per_task_step(model, lambda ep: higher_losses(model, ep, args))
 
 
 def higher_gradient(model: nn.Module, args: argparse.Namespace, ep: Episode) -> list[Tensor] | None:

@@ -168,6 +168,16 @@ def test_bad_input_fails_cleanly(trained: Path, tmp_path: Path) -> None:
         assert not (tmp_path / f"o{i}").exists(), i
 
 
+def _wait_for_a_checkpoint(proc: subprocess.Popen[str], out: Path) -> None:
+    """Until the run in ``out`` has written a checkpoint (failing if ``proc`` ends first, or after 180 s: process
+    start, torch import and 10 steps on a slow, busy host)."""
+    deadline = time.monotonic() + 180
+    while not list((out / "checkpoints").glob("step-*.safetensors")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
 def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
     data = {**SMALL, "data": {**SMALL["data"], "options": {**SMALL["data"]["options"], "num_tasks": 8}},
             "training": {**SMALL["training"], "max_steps": 600, "eval_every": 50, "checkpoint_every": 10,
@@ -175,12 +185,8 @@ def test_sigkill_then_resume_finishes(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "long.yaml", data)
     out = tmp_path / "run"
     proc = start("train", cfg, "--out", out, "--quiet")
-    deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
     try:
-        while not list((out / "checkpoints").glob("step-*.safetensors")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
+        _wait_for_a_checkpoint(proc, out)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -242,11 +248,7 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(tmp_path: Path, np
                              "--nproc", str(nproc)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**ENV, tag.split("=")[0]: tag.split("=")[1]}, preexec_fn=_terminal_sigint)
     try:
-        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-        while not list((out / "checkpoints").glob("step-*.safetensors")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
+        _wait_for_a_checkpoint(proc, out)
         assert len(_processes_with(tag)) == 1 + (nproc if nproc > 1 else 0)  # the launcher and its ranks
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -268,11 +270,7 @@ def test_sigterm_stops_like_ctrl_c_marks_the_run_interrupted_and_resumes(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "mtml", "train", str(cfg), "--out", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.monotonic() + 180  # process start, torch import and 10 steps on a slow, busy host
-        while not list((out / "checkpoints").glob("step-*.safetensors")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
+        _wait_for_a_checkpoint(proc, out)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

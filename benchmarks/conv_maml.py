@@ -108,9 +108,10 @@ def textbook(module: nn.Module) -> nn.Module:
     return nn.Sequential(*(plain(c) for c in copy_.children()))  # Conv-4: its blocks and the Flatten
 
 
-def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Generator) -> Episode:
-    xs = torch.randn(tasks, ways * shots, 1, 28, 28, generator=generator)
-    xq = torch.randn(tasks, ways * query, 1, 28, 28, generator=generator)
+def episode(tasks: int, ways: int, shots: int, query: int, generator: torch.Generator,
+            image: tuple[int, int, int] = (1, 28, 28)) -> Episode:
+    xs = torch.randn(tasks, ways * shots, *image, generator=generator)
+    xq = torch.randn(tasks, ways * query, *image, generator=generator)
     ys = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
     yq = torch.arange(ways).repeat_interleave(query).repeat(tasks, 1)
     return Episode(Split(xs, ys), Split(xq, yq), ways=ways)
@@ -225,10 +226,11 @@ def timed(step: Step, ep: Episode, iterations: int, clock: Callable[[], float]) 
 
 def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
     torch.manual_seed(0)
-    options = {"width": args.width, "norm": "group"} if args.backbone == "conv4" else {}
-    trunk = build_backbone(args.backbone, (1, 28, 28), options)
+    options = {"width": args.width, "norm": "group", "groups": args.groups}
+    trunk = build_backbone(args.backbone, tuple(args.image), options)
     base = MultiTaskModel(trunk, {"task": nn.Linear(feature_dim(trunk), ways)})
-    ep = episode(tasks, ways, args.shots, args.query, torch.Generator().manual_seed(tasks * 100 + ways))
+    ep = episode(tasks, ways, args.shots, args.query, torch.Generator().manual_seed(tasks * 100 + ways),
+                 tuple(args.image))
     engines = {name: ENGINES[name] for name in args.engines}
     reference = (l2l_gradient(nn.Sequential(textbook(base.trunk), copy.deepcopy(base.heads["task"])), args, ep)
                  if args.algorithm in ("maml", "fomaml") else None)  # learn2learn's MAML class: MAML and FOMAML
@@ -267,7 +269,8 @@ def run(args: argparse.Namespace, tasks: int, ways: int) -> None:
             times[name] += timed(step, ep, args.iterations, CLOCKS[args.clock])
     medians = {name: statistics.median(t) for name, t in times.items()}
     base_ms = medians.get("learn2learn")
-    print(f"\n{args.algorithm}, {args.backbone}, {ways}-way {args.shots}-shot, {args.query} query/class, "
+    print(f"\n{args.algorithm}, {args.backbone} width {args.width} on {'x'.join(map(str, args.image))}, "
+          f"{ways}-way {args.shots}-shot, {args.query} query/class, "
           f"{tasks} tasks, {args.steps} inner step(s), {args.threads} thread(s); median {args.clock} time of "
           f"{args.rounds}x{args.iterations} meta-steps")
     print(f"{'implementation':<18} {'ms/step':>9} {'l2l ms / ms':>12} {'grad gap vs l2l':>16} {'vs float64':>11}")
@@ -289,7 +292,12 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--algorithm", default="maml", choices=["maml", "fomaml", "anil"])
     parser.add_argument("--backbone", default="conv4", choices=["conv4", "resnet12"])
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64,
+                        help="channels of every conv (Conv-4) or of the first stage (ResNet-12: 16 gives "
+                             "16-40-80-160, affordable on a CPU)")
+    parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (must divide every width)")
+    parser.add_argument("--image", type=int, nargs=3, default=[1, 28, 28], metavar=("C", "H", "W"),
+                        help="one example's shape (default 1 28 28, the glyphs; 3 84 84 is miniImageNet's)")
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
                         help="mtml's implementations to time (default: all)")
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=PEERS,

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtml.nn import build_backbone, feature_dim
-from mtml.nn._conv import ConvBlock, GroupNorm, ResidualBlock, StemConv2d, conv_as_matmul
+from mtml.nn._conv import (
+    ConvBlock,
+    GroupNorm,
+    ResidualBlock,
+    StemConv2d,
+    channels_last_group_norm_pays,
+    conv_as_matmul,
+    stem_pays,
+)
 
 torch.set_num_threads(1)
 
@@ -67,6 +75,7 @@ def textbook(model: nn.Module) -> nn.Module:
 
 
 CASES = [("conv4", (1, 28, 28), {"width": 16, "groups": 4}), ("conv4", (3, 32, 32), {"width": 16, "groups": 4}),
+         ("conv4", (1, 28, 28), {"width": 32, "groups": 8}), ("conv4", (3, 32, 32), {"width": 16, "groups": 8}),
          ("conv4", (1, 28, 28), {"width": 8, "norm": "none"}), ("conv4", (3, 32, 32), {"width": 8, "norm": "layer"}),
          ("resnet12", (3, 32, 32), {"width": 8, "groups": 4}), ("resnet12", (1, 28, 28), {"width": 8, "groups": 4})]
 
@@ -90,14 +99,24 @@ def test_fast_cpu_execution_equals_the_textbook_module(name: str, shape: tuple[i
     assert not any(isinstance(m, StemConv2d | ConvBlock | GroupNorm) for m in twin.modules())
     x = torch.randn(6, *shape, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    layouts: list[bool] = []  # the fast path ran: every convolution wrote channels-last activations
+    # the paths the rules choose ran: the network is channels-last from the first conv on when its input has
+    # several channels (made channels-last, conv2d keeps it) or its one-channel first conv is a matmul
+    first = next(m for m in model.modules() if isinstance(m, StemConv2d))
+    last = shape[0] > 1 or stem_pays(first.in_channels, first.out_channels, first.weight[0].numel())
+    layouts: list[bool] = []
     convs = [m for m in model.modules() if isinstance(m, StemConv2d)]
     hooks = [c.register_forward_hook(lambda m, i, o: layouts.append(
         o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())) for c in convs]
+    kernels: list[tuple[bool, bool]] = []  # (channels-last kernel expected, ran)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    hooks += [n.register_forward_hook(lambda m, i, o: kernels.append(
+        (last and channels_last_group_norm_pays(m.num_channels // m.num_groups, torch.float64),
+         type(o.grad_fn).__name__ == "_ChannelsLastGroupNormBackward"))) for n in norms]
     out = model(x)
     for h in hooks:
         h.remove()
-    assert layouts and all(layouts), layouts
+    assert layouts == [last] * len(convs), layouts
+    assert len(kernels) == len(norms) and all(want == ran for want, ran in kernels), kernels
     assert out.is_contiguous()  # features come back in the usual layout
     torch.testing.assert_close(out, twin(x), rtol=0, atol=1e-12)
     head = nn.Linear(feature_dim(model), 3).double()
@@ -106,7 +125,7 @@ def test_fast_cpu_execution_equals_the_textbook_module(name: str, shape: tuple[i
 
 
 def test_activations_are_channels_last_and_the_first_layer_is_a_matmul() -> None:
-    model = build_backbone("conv4", (1, 28, 28), {"width": 16, "groups": 4})
+    model = build_backbone("conv4", (1, 28, 28), {"width": 32, "groups": 4})
     seen: dict[str, Tensor] = {}
     blocks = list(model.children())
     stem, conv2 = blocks[0][0], blocks[1][0]  # type: ignore[index]
@@ -125,9 +144,40 @@ def test_activations_are_channels_last_and_the_first_layer_is_a_matmul() -> None
         model(torch.randn(2, 1, 28, 28))
     finally:
         conv_as_matmul.__globals__["F"].unfold = real
-    assert calls == [1]  # the first layer only: 64 input channels · 9 > 32
+    assert calls == [1]  # the first layer only: 32 input channels · 9 > 32
     for key in ("stem", "conv2"):
         assert seen[key].is_contiguous(memory_format=torch.channels_last) and not seen[key].is_contiguous()
+
+
+def test_the_layout_rules_follow_the_measured_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert stem_pays(1, 32, 9) and stem_pays(1, 64, 1) and not stem_pays(1, 16, 9)
+    assert not stem_pays(3, 64, 27) and not stem_pays(1, 64, 49)  # three channels: conv2d; a 7×7 patch: conv2d
+    for capability, least32 in (("AVX2", 8), ("AVX512", 4), ("DEFAULT", 8)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert [channels_last_group_norm_pays(d, torch.float32) for d in (least32 - 1, least32)] == [False, True]
+        assert [channels_last_group_norm_pays(d, torch.float64) for d in (3, 4)] == [False, True]
+        assert not channels_last_group_norm_pays(64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("groups", [8, 2])
+def test_group_norm_with_few_channels_per_group_normalises_a_default_layout_copy(groups: int) -> None:
+    torch.manual_seed(0)
+    norm = GroupNorm(groups, 16).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = norm(x)
+    kernel = type(y.grad_fn).__name__ == "_ChannelsLastGroupNormBackward"
+    assert kernel == channels_last_group_norm_pays(16 // groups, torch.float64) == (groups == 2)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    ref = F.group_norm(x.contiguous(), groups, norm.weight, norm.bias)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, norm.weight, norm.bias), g),
+                    torch.autograd.grad(ref, (x, norm.weight, norm.bias), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(("cin", "k", "padding", "bias"), [(1, 3, 1, True), (3, 3, 1, False), (3, 1, 0, False),
@@ -199,11 +249,11 @@ def test_keep_freed_memory_sets_glibc_thresholds_once_and_can_be_declined() -> N
 
 def test_group_norm_on_channels_last_is_exact_to_second_order_and_safe_for_weight_only_gradients() -> None:
     torch.manual_seed(0)
-    norm = GroupNorm(2, 4).double()
+    norm = GroupNorm(2, 8).double()  # 4 channels per group: the channels-last kernel pays in float64
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y = norm(x)
     assert type(y.grad_fn).__name__ == "_ChannelsLastGroupNormBackward"
     # the input needs no gradient here: torch 2.13's own kernel crashes the process on this (segfault)

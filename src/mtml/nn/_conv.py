@@ -23,9 +23,13 @@ On the CPU both run the same function faster than the textbook ``nn.Sequential``
 
 - activations are **channels-last** (``NHWC`` strides): PyTorch's CPU max-pool is about ten times faster on them
   and oneDNN's convolutions faster too;
-- a convolution with few input channels (``in_channels · kh · kw <= 32``, the first layer on grey or RGB images)
-  runs as ``unfold`` + one matrix product (:class:`StemConv2d`), about six times faster than ``conv2d`` on one
-  input channel, writing its output channels-last;
+- a one-channel first layer (grey images) with at least 32 filters runs as ``unfold`` + one matrix product
+  (:class:`StemConv2d`, :func:`stem_pays`), writing its output channels-last: ``conv2d`` of one input channel is
+  slow on the CPU and writes the default layout (a one-channel batch is both layouts at once). With fewer filters
+  the whole network runs in the default layout, which measured faster there;
+- group norm takes PyTorch's channels-last kernel only with enough channels per group
+  (:func:`channels_last_group_norm_pays`: from 8 in float32 on AVX2, from 4 on AVX-512 and in float64), and
+  otherwise normalises a default-layout copy;
 - the 2×2 max-pool runs before the ReLU (or LeakyReLU) instead of after it: both are monotone, so
   ``max(relu(x)) = relu(max(x))`` and the gradients are the same, on a quarter of the elements.
 
@@ -43,7 +47,8 @@ from torch import Tensor, nn
 
 from mtml.errors import ConfigError, ShapeError
 
-__all__ = ["NORMS", "Conv4", "ConvBlock", "ResNet12", "StemConv2d", "check_positive_ints", "conv_block", "make_norm"]
+__all__ = ["NORMS", "Conv4", "ConvBlock", "ResNet12", "StemConv2d", "channels_last_group_norm_pays",
+           "check_positive_ints", "conv_block", "make_norm", "stem_pays"]
 
 NORMS = ("group", "layer", "none")
 
@@ -81,22 +86,40 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def channels_last_group_norm_pays(channels_per_group: int, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's channels-last CPU group-norm kernel (forward + backward) beats normalising a copy in the
+    default layout and copying back, for groups of ``channels_per_group`` channels of ``dtype``.
+
+    The channels-last kernel reads each position's channels of a group as one vector; with few channels per group
+    it is slower than the default layout's kernel even with the two copies. Measured on ``[80, C, h, w]``
+    batches (``C`` 16–128), fwd + bwd, one thread (docs/backbones.md): on AVX2 float32 it loses at 2, 4 and 6
+    channels per group (0.32–0.71×) and wins from 8 (1.1–3.1×); on AVX-512 it loses at 2 (0.6–0.8×), is even at 5
+    and wins at 4 and from 6 (1.2–2.7×); float64 wins from 4 on both. A fixed rule, not a timing, so a run and its
+    resume take the same path (the two paths round differently)."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    least = 4 if dtype == torch.float64 or avx512 else 8
+    return channels_per_group >= least
+
+
 class GroupNorm(nn.GroupNorm):
-    """:class:`torch.nn.GroupNorm` for channels-last CPU batches: float32 / float64 through PyTorch's
-    channels-last kernel with a backward that cannot crash (:class:`_ChannelsLastGroupNorm`); bfloat16 / float16
-    normalised in the default layout and handed back channels-last, since the channels-last kernel is about ten
-    times slower there (12 ms against 1.1 ms forward on ``[75, 64, 28, 28]``). Anything else is
-    ``nn.GroupNorm``'s own path."""
+    """:class:`torch.nn.GroupNorm` for channels-last CPU batches: float32 / float64 with enough channels per
+    group (:func:`channels_last_group_norm_pays`) through PyTorch's channels-last kernel with a backward that cannot
+    crash (:class:`_ChannelsLastGroupNorm`); otherwise — few channels per group, or bfloat16 / float16, where the
+    channels-last kernel is about ten times slower (12 ms against 1.1 ms forward on ``[75, 64, 28, 28]``) —
+    normalised in the default layout and handed back channels-last. Anything else is ``nn.GroupNorm``'s own
+    path."""
 
     def forward(self, input: Tensor) -> Tensor:
         if not (_fast_cpu(input) and input.is_contiguous(memory_format=torch.channels_last)
                 and not input.is_contiguous()):
             return super().forward(input)
-        if input.dtype in (torch.bfloat16, torch.float16):
+        if torch.is_autocast_enabled("cpu") and input.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(input)  # (autocast would have run group_norm in its own dtype rules)
+        if not channels_last_group_norm_pays(self.num_channels // self.num_groups, input.dtype):
             out = F.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return out.contiguous(memory_format=torch.channels_last)
-        if torch.is_autocast_enabled("cpu"):  # (autocast would have run group_norm in its own dtype rules)
-            return super().forward(input)
         out = _ChannelsLastGroupNorm.apply(input, self.weight, self.bias, self.num_groups, self.eps)
         assert isinstance(out, Tensor)
         return out
@@ -126,7 +149,19 @@ def check_positive_ints(**values: object) -> None:
 
 
 STEM_MAX_PATCH = 32
-"""Largest ``in_channels · kh · kw`` for which :class:`StemConv2d` runs on the CPU as ``unfold`` + matmul."""
+"""Largest ``in_channels · kh · kw`` for which :class:`StemConv2d` may run on the CPU as ``unfold`` + matmul."""
+STEM_MIN_OUT_CHANNELS = 32
+"""Fewest output channels for which :class:`StemConv2d` runs a one-channel convolution as ``unfold`` + matmul."""
+
+
+def stem_pays(in_channels: int, out_channels: int, patch: int) -> bool:
+    """Whether :class:`StemConv2d` computes a convolution (``patch = in_channels · kh · kw``) as ``unfold`` + one
+    matrix product rather than ``conv2d``: on one input channel with at least :data:`STEM_MIN_OUT_CHANNELS`
+    outputs. Measured over a whole second-order MAML step (docs/backbones.md, one thread): on 1×28×28 the matmul
+    form is 0.94–1.2× at width 32–128 and 0.74–0.8× at width 16 (there ``conv2d``'s output, and so the whole
+    network, stays in the default layout, which is faster at that width); on three channels (3×32×32, 3×84×84)
+    ``conv2d`` on channels-last input is faster (the matmul form 0.87–0.99×), so it keeps ``conv2d``."""
+    return in_channels == 1 and out_channels >= STEM_MIN_OUT_CHANNELS and patch <= STEM_MAX_PATCH
 
 
 def conv_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -144,15 +179,16 @@ def conv_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tupl
 
 
 class StemConv2d(nn.Conv2d):
-    """:class:`torch.nn.Conv2d` that, on the CPU and for few input channels (``in_channels · kh · kw <=``
-    :data:`STEM_MAX_PATCH`, stride 1, one group, no dilation, zero padding), computes the same convolution as
-    :func:`conv_as_matmul`, with a channels-last output. PyTorch's CPU ``conv2d`` of one input channel runs at a
-    few GFLOP/s; the matmul form is about six times faster. Anything else takes ``nn.Conv2d``'s own path."""
+    """:class:`torch.nn.Conv2d` that, on the CPU where :func:`stem_pays` (one input channel, enough outputs; stride
+    1, one group, no dilation, zero padding), computes the same convolution as :func:`conv_as_matmul`, with a
+    channels-last output: PyTorch's CPU ``conv2d`` of one input channel runs at a few GFLOP/s and writes the
+    default layout. Anything else takes ``nn.Conv2d``'s own path."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (_fast_cpu(input) and weight.dim() == 4 and self.groups == 1
                 and self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and weight[0].numel() <= STEM_MAX_PATCH):
+                and not isinstance(self.padding, str)
+                and stem_pays(weight.shape[1], weight.shape[0], weight[0].numel())):
             return conv_as_matmul(input, weight, bias, (int(self.padding[0]), int(self.padding[1])))
         return super()._conv_forward(input, weight, bias)
 

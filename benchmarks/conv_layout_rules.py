@@ -92,7 +92,7 @@ def run(spec: str, args: argparse.Namespace) -> None:
     print(f"{'matmul stem':>12} {'CL group norm':>14} {'ms':>9} {'/ fastest':>10}")
     for (stem, cl_norm), ms in best.items():
         mark = "  <- rules" if (stem, cl_norm) == rule else ""
-        print(f"{str(stem):>12} {str(cl_norm):>14} {ms:9.1f} {ms / fastest:9.2f}x{mark}")
+        print(f"{stem!s:>12} {cl_norm!s:>14} {ms:9.1f} {ms / fastest:9.2f}x{mark}")
     print(f"rules' choice: {best[rule] / fastest:.2f}x the fastest", flush=True)
 
 

@@ -66,7 +66,7 @@ def test_read_idx_plain_and_gzipped(tmp_path: Path) -> None:
     (b"\x00\x00\x08\x03\x00\x00\x00\x02", r"holds 8 bytes, shorter than its 16-byte header"),
     (_idx(torch.zeros(2, 3))[:-1], r"holds 5 data bytes but its header promises 2×3 = 6"),
     (_idx(torch.zeros(2, 3)) + b"\x00", r"holds 7 data bytes but its header promises 2×3 = 6"),
-    (gzip.compress(_idx(torch.zeros(50, 50)))[:30], r"is not a readable gzip file"),
+    (gzip.compress(_idx(torch.zeros(50, 50)), mtime=0)[:30], r"is not a readable gzip file"),
 ])
 def test_corrupt_idx_files_are_named(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "bad-idx3-ubyte"

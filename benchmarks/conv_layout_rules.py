@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from itertools import product
 
 import torch
@@ -34,7 +33,8 @@ from torch.func import functional_call
 import mtml.nn._conv as conv
 
 DEFAULT_SHAPES = ["conv4:1x28x28:16:4", "conv4:1x28x28:32:8", "conv4:1x28x28:64:8", "conv4:3x32x32:32:8",
-                  "conv4:3x84x84:32:8", "resnet12:1x28x28:16:8", "resnet12:3x32x32:16:8"]
+                  "conv4:3x84x84:32:8", "resnet12:1x28x28:16:8", "resnet12:1x28x28:32:8", "resnet12:3x32x32:16:8",
+                  "resnet12:3x84x84:16:8"]
 
 
 def meta_step(model: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lr: float) -> None:
@@ -51,49 +51,58 @@ def run(spec: str, args: argparse.Namespace) -> None:
     c, h, w = (int(s) for s in image.split("x"))
     torch.manual_seed(0)
     cls = conv.Conv4 if kind == "conv4" else conv.ResNet12
-    trunk = cls((c, h, w), width=int(width), groups=int(groups))
+    trunk: conv.Conv4 | conv.ResNet12 = cls((c, h, w), width=int(width), groups=int(groups))
     model = nn.Sequential(trunk, nn.Linear(trunk.out_features, args.ways))
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(args.tasks, args.ways * args.shots, c, h, w, generator=g)
     xq = torch.randn(args.tasks, args.ways * args.query, c, h, w, generator=g)
     ys = torch.arange(args.ways).repeat_interleave(args.shots).repeat(args.tasks, 1)
     yq = torch.arange(args.ways).repeat_interleave(args.query).repeat(args.tasks, 1)
-    rule_stem, rule_norm = conv.stem_pays, conv.channels_last_group_norm_pays
-    stems: dict[bool, Callable[[int, int, int], bool]] = {
-        True: lambda i, o, p: p <= conv.STEM_MAX_PATCH, False: lambda i, o, p: False}
-    norms: dict[bool, Callable[[int, torch.dtype], bool]] = {
-        True: lambda d, t: t in (torch.float32, torch.float64), False: lambda d, t: False}
-    first = next(m for m in trunk.modules() if isinstance(m, conv.StemConv2d))
-    norm = next((m for m in trunk.modules() if isinstance(m, conv.GroupNorm)), None)
-    chosen_stem = rule_stem(first.in_channels, first.out_channels, first.weight[0].numel())
-    chosen_norm = norm is not None and rule_norm(norm.num_channels // norm.num_groups, torch.float32)
-    combos = list(product((True, False), (True, False)))
-    times: dict[tuple[bool, bool], list[float]] = {k: [] for k in combos}
+    rules = (conv.channels_last_pays(kind, (c, h, w)), conv.stem_pays, conv.channels_last_group_norm_pays)
+    never = lambda *a: False  # noqa: E731
+    # (channels-last entry, matmul stem, channels-last group norm) forced in every layer, then the rules' own
+    # choices layer by layer; with one input channel the entry layout is moot (such a batch is both layouts),
+    # with several the default layout throughout is a fifth forced combination
+    combos: list[tuple[bool, bool, bool] | None] = [
+        (True, stem, cl_norm) for stem, cl_norm in product((True, False), (True, False))]
+    if c > 1:
+        combos.append((False, False, False))
+    combos.append(None)
+    times: dict[tuple[bool, bool, bool] | None, list[float]] = {k: [] for k in combos}
     try:
         for r in range(args.rounds + 1):
-            for stem, cl_norm in combos:
-                conv.stem_pays, conv.channels_last_group_norm_pays = stems[stem], norms[cl_norm]
+            for combo in combos:
+                if combo is None:
+                    trunk.set_channels_last(rules[0])
+                    conv.stem_pays, conv.channels_last_group_norm_pays = rules[1:]
+                else:
+                    entry, stem, cl_norm = combo
+                    trunk.set_channels_last(entry)
+                    conv.stem_pays = (lambda i, o, p: p <= conv.STEM_MAX_PATCH) if stem else never
+                    conv.channels_last_group_norm_pays = (
+                        (lambda d, t: t in (torch.float32, torch.float64)) if cl_norm else never)
                 start = time.process_time()
                 meta_step(model, xs, ys, xq, yq, args.inner_lr)
                 if r:  # round 0 warms up
-                    times[(stem, cl_norm)].append((time.process_time() - start) * 1e3)
+                    times[combo].append((time.process_time() - start) * 1e3)
                 model.zero_grad(set_to_none=True)
     finally:
-        conv.stem_pays, conv.channels_last_group_norm_pays = rule_stem, rule_norm
+        trunk.set_channels_last(rules[0])
+        conv.stem_pays, conv.channels_last_group_norm_pays = rules[1:]
     best = {k: min(v) for k, v in times.items()}
-    fastest = min(best.values())
-    rule = (chosen_stem, chosen_norm)
-    per_group = norm.num_channels // norm.num_groups if norm is not None else "-"
-    print(f"\n{spec} ({args.ways}-way {args.shots}-shot, {args.query} query/class, {args.tasks} tasks, "
-          f"{per_group} channels per group): CPU ms per meta-step, min of {args.rounds} rounds")
+    fastest = min(v for k, v in best.items() if k is not None)
+    norms = [m.num_channels // m.num_groups for m in trunk.modules() if isinstance(m, conv.GroupNorm)]
+    print(f"\n{spec} ({args.ways}-way {args.shots}-shot, {args.query} query/class, {args.tasks} tasks; channels "
+          f"per group {sorted(set(norms)) or '-'}): CPU ms per meta-step, min of {args.rounds} rounds")
     if c == 1:
-        print("(one input channel: without the matmul stem the whole network runs in the default layout, so its "
-              "two rows take the same path)")
-    print(f"{'matmul stem':>12} {'CL group norm':>14} {'ms':>9} {'/ fastest':>10}")
-    for (stem, cl_norm), ms in best.items():
-        mark = "  <- rules" if (stem, cl_norm) == rule else ""
-        print(f"{stem!s:>12} {cl_norm!s:>14} {ms:9.1f} {ms / fastest:9.2f}x{mark}")
-    print(f"rules' choice: {best[rule] / fastest:.2f}x the fastest", flush=True)
+        print("(one input channel: without the matmul stem the whole network runs in the default layout, so the "
+              "group-norm choice does not apply there)")
+    print(f"{'CL entry':>9} {'matmul stem':>12} {'CL group norm':>14} {'ms':>9} {'/ fastest':>10}")
+    for combo, ms in best.items():
+        cells = ("the rules, layer by layer", "", "") if combo is None else tuple(str(v) for v in combo)
+        line = f"{cells[0]:>9} {cells[1]:>12} {cells[2]:>14}" if combo else f"{cells[0]:>37}"
+        print(f"{line} {ms:9.1f} {ms / fastest:9.2f}x")
+    print(f"the rules: {best[None] / fastest:.2f}x the fastest forced combination", flush=True)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from mtml.nn._conv import (
     ResidualBlock,
     StemConv2d,
     channels_last_group_norm_pays,
+    channels_last_pays,
     conv_as_matmul,
     stem_pays,
 )
@@ -77,7 +78,8 @@ def textbook(model: nn.Module) -> nn.Module:
 CASES = [("conv4", (1, 28, 28), {"width": 16, "groups": 4}), ("conv4", (3, 32, 32), {"width": 16, "groups": 4}),
          ("conv4", (1, 28, 28), {"width": 32, "groups": 8}), ("conv4", (3, 32, 32), {"width": 16, "groups": 8}),
          ("conv4", (1, 28, 28), {"width": 8, "norm": "none"}), ("conv4", (3, 32, 32), {"width": 8, "norm": "layer"}),
-         ("resnet12", (3, 32, 32), {"width": 8, "groups": 4}), ("resnet12", (1, 28, 28), {"width": 8, "groups": 4})]
+         ("resnet12", (3, 32, 32), {"width": 8, "groups": 4}), ("resnet12", (1, 28, 28), {"width": 8, "groups": 4}),
+         ("resnet12", (3, 36, 36), {"width": 8, "groups": 4})]
 
 
 def _second_order(model: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
@@ -99,10 +101,12 @@ def test_fast_cpu_execution_equals_the_textbook_module(name: str, shape: tuple[i
     assert not any(isinstance(m, StemConv2d | ConvBlock | GroupNorm) for m in twin.modules())
     x = torch.randn(6, *shape, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    # the paths the rules choose ran: the network is channels-last from the first conv on when its input has
-    # several channels (made channels-last, conv2d keeps it) or its one-channel first conv is a matmul
+    # the paths the rules choose ran: a model that runs channels-last is so from the first conv on when its input
+    # has several channels (made channels-last, conv2d keeps it) or its one-channel first conv is a matmul
     first = next(m for m in model.modules() if isinstance(m, StemConv2d))
-    last = shape[0] > 1 or stem_pays(first.in_channels, first.out_channels, first.weight[0].numel())
+    assert model.channels_last == channels_last_pays(name, shape)  # (False: the default layout throughout)
+    last = model.channels_last and (
+        shape[0] > 1 or stem_pays(first.in_channels, first.out_channels, first.weight[0].numel()))
     layouts: list[bool] = []
     convs = [m for m in model.modules() if isinstance(m, StemConv2d)]
     hooks = [c.register_forward_hook(lambda m, i, o: layouts.append(
@@ -150,6 +154,9 @@ def test_activations_are_channels_last_and_the_first_layer_is_a_matmul() -> None
 
 
 def test_the_layout_rules_follow_the_measured_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert channels_last_pays("conv4", (1, 28, 28)) and channels_last_pays("conv4", (3, 32, 32))
+    assert not channels_last_pays("resnet12", (1, 28, 28)) and not channels_last_pays("resnet12", (3, 32, 32))
+    assert channels_last_pays("resnet12", (3, 84, 84)) and channels_last_pays("resnet12", (3, 33, 32))
     assert stem_pays(1, 32, 9) and stem_pays(1, 64, 1) and not stem_pays(1, 16, 9)
     assert not stem_pays(3, 64, 27) and not stem_pays(1, 64, 49)  # three channels: conv2d; a 7×7 patch: conv2d
     for capability, least32 in (("AVX2", 8), ("AVX512", 4), ("DEFAULT", 8)):

@@ -30,6 +30,8 @@ On the CPU both run the same function faster than the textbook ``nn.Sequential``
 - group norm takes PyTorch's channels-last kernel only with enough channels per group
   (:func:`channels_last_group_norm_pays`: from 8 in float32 on AVX2, from 4 on AVX-512 and in float64), and
   otherwise normalises a default-layout copy;
+- ResNet-12 (three convolutions per pool) runs channels-last only on images larger than 32×32
+  (:func:`channels_last_pays`), and in the default layout throughout otherwise;
 - the 2×2 max-pool runs before the ReLU (or LeakyReLU) instead of after it: both are monotone, so
   ``max(relu(x)) = relu(max(x))`` and the gradients are the same, on a quarter of the elements.
 
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from mtml.errors import ConfigError, ShapeError
 
 __all__ = ["NORMS", "Conv4", "ConvBlock", "ResNet12", "StemConv2d", "channels_last_group_norm_pays",
-           "check_positive_ints", "conv_block", "make_norm", "stem_pays"]
+           "channels_last_pays", "check_positive_ints", "conv_block", "make_norm", "stem_pays"]
 
 NORMS = ("group", "layer", "none")
 
@@ -184,8 +186,11 @@ class StemConv2d(nn.Conv2d):
     channels-last output: PyTorch's CPU ``conv2d`` of one input channel runs at a few GFLOP/s and writes the
     default layout. Anything else takes ``nn.Conv2d``'s own path."""
 
+    matmul = True
+    """Whether the matmul form may run at all (a model that keeps the default layout throughout sets False)."""
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (_fast_cpu(input) and weight.dim() == 4 and self.groups == 1
+        if (self.matmul and _fast_cpu(input) and weight.dim() == 4 and self.groups == 1
                 and self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str)
                 and stem_pays(weight.shape[1], weight.shape[0], weight[0].numel())):
@@ -200,9 +205,35 @@ def _fast_cpu(x: Tensor) -> bool:
     return x.dim() == 4 and x.device.type == "cpu" and level is not None and level() is None
 
 
+def channels_last_pays(model: str, input_shape: Sequence[int]) -> bool:
+    """Whether ``model`` (``"conv4"`` or ``"resnet12"``) runs channels-last on the CPU for one example of shape
+    ``input_shape = (C, H, W)``; otherwise it keeps the default layout throughout (no matmul stem either, since
+    that writes channels-last). Conv-4 pools after every convolution, and the pool is where channels-last wins
+    most: always. ResNet-12 has three convolutions per pool: measured over whole second-order MAML steps
+    (docs/backbones.md, ``benchmarks/conv_layout_rules.py``, AVX-512), the default layout was 1.14× faster on
+    1×28×28 images, the two were within ±5 % on 3×32×32 (either won, run to run), and channels-last was
+    1.09–1.11× faster on 3×84×84: so only above 32×32."""
+    if model == "resnet12":
+        return int(input_shape[1]) * int(input_shape[2]) > 32 * 32
+    return True
+
+
 def channels_last(x: Tensor) -> Tensor:
     """``x`` with channels-last strides when it is a batch of images on the CPU (else ``x`` itself)."""
     return x.contiguous(memory_format=torch.channels_last) if _fast_cpu(x) else x
+
+
+class _Layout(nn.Module):
+    channels_last: bool
+    """Whether the model runs channels-last on the CPU (set at construction by :func:`channels_last_pays`)."""
+
+    def set_channels_last(self, on: bool) -> None:
+        """Run channels-last on the CPU (``True``) or in the default layout throughout (``False``, with no matmul
+        stem): the same function either way."""
+        self.channels_last = on
+        for m in self.modules():
+            if isinstance(m, StemConv2d):
+                m.matmul = on
 
 
 class ConvBlock(nn.Sequential):
@@ -238,7 +269,7 @@ def _check_image(shape: Sequence[int], in_channels: int, blocks: int, what: str)
     return h, w
 
 
-class Conv4(nn.Sequential):
+class Conv4(nn.Sequential, _Layout):
     """Conv-4: ``blocks`` × (3×3 conv → norm → ReLU → 2×2 max-pool), then flatten.
 
     ``x: [batch, in_channels, H, W] → [batch, width · ⌊H/2^blocks⌋ · ⌊W/2^blocks⌋]``; ``out_features`` is that
@@ -261,9 +292,10 @@ class Conv4(nn.Sequential):
         super().__init__(*[conv_block(widths[i], widths[i + 1], norm, groups) for i in range(blocks)], nn.Flatten())
         self.input_shape = tuple(int(s) for s in input_shape)
         self.out_features = width * h * w
+        self.set_channels_last(channels_last_pays("conv4", self.input_shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(channels_last(x))
+        return super().forward(channels_last(x) if self.channels_last else x)
 
 
 class ResidualBlock(nn.Module):
@@ -292,7 +324,7 @@ class ResidualBlock(nn.Module):
         return self.act(self.pool(self.main(x) + self.shortcut(x)))  # = pool(act(·)): LeakyReLU is monotone
 
 
-class ResNet12(nn.Module):
+class ResNet12(_Layout):
     """ResNet-12 (TADAM, MetaOptNet): four residual stages, then a global average pool.
 
     ``x: [batch, in_channels, H, W] → [batch, out_features]`` with ``out_features = round(10 · width)``.
@@ -314,6 +346,7 @@ class ResNet12(nn.Module):
         self.stages = nn.Sequential(*[ResidualBlock(widths[i], widths[i + 1], norm, groups) for i in range(4)])
         self.input_shape = tuple(int(s) for s in input_shape)
         self.out_features = widths[-1]
+        self.set_channels_last(channels_last_pays("resnet12", self.input_shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.stages(channels_last(x)).mean(dim=(2, 3)), 1)
+        return torch.flatten(self.stages(channels_last(x) if self.channels_last else x).mean(dim=(2, 3)), 1)

@@ -58,7 +58,8 @@ def run(spec: str, args: argparse.Namespace) -> None:
     xq = torch.randn(args.tasks, args.ways * args.query, c, h, w, generator=g)
     ys = torch.arange(args.ways).repeat_interleave(args.shots).repeat(args.tasks, 1)
     yq = torch.arange(args.ways).repeat_interleave(args.query).repeat(args.tasks, 1)
-    rules = (conv.channels_last_pays(kind, (c, h, w)), conv.stem_pays, conv.channels_last_group_norm_pays)
+    rule_entry = conv.channels_last_pays(kind, (c, h, w))
+    rule_stem, rule_norm = conv.stem_pays, conv.channels_last_group_norm_pays
     never = lambda *a: False  # noqa: E731
     # (channels-last entry, matmul stem, channels-last group norm) forced in every layer, then the rules' own
     # choices layer by layer; with one input channel the entry layout is moot (such a batch is both layouts),
@@ -73,8 +74,8 @@ def run(spec: str, args: argparse.Namespace) -> None:
         for r in range(args.rounds + 1):
             for combo in combos:
                 if combo is None:
-                    trunk.set_channels_last(rules[0])
-                    conv.stem_pays, conv.channels_last_group_norm_pays = rules[1:]
+                    trunk.set_channels_last(rule_entry)
+                    conv.stem_pays, conv.channels_last_group_norm_pays = rule_stem, rule_norm
                 else:
                     entry, stem, cl_norm = combo
                     trunk.set_channels_last(entry)
@@ -87,8 +88,8 @@ def run(spec: str, args: argparse.Namespace) -> None:
                     times[combo].append((time.process_time() - start) * 1e3)
                 model.zero_grad(set_to_none=True)
     finally:
-        trunk.set_channels_last(rules[0])
-        conv.stem_pays, conv.channels_last_group_norm_pays = rules[1:]
+        trunk.set_channels_last(rule_entry)
+        conv.stem_pays, conv.channels_last_group_norm_pays = rule_stem, rule_norm
     best = {k: min(v) for k, v in times.items()}
     fastest = min(v for k, v in best.items() if k is not None)
     norms = [m.num_channels // m.num_groups for m in trunk.modules() if isinstance(m, conv.GroupNorm)]

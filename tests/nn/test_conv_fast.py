@@ -157,6 +157,8 @@ def test_the_layout_rules_follow_the_measured_thresholds(monkeypatch: pytest.Mon
     assert channels_last_pays("conv4", (1, 28, 28)) and channels_last_pays("conv4", (3, 32, 32))
     assert not channels_last_pays("resnet12", (1, 28, 28)) and not channels_last_pays("resnet12", (3, 32, 32))
     assert channels_last_pays("resnet12", (3, 84, 84)) and channels_last_pays("resnet12", (3, 33, 32))
+    with pytest.raises(ValueError, match="'resnet18'"):
+        channels_last_pays("resnet18", (3, 84, 84))
     assert stem_pays(1, 32, 9) and stem_pays(1, 64, 1) and not stem_pays(1, 16, 9)
     assert not stem_pays(3, 64, 27) and not stem_pays(1, 64, 49)  # three channels: conv2d; a 7×7 patch: conv2d
     for capability, least32 in (("AVX2", 8), ("AVX512", 4), ("DEFAULT", 8)):

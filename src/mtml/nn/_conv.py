@@ -215,7 +215,9 @@ def channels_last_pays(model: str, input_shape: Sequence[int]) -> bool:
     1.09–1.11× faster on 3×84×84: so only above 32×32."""
     if model == "resnet12":
         return int(input_shape[1]) * int(input_shape[2]) > 32 * 32
-    return True
+    if model == "conv4":
+        return True
+    raise ValueError(f"channels_last_pays knows 'conv4' and 'resnet12', not {model!r}")
 
 
 def channels_last(x: Tensor) -> Tensor:
